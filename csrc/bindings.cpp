@@ -1,0 +1,173 @@
+// pybind11 entry points of fwpkm_ext._C. Arguments are raw addresses (tensor.data_ptr()), sizes
+// and, for CUDA, the address of the stream; Python (fwpkm_ext/_native.py) checks shapes, dtypes
+// and devices before calling, and owns every buffer.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "kernels.h"
+
+namespace py = pybind11;
+using fwpkm::ScoreKind;
+
+namespace {
+
+enum DType : int { kF32 = 0, kF64 = 1 };
+
+template <typename T>
+T* P(std::uintptr_t a) {
+  return reinterpret_cast<T*>(a);
+}
+
+void check_dtype(int dtype, const char* op) {
+  if (dtype != kF32 && dtype != kF64)
+    throw std::invalid_argument(std::string("fwpkm ") + op + ": dtype code must be 0 (float32) or 1 (float64)");
+}
+
+bool is_cuda(const std::string& device, const char* op) {
+  if (device == "cpu") return false;
+  if (device == "cuda") {
+#ifdef FWPKM_WITH_CUDA
+    return true;
+#else
+    throw std::invalid_argument(std::string("fwpkm ") + op +
+                                ": this build of fwpkm_ext has no CUDA kernels (see fwpkm_ext.build_info())");
+#endif
+  }
+  throw std::invalid_argument(std::string("fwpkm ") + op + ": unknown device '" + device + "'");
+}
+
+#define FWPKM_DISPATCH(DTYPE, OP, ...)             \
+  if ((DTYPE) == kF32) {                          \
+    using T = float;                              \
+    __VA_ARGS__;                                  \
+  } else {                                        \
+    using T = double;                             \
+    __VA_ARGS__;                                  \
+  }
+
+void topk_select(const std::string& device, int dtype, std::uintptr_t dots, std::uintptr_t qn,
+                 std::uintptr_t kn, int64_t M, int64_t H, int64_t n, int64_t k,
+                 int64_t tokens_per_group, int kind, double eps, std::uintptr_t idx,
+                 std::uintptr_t score, std::uintptr_t half_idx, std::uintptr_t half_score,
+                 std::uintptr_t stream) {
+  check_dtype(dtype, "topk_select");
+  if (kind != fwpkm::kIDW && kind != fwpkm::kDot)
+    throw std::invalid_argument("fwpkm topk_select: kind must be 0 (idw) or 1 (dot)");
+  if (k < 1 || k > n) throw std::invalid_argument("fwpkm topk_select: need 1 <= k <= n");
+  if (tokens_per_group < 1) throw std::invalid_argument("fwpkm topk_select: tokens_per_group < 1");
+  const bool cuda = is_cuda(device, "topk_select");
+  if (M == 0) return;
+  py::gil_scoped_release nogil;
+  FWPKM_DISPATCH(dtype, "topk_select", {
+    if (cuda) {
+#ifdef FWPKM_WITH_CUDA
+      fwpkm::topk_select_cuda<T>(P<const T>(dots), P<const T>(qn), P<const T>(kn), M, H, n, k,
+                                 tokens_per_group, kind, eps, P<int64_t>(idx), P<T>(score),
+                                 P<int64_t>(half_idx), P<T>(half_score), reinterpret_cast<void*>(stream));
+#endif
+    } else {
+      fwpkm::topk_select_cpu<T>(P<const T>(dots), P<const T>(qn), P<const T>(kn), M, H, n, k,
+                                tokens_per_group, kind, eps, P<int64_t>(idx), P<T>(score),
+                                P<int64_t>(half_idx), P<T>(half_score));
+    }
+  })
+}
+
+void gather_rows(const std::string& device, int dtype, std::uintptr_t table, int64_t R, int64_t D,
+                 std::uintptr_t rows, std::uintptr_t w, int64_t M, int64_t L, std::uintptr_t out,
+                 std::uintptr_t saved, std::uintptr_t stream) {
+  check_dtype(dtype, "gather_rows");
+  const bool cuda = is_cuda(device, "gather_rows");
+  if (M == 0) return;
+  py::gil_scoped_release nogil;
+  FWPKM_DISPATCH(dtype, "gather_rows", {
+    if (cuda) {
+#ifdef FWPKM_WITH_CUDA
+      fwpkm::gather_rows_cuda<T>(P<const T>(table), R, D, P<const int64_t>(rows), P<const T>(w), M,
+                                 L, P<T>(out), P<T>(saved), reinterpret_cast<void*>(stream));
+#endif
+    } else {
+      fwpkm::gather_rows_cpu<T>(P<const T>(table), R, D, P<const int64_t>(rows), P<const T>(w), M, L,
+                                P<T>(out), P<T>(saved));
+    }
+  })
+}
+
+void gather_dot(const std::string& device, int dtype, std::uintptr_t table, int64_t R, int64_t D,
+                std::uintptr_t rows, std::uintptr_t x, int64_t M, int64_t L, std::uintptr_t gw,
+                std::uintptr_t stream) {
+  check_dtype(dtype, "gather_dot");
+  const bool cuda = is_cuda(device, "gather_dot");
+  if (M == 0) return;
+  py::gil_scoped_release nogil;
+  FWPKM_DISPATCH(dtype, "gather_dot", {
+    if (cuda) {
+#ifdef FWPKM_WITH_CUDA
+      fwpkm::gather_dot_cuda<T>(P<const T>(table), R, D, P<const int64_t>(rows), P<const T>(x), M, L,
+                                P<T>(gw), reinterpret_cast<void*>(stream));
+#endif
+    } else {
+      fwpkm::gather_dot_cpu<T>(P<const T>(table), R, D, P<const int64_t>(rows), P<const T>(x), M, L,
+                               P<T>(gw));
+    }
+  })
+}
+
+void scatter_rows(const std::string& device, int dtype, std::uintptr_t table, int64_t R, int64_t D,
+                  std::uintptr_t urows, std::uintptr_t offsets, int64_t U, std::uintptr_t order,
+                  std::uintptr_t coef, std::uintptr_t x, int64_t L, std::uintptr_t stream) {
+  check_dtype(dtype, "scatter_rows");
+  const bool cuda = is_cuda(device, "scatter_rows");
+  if (U == 0) return;
+  py::gil_scoped_release nogil;
+  FWPKM_DISPATCH(dtype, "scatter_rows", {
+    if (cuda) {
+#ifdef FWPKM_WITH_CUDA
+      fwpkm::scatter_rows_cuda<T>(P<T>(table), R, D, P<const int64_t>(urows),
+                                  P<const int64_t>(offsets), U, P<const int64_t>(order),
+                                  P<const T>(coef), P<const T>(x), L, reinterpret_cast<void*>(stream));
+#endif
+    } else {
+      fwpkm::scatter_rows_cpu<T>(P<T>(table), R, D, P<const int64_t>(urows), P<const int64_t>(offsets),
+                                 U, P<const int64_t>(order), P<const T>(coef), P<const T>(x), L);
+    }
+  })
+}
+
+}  // namespace
+
+#ifndef FWPKM_VERSION
+#define FWPKM_VERSION "0.0.0"
+#endif
+#ifndef FWPKM_CUDA_ARCHS
+#define FWPKM_CUDA_ARCHS ""
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fwpkm_ext native kernels (no libtorch; pointers in, nothing allocated)";
+  m.def("topk_select", &topk_select);
+  m.def("gather_rows", &gather_rows);
+  m.def("gather_dot", &gather_dot);
+  m.def("scatter_rows", &scatter_rows);
+  py::dict info;
+#ifdef FWPKM_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_archs"] = std::string(FWPKM_CUDA_ARCHS);
+#else
+  info["cuda"] = false;
+  info["cuda_archs"] = std::string("");
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  info["version"] = std::string(FWPKM_VERSION);
+#if defined(__VERSION__)
+  info["compiler"] = std::string(__VERSION__);
+#endif
+  m.attr("BUILD_INFO") = info;
+}

@@ -1,0 +1,136 @@
+// CPU versions of the native kernels (contracts in ../kernels.h).
+// Every output element is produced by exactly one thread in a fixed order, so results are
+// bit-identical from run to run whatever the thread count.
+#include "../kernels.h"
+
+#include <cmath>
+#include <cstring>
+
+namespace fwpkm {
+namespace {
+
+// (score, index) ordering used everywhere: higher score first, then smaller index.
+template <typename T>
+inline bool ranks_before(T sa, int64_t ia, T sb, int64_t ib) {
+  return sa > sb || (sa == sb && ia < ib);
+}
+
+// Insert (s, i) into the sorted buffer of length `count` (capacity k); returns the new count.
+template <typename T>
+inline int64_t insert_sorted(T* buf_s, int64_t* buf_i, int64_t count, int64_t k, T s, int64_t i) {
+  if (count == k && !ranks_before(s, i, buf_s[k - 1], buf_i[k - 1])) return count;
+  int64_t pos = count < k ? count : k - 1;
+  while (pos > 0 && ranks_before(s, i, buf_s[pos - 1], buf_i[pos - 1])) {
+    buf_s[pos] = buf_s[pos - 1];
+    buf_i[pos] = buf_i[pos - 1];
+    --pos;
+  }
+  buf_s[pos] = s;
+  buf_i[pos] = i;
+  return count < k ? count + 1 : count;
+}
+
+}  // namespace
+
+template <typename T>
+void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t H, int64_t n,
+                     int64_t k, int64_t tokens_per_group, int kind, double eps, int64_t* idx,
+                     T* score, int64_t* half_idx, T* half_score) {
+  const T teps = static_cast<T>(eps);
+#pragma omp parallel for schedule(static)
+  for (int64_t mh = 0; mh < M * H; ++mh) {
+    const int64_t m = mh / H, h = mh % H;
+    const int64_t grp = m / tokens_per_group;
+    int64_t* hidx = half_idx + mh * 2 * k;
+    T* hsc = half_score + mh * 2 * k;
+    for (int64_t c = 0; c < 2; ++c) {
+      const T* d = dots + (mh * 2 + c) * n;
+      int64_t count = 0;
+      if (kind == kIDW) {
+        const T q2 = qn[mh * 2 + c];
+        const T* k2 = kn + ((grp * H + h) * 2 + c) * n;
+        for (int64_t i = 0; i < n; ++i) {
+          T dist = q2 + k2[i] - T(2) * d[i];
+          if (dist < T(0)) dist = T(0);  // cancellation in ||q||^2 + ||k||^2 - 2 q.k
+          count = insert_sorted(hsc + c * k, hidx + c * k, count, k, -std::log(teps + dist), i);
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i)
+          count = insert_sorted(hsc + c * k, hidx + c * k, count, k, d[i], i);
+      }
+    }
+    // k x k candidate merge: the true top-k has both halves inside the per-half top-k.
+    int64_t* oi = idx + mh * k;
+    T* os = score + mh * k;
+    int64_t count = 0;
+    for (int64_t a = 0; a < k; ++a) {
+      for (int64_t b = 0; b < k; ++b) {
+        const T s = hsc[a] + hsc[k + b];
+        const int64_t slot = hidx[a] * n + hidx[k + b];
+        count = insert_sorted(os, oi, count, k, s, slot);
+      }
+    }
+  }
+}
+
+template <typename T>
+void gather_rows_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* w,
+                     int64_t M, int64_t L, T* out, T* saved) {
+  (void)R;
+#pragma omp parallel for schedule(static)
+  for (int64_t m = 0; m < M; ++m) {
+    T* o = out + m * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = T(0);
+    for (int64_t l = 0; l < L; ++l) {
+      const T* row = table + rows[m * L + l] * D;
+      const T wl = w[m * L + l];
+      for (int64_t d = 0; d < D; ++d) o[d] += wl * row[d];
+      if (saved) std::memcpy(saved + (m * L + l) * D, row, sizeof(T) * D);
+    }
+  }
+}
+
+template <typename T>
+void gather_dot_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* x,
+                    int64_t M, int64_t L, T* gw) {
+  (void)R;
+#pragma omp parallel for schedule(static)
+  for (int64_t ml = 0; ml < M * L; ++ml) {
+    const T* row = table + rows[ml] * D;
+    const T* xm = x + (ml / L) * D;
+    T acc = T(0);
+    for (int64_t d = 0; d < D; ++d) acc += row[d] * xm[d];
+    gw[ml] = acc;
+  }
+}
+
+template <typename T>
+void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, const int64_t* offsets,
+                      int64_t U, const int64_t* order, const T* coef, const T* x, int64_t L) {
+  (void)R;
+#pragma omp parallel for schedule(dynamic, 16)
+  for (int64_t u = 0; u < U; ++u) {
+    T* row = table + urows[u] * D;
+    for (int64_t p = offsets[u]; p < offsets[u + 1]; ++p) {
+      const int64_t pair = order[p];
+      const T c = coef[pair];
+      const T* xm = x + (pair / L) * D;
+      for (int64_t d = 0; d < D; ++d) row[d] += c * xm[d];
+    }
+  }
+}
+
+#define FWPKM_INSTANTIATE(T)                                                                    \
+  template void topk_select_cpu<T>(const T*, const T*, const T*, int64_t, int64_t, int64_t,      \
+                                   int64_t, int64_t, int, double, int64_t*, T*, int64_t*, T*);   \
+  template void gather_rows_cpu<T>(const T*, int64_t, int64_t, const int64_t*, const T*,         \
+                                   int64_t, int64_t, T*, T*);                                    \
+  template void gather_dot_cpu<T>(const T*, int64_t, int64_t, const int64_t*, const T*, int64_t, \
+                                  int64_t, T*);                                                  \
+  template void scatter_rows_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,        \
+                                    int64_t, const int64_t*, const T*, const T*, int64_t);
+FWPKM_INSTANTIATE(float)
+FWPKM_INSTANTIATE(double)
+#undef FWPKM_INSTANTIATE
+
+}  // namespace fwpkm

@@ -1,0 +1,75 @@
+// The native core of fwpkm_ext: four kernels, each with a CPU and a CUDA version.
+//
+// The core never allocates and never sees a torch type: Python allocates every buffer with torch
+// and passes raw pointers, sizes and (CUDA) a stream. All buffers are dense row-major (contiguous).
+// Indices are int64. Floating types: float and double on every backend.
+//
+// The four kernels cover the forward and backward of the whole FwPKM window recurrence:
+//   topk_select   product-key search epilogue: sub-scores, per-half top-k, k x k merge
+//   gather_rows   out[m] = sum_l w[m,l] * table[rows[m,l]]        (the read; optionally keeps rows)
+//   gather_dot    gw[m,l] = table[rows[m,l]] . x[m]               (backward of the read w.r.t. w)
+//   scatter_rows  table[urows[u]] += sum_{p in segment u} coef[p] * x[p / L]
+//                 (write-back and every row-gradient: pairs pre-sorted by row, one writer per row,
+//                  fixed summation order, hence deterministic)
+#pragma once
+#include <cstdint>
+
+namespace fwpkm {
+
+enum ScoreKind : int { kIDW = 0, kDot = 1 };
+
+// Product-key top-k.
+//   dots       [M, H, 2, n]  q_half . K_half[i] for token m, head h, half c (c = 0 first half)
+//   qn         [M, H, 2]     ||q_half||^2          (IDW only; may be null for kDot)
+//   kn         [G, H, 2, n]  ||K_half[i]||^2        (IDW only; may be null for kDot)
+//   key group of token m is m / tokens_per_group (G = ceil(M / tokens_per_group))
+// IDW sub-score: -log(eps + max(qn + kn - 2 dot, 0)); dot: the dot product itself.
+// Outputs, sorted by descending score, ties broken by the smaller index:
+//   idx        [M, H, k]     slot = i1 * n + i2
+//   score      [M, H, k]     s_1[i1] + s_2[i2]
+//   half_idx   [M, H, 2, k]  per-half top-k sub-key indices
+//   half_score [M, H, 2, k]  their sub-scores
+template <typename T>
+void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t H, int64_t n,
+                     int64_t k, int64_t tokens_per_group, int kind, double eps, int64_t* idx,
+                     T* score, int64_t* half_idx, T* half_score);
+
+// Weighted gather: out[m, :] = sum_l w[m, l] * table[rows[m, l], :]  (accumulated in T).
+//   table [R, D], rows [M, L], w [M, L], out [M, D]; saved [M, L, D] or null: the gathered rows.
+template <typename T>
+void gather_rows_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* w,
+                     int64_t M, int64_t L, T* out, T* saved);
+
+// gw[m, l] = table[rows[m, l], :] . x[m, :]
+template <typename T>
+void gather_dot_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* x,
+                    int64_t M, int64_t L, T* gw);
+
+// Segmented row update, in place:
+//   for u in [0, U): table[urows[u], :] += sum_{p = offsets[u]}^{offsets[u+1]-1} coef[order[p]] * x[order[p] / L, :]
+// urows must be distinct (one writer per row); order lists pair ids (m * L + l) grouped by row.
+template <typename T>
+void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, const int64_t* offsets,
+                      int64_t U, const int64_t* order, const T* coef, const T* x, int64_t L);
+
+#ifdef FWPKM_WITH_CUDA
+// CUDA versions: same contracts, device pointers, enqueued on `stream` (a cudaStream_t).
+// Each throws std::runtime_error naming the op on a CUDA error. Reduced-precision q/v are
+// handled in Python (dot products come out of torch's GEMM and are upcast before topk_select).
+template <typename T>
+void topk_select_cuda(const T* dots, const T* qn, const T* kn, int64_t M, int64_t H, int64_t n,
+                      int64_t k, int64_t tokens_per_group, int kind, double eps, int64_t* idx,
+                      T* score, int64_t* half_idx, T* half_score, void* stream);
+template <typename T>
+void gather_rows_cuda(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* w,
+                      int64_t M, int64_t L, T* out, T* saved, void* stream);
+template <typename T>
+void gather_dot_cuda(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* x,
+                     int64_t M, int64_t L, T* gw, void* stream);
+template <typename T>
+void scatter_rows_cuda(T* table, int64_t R, int64_t D, const int64_t* urows, const int64_t* offsets,
+                       int64_t U, const int64_t* order, const T* coef, const T* x, int64_t L,
+                       void* stream);
+#endif
+
+}  // namespace fwpkm

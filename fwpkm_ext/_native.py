@@ -1,0 +1,130 @@
+"""Thin, checked calls into the compiled core `fwpkm_ext._C`.
+
+The core takes raw addresses; everything that could crash it (dtype, device, contiguity, shape)
+is checked here first and reported as a ValueError/TypeError naming the argument. Index ranges
+are the caller's business (the ops layer validates user-given indices; indices made by
+topk_select are in range by construction).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _C
+
+_DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
+_KIND_CODE = {"idw": 0, "dot": 1}
+
+
+def _dev(t: torch.Tensor) -> str:
+    return "cuda" if t.is_cuda else "cpu"
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+def _check(name: str, t: Optional[torch.Tensor], dtype, device, shape=None) -> None:
+    if t is None:
+        raise TypeError(f"{name}: expected a tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: must be contiguous")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _float_code(name: str, t: torch.Tensor) -> int:
+    if t.dtype not in _DTYPE_CODE:
+        raise TypeError(f"{name}: native kernels take float32 or float64, got {t.dtype}")
+    return _DTYPE_CODE[t.dtype]
+
+
+def topk_select(dots: torch.Tensor, qn: Optional[torch.Tensor], kn: Optional[torch.Tensor], k: int,
+                tokens_per_group: int, kind: str, eps: float, idx: torch.Tensor, score: torch.Tensor,
+                half_idx: torch.Tensor, half_score: torch.Tensor) -> None:
+    """Fill idx/score (M,H,k) and half_idx/half_score (M,H,2,k) from dots (M,H,2,n)."""
+    code = _float_code("dots", dots)
+    if dots.dim() != 4 or dots.shape[2] != 2:
+        raise ValueError(f"dots: expected shape (M, H, 2, n), got {tuple(dots.shape)}")
+    M, H, _, n = dots.shape
+    dev, dt = dots.device, dots.dtype
+    _check("dots", dots, dt, dev)
+    if kind not in _KIND_CODE:
+        raise ValueError(f"score: expected 'idw' or 'dot', got {kind!r}")
+    if not 1 <= k <= n:
+        raise ValueError(f"topk: need 1 <= topk <= n_subkeys ({n}), got {k}")
+    G = max(1, -(-M // tokens_per_group))
+    if kind == "idw":
+        _check("qn", qn, dt, dev, (M, H, 2))
+        _check("kn", kn, dt, dev, (G, H, 2, n))
+    _check("idx", idx, torch.int64, dev, (M, H, k))
+    _check("score", score, dt, dev, (M, H, k))
+    _check("half_idx", half_idx, torch.int64, dev, (M, H, 2, k))
+    _check("half_score", half_score, dt, dev, (M, H, 2, k))
+    _C.topk_select(_dev(dots), code, dots.data_ptr(), qn.data_ptr() if kind == "idw" else 0,
+                   kn.data_ptr() if kind == "idw" else 0, M, H, n, k, tokens_per_group,
+                   _KIND_CODE[kind], float(eps), idx.data_ptr(), score.data_ptr(),
+                   half_idx.data_ptr(), half_score.data_ptr(), _stream(dots))
+
+
+def gather_rows(table: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
+                saved: Optional[torch.Tensor] = None) -> None:
+    """out[m] = sum_l w[m,l] * table[rows[m,l]]; saved[m,l] = table[rows[m,l]] when given."""
+    code = _float_code("table", table)
+    R, D = table.shape
+    M, L = rows.shape
+    dev, dt = table.device, table.dtype
+    _check("table", table, dt, dev)
+    _check("rows", rows, torch.int64, dev, (M, L))
+    _check("w", w, dt, dev, (M, L))
+    _check("out", out, dt, dev, (M, D))
+    if saved is not None:
+        _check("saved", saved, dt, dev, (M, L, D))
+    _C.gather_rows(_dev(table), code, table.data_ptr(), R, D, rows.data_ptr(), w.data_ptr(), M, L,
+                   out.data_ptr(), saved.data_ptr() if saved is not None else 0, _stream(table))
+
+
+def gather_dot(table: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, gw: torch.Tensor) -> None:
+    """gw[m,l] = table[rows[m,l]] . x[m]."""
+    code = _float_code("table", table)
+    R, D = table.shape
+    M, L = rows.shape
+    dev, dt = table.device, table.dtype
+    _check("table", table, dt, dev)
+    _check("rows", rows, torch.int64, dev, (M, L))
+    _check("x", x, dt, dev, (M, D))
+    _check("gw", gw, dt, dev, (M, L))
+    _C.gather_dot(_dev(table), code, table.data_ptr(), R, D, rows.data_ptr(), x.data_ptr(), M, L,
+                  gw.data_ptr(), _stream(table))
+
+
+def scatter_rows(table: torch.Tensor, urows: torch.Tensor, offsets: torch.Tensor, order: torch.Tensor,
+                 coef: torch.Tensor, x: torch.Tensor, L: int) -> None:
+    """In place: table[urows[u]] += sum over segment u of coef[p] * x[p // L] (p = order[...])."""
+    code = _float_code("table", table)
+    R, D = table.shape
+    U = urows.shape[0]
+    dev, dt = table.device, table.dtype
+    _check("table", table, dt, dev)
+    _check("urows", urows, torch.int64, dev, (U,))
+    _check("offsets", offsets, torch.int64, dev, (U + 1,))
+    _check("order", order, torch.int64, dev)
+    _check("coef", coef, dt, dev)
+    _check("x", x, dt, dev)
+    if x.dim() != 2 or x.shape[1] != D:
+        raise ValueError(f"x: expected shape (M, {D}), got {tuple(x.shape)}")
+    if coef.numel() != x.shape[0] * L:
+        raise ValueError(f"coef: expected {x.shape[0] * L} pair coefficients, got {coef.numel()}")
+    _C.scatter_rows(_dev(table), code, table.data_ptr(), R, D, urows.data_ptr(), offsets.data_ptr(), U,
+                    order.data_ptr(), coef.data_ptr(), x.data_ptr(), L, _stream(table))
+
+
+def build_info() -> dict:
+    return dict(_C.BUILD_INFO)

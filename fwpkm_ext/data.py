@@ -1,0 +1,322 @@
+"""Text corpus -> packed token sequences for language-model training.
+
+- A corpus is a directory of ``.txt`` / ``.txt.gz`` files; each file is one document.
+- Files are decoded as UTF-8. Undecodable bytes raise a ``ValueError`` naming the file
+  (``encoding_errors="strict"``, the library default); ``"latin1"`` decodes such a file as
+  Latin-1 instead (with a warning), ``"replace"`` substitutes U+FFFD.
+- Train/validation are split by whole documents with a fixed seed: validation books are never
+  seen in training.
+- Documents are concatenated, each followed by the EOS token (the boundary marker), and cut into
+  sequences of ``seq_len + 1`` tokens (inputs and shifted targets).
+- Training sequences are visited in a per-epoch permutation that depends only on the seed, so
+  the position in the data is one integer (the number of sequences consumed) and resuming is
+  exact. Optional synthetic needles ("The secret number for ID-xxxx is dddddd.") are inserted
+  deterministically per sample.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import random
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .tokenizer import Tokenizer
+
+__all__ = [
+    "DEFAULT_CORPUS", "resolve_corpus", "list_corpus_files", "read_document", "iter_documents",
+    "split_documents", "make_needle", "needle_sentence", "needle_query", "PackedData",
+    "tokenize_documents", "read_corpus", "build_datasets", "Datasets", "insert_needles",
+]
+
+DEFAULT_CORPUS = os.path.join("..", "shared", "data", "gutenberg")
+ENCODING_ERRORS = ("strict", "latin1", "replace")
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+def resolve_corpus(corpus: Optional[str]) -> str:
+    """``corpus`` or, when None, the default ``../shared/data/gutenberg`` if it exists."""
+    if corpus:
+        return corpus
+    if os.path.isdir(DEFAULT_CORPUS):
+        return DEFAULT_CORPUS
+    raise FileNotFoundError(
+        f"no corpus given and the default corpus {DEFAULT_CORPUS!r} (relative to "
+        f"{os.getcwd()!r}) does not exist: pass --corpus DIR (a directory of .txt/.txt.gz files)")
+
+
+def list_corpus_files(corpus: str) -> List[str]:
+    """Sorted ``.txt`` / ``.txt.gz`` files directly in ``corpus`` (or the file itself)."""
+    if not os.path.exists(corpus):
+        raise FileNotFoundError(f"corpus not found: {corpus!r} does not exist")
+    if os.path.isfile(corpus):
+        if corpus.endswith((".txt", ".txt.gz")):
+            return [corpus]
+        raise ValueError(f"corpus {corpus!r} is a file but not .txt or .txt.gz")
+    files = sorted(
+        os.path.join(corpus, f) for f in os.listdir(corpus)
+        if f.endswith((".txt", ".txt.gz")) and os.path.isfile(os.path.join(corpus, f)))
+    if not files:
+        raise ValueError(f"corpus {corpus!r} is empty: it holds no .txt or .txt.gz files")
+    return files
+
+
+def read_document(path: str, encoding_errors: str = "strict") -> str:
+    """Read one ``.txt`` or ``.txt.gz`` file as UTF-8 text (see module doc for ``encoding_errors``)."""
+    if encoding_errors not in ENCODING_ERRORS:
+        raise ValueError(f"encoding_errors must be one of {ENCODING_ERRORS}, got {encoding_errors!r}")
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            with open(path, "rb") as f:
+                raw = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"cannot read corpus file {path}: {e}") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = f"byte 0x{raw[e.start]:02x} at offset {e.start}"
+        if encoding_errors == "strict":
+            raise ValueError(
+                f"corpus file {path} is not valid UTF-8 ({where}); re-encode it as UTF-8 or "
+                f"use encoding_errors='latin1' / 'replace' (CLI: --encoding-errors)") from None
+        if encoding_errors == "latin1":
+            warnings.warn(f"{path} is not valid UTF-8 ({where}); decoded as Latin-1", stacklevel=2)
+            text = raw.decode("latin-1")
+        else:
+            warnings.warn(f"{path} is not valid UTF-8 ({where}); bad bytes replaced", stacklevel=2)
+            text = raw.decode("utf-8", errors="replace")
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    return text.replace("\r\n", "\n")
+
+
+def iter_documents(files: Sequence[str], encoding_errors: str = "strict",
+                   skip_empty: bool = True) -> Iterator[Tuple[str, str]]:
+    """Yields ``(path, text)``; raises if every document is empty."""
+    n = 0
+    for p in files:
+        text = read_document(p, encoding_errors)
+        if skip_empty and not text.strip():
+            continue
+        n += 1
+        yield p, text
+    if n == 0:
+        raise ValueError(f"corpus is empty: all {len(files)} file(s) hold no text "
+                         f"({', '.join(os.path.basename(f) for f in files[:5])})")
+
+
+def split_documents(files: Sequence[str], val_fraction: float = 0.1, seed: int = 0,
+                    ) -> Tuple[List[str], List[str]]:
+    """Split documents (files) into train and validation by whole documents, reproducibly.
+
+    At least one document goes to each side; ``val_fraction=0`` gives no validation set.
+    """
+    files = sorted(files)
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction == 0.0:
+        return list(files), []
+    if len(files) < 2:
+        raise ValueError(
+            f"the corpus has {len(files)} document(s); a train/validation split by whole "
+            f"documents needs at least 2 (add files or set the validation fraction to 0)")
+    rng = random.Random(f"fwpkm-split-{seed}")
+    order = list(files)
+    rng.shuffle(order)
+    n_val = min(len(files) - 1, max(1, int(round(val_fraction * len(files)))))
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+# --------------------------------------------------------------------------------------------
+# Needles (SPEC: "The secret number for ID-xxxx is dddddd.")
+# --------------------------------------------------------------------------------------------
+def make_needle(rng: random.Random) -> Tuple[str, str]:
+    """A random (key, number): 4 hex chars and 6 digits."""
+    key = "".join(rng.choice("0123456789abcdef") for _ in range(4))
+    number = "".join(rng.choice("0123456789") for _ in range(6))
+    return key, number
+
+
+def needle_sentence(key: str, number: str) -> str:
+    return f"The secret number for ID-{key} is {number}."
+
+
+def needle_query(key: str) -> str:
+    return f"The secret number for ID-{key} is "
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenized corpus and packing
+# --------------------------------------------------------------------------------------------
+def tokenize_documents(docs: Sequence[Tuple[str, str]], tok: "Tokenizer",
+                       cache_dir: Optional[str] = None, tag: str = "") -> List[np.ndarray]:
+    """Token ids (int32 arrays) of ``(path, text)`` documents, optionally cached on disk
+    (keyed by the tokenizer, the files' paths, sizes and mtimes, and ``tag``)."""
+    path = None
+    if cache_dir:
+        h = hashlib.sha256()
+        h.update(tok.fingerprint().encode())
+        h.update(tag.encode())
+        for f, text in docs:
+            try:
+                st = os.stat(f)
+                h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}|{len(text)}\n".encode())
+            except OSError:
+                h.update(text.encode("utf-8", "replace"))
+        path = os.path.join(cache_dir, f"tokens-{h.hexdigest()[:20]}.npz")
+        if os.path.isfile(path):
+            try:
+                with np.load(path) as z:
+                    out = [z[f"d{i}"] for i in range(int(z["n"]))]
+                if len(out) == len(docs):
+                    return out
+            except Exception:  # unreadable cache: recompute
+                pass
+    out = [np.asarray(tok.encode(text), dtype=np.int32) for _, text in docs]
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}.npz"
+        np.savez(tmp, n=np.int64(len(out)), **{f"d{i}": d for i, d in enumerate(out)})
+        os.replace(tmp, path)
+    return out
+
+
+def read_corpus(corpus: str, encoding_errors: str = "strict") -> List[Tuple[str, str]]:
+    """``(path, text)`` of every non-empty document of the corpus (errors if none)."""
+    return list(iter_documents(list_corpus_files(corpus), encoding_errors))
+
+
+class PackedData:
+    """Documents joined with an EOS separator, cut into ``seq_len + 1``-token sequences.
+
+    ``sample(i)`` for training: global sample number ``i`` (0, 1, 2, ... over all epochs) ->
+    sequence ``perm_epoch[i % n]`` where the permutation depends on (seed, epoch) only.
+    ``needle_rate``: probability that a training sample gets a needle pair (the fact early in
+    the sequence, the same sentence as query + answer later), drawn per sample from the seed.
+    """
+
+    def __init__(self, docs: Sequence[np.ndarray], seq_len: int, eos_id: int, *, seed: int = 0,
+                 shuffle_docs: bool = True, name: str = "train", allow_short: bool = False):
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be positive, got {seq_len}")
+        docs = [np.asarray(d, dtype=np.int64) for d in docs if len(d) > 0]
+        if shuffle_docs:
+            order = list(range(len(docs)))
+            random.Random(f"fwpkm-docs-{seed}-{name}").shuffle(order)
+            docs = [docs[i] for i in order]
+        eos = np.array([eos_id], dtype=np.int64)
+        parts = []
+        for d in docs:
+            parts.extend([d, eos])
+        self.stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        self.seq_len = seq_len
+        self.eos_id = eos_id
+        self.seed = seed
+        self.name = name
+        n = (len(self.stream) - 1) // seq_len
+        if n < 1:
+            if allow_short and len(self.stream) >= 2:
+                # one shorter sequence: everything there is
+                self.seq_len = len(self.stream) - 1
+                n = 1
+            else:
+                raise ValueError(
+                    f"the {name} split has {len(self.stream)} tokens, fewer than seq_len+1 = "
+                    f"{seq_len + 1}: use a smaller --seq-len or a larger corpus")
+        self.n = n
+        self._perm_cache: Tuple[int, Optional[np.ndarray]] = (-1, None)
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def num_tokens(self) -> int:
+        return int(len(self.stream))
+
+    def sequence(self, j: int) -> np.ndarray:
+        """The j-th packed sequence (seq_len + 1 tokens)."""
+        a = j * self.seq_len
+        return self.stream[a: a + self.seq_len + 1].copy()
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if self._perm_cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch, 0x5EED])
+            self._perm_cache = (epoch, rng.permutation(self.n))
+        return self._perm_cache[1]
+
+    def sample(self, i: int, tok: Optional["Tokenizer"] = None, needle_rate: float = 0.0
+               ) -> np.ndarray:
+        epoch, r = divmod(int(i), self.n)
+        seq = self.sequence(int(self._perm(epoch)[r]))
+        if needle_rate > 0 and tok is not None:
+            seq = insert_needles(seq, tok, random.Random(f"fwpkm-needle-{self.seed}-{i}"),
+                                 needle_rate)
+        return seq
+
+    def batch(self, start: int, batch_size: int, tok=None, needle_rate: float = 0.0) -> np.ndarray:
+        """Samples ``start .. start + batch_size - 1`` stacked: (batch_size, seq_len + 1)."""
+        return np.stack([self.sample(start + b, tok, needle_rate) for b in range(batch_size)])
+
+    def eval_sequences(self, count: int) -> List[int]:
+        """``count`` sequence indices spread evenly over the split (deterministic)."""
+        count = max(1, min(count, self.n))
+        return sorted(set(np.linspace(0, self.n - 1, count).round().astype(int).tolist()))
+
+
+def insert_needles(seq: np.ndarray, tok: "Tokenizer", rng: random.Random, rate: float
+                   ) -> np.ndarray:
+    """With probability ``rate``: insert a needle sentence in the first quarter of ``seq`` and
+    the same sentence (query + answer) in the second half; the length is kept."""
+    if rng.random() >= rate:
+        return seq
+    L = len(seq)
+    key, number = make_needle(rng)
+    nl = [tok.newline_id] if tok.newline_id is not None and tok.newline_id > 0 else []
+    fact = nl + tok.encode(needle_sentence(key, number)) + nl
+    m = len(fact)
+    if 4 * m > L:  # too short to hold a fact and its query meaningfully
+        return seq
+    p1 = rng.randrange(0, max(1, L // 4 - m))
+    p2 = rng.randrange(max(p1 + m, L // 2), L - m + 1)
+    # output: seq[:p1] fact seq[p1 : p1 + (p2 - p1 - m)] fact ... truncated to L
+    mid = p2 - p1 - m
+    out = np.concatenate([seq[:p1], fact, seq[p1: p1 + mid], fact, seq[p1 + mid:]])[:L]
+    return out.astype(seq.dtype)
+
+
+@dataclass
+class Datasets:
+    train: PackedData
+    val: Optional[PackedData]
+    train_files: List[str]
+    val_files: List[str]
+
+
+def build_datasets(corpus: str, tok: "Tokenizer", seq_len: int = 4096, *, seed: int = 0,
+                   val_fraction: float = 0.1, encoding_errors: str = "strict",
+                   cache_dir: Optional[str] = None,
+                   docs: Optional[List[Tuple[str, str]]] = None) -> Datasets:
+    """Read, split (by document), tokenize and pack a corpus. ``docs`` may carry the already
+    read ``(path, text)`` list of the corpus."""
+    if docs is None:
+        docs = read_corpus(corpus, encoding_errors)
+    by_path = dict(docs)
+    train_files, val_files = split_documents(list(by_path), val_fraction, seed)
+    train_tok = tokenize_documents([(f, by_path[f]) for f in train_files], tok, cache_dir, "train")
+    train = PackedData(train_tok, seq_len, tok.eos_id, seed=seed, name="train")
+    val = None
+    if val_files:
+        val_tok = tokenize_documents([(f, by_path[f]) for f in val_files], tok, cache_dir, "val")
+        val = PackedData(val_tok, seq_len, tok.eos_id, seed=seed, shuffle_docs=False,
+                         name="validation", allow_short=True)
+    return Datasets(train, val, train_files, val_files)

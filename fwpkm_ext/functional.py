@@ -1,0 +1,238 @@
+"""Functional API (pinned: scripts outside the package call it).
+
+    fwpkm_memory(q, v, g, keys, values, *, topk, chunk_size, lookahead=1, lr=1.0,
+                 addr_loss_weight=1.0, mask=None, backend="auto") -> (vhat, new_keys, new_values)
+
+One call is one complete document: every window of `chunk_size` tokens is read with the state
+left by the previous window, then written (the last, shorter window too).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _native, ops
+
+BACKENDS = ("auto", "reference", "cpu", "cuda")
+SCORES = ("idw", "dot")
+
+
+def _fail(cls, name: str, msg: str):
+    raise cls(f"{name}: {msg}")
+
+
+def _tensor(name: str, t, dims: Optional[Tuple[int, ...]] = None, floating: bool = True) -> Tensor:
+    if not isinstance(t, Tensor):
+        _fail(TypeError, name, f"expected a torch.Tensor, got {type(t).__name__}")
+    if floating and t.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        _fail(TypeError, name, f"expected a floating tensor, got {t.dtype}")
+    if dims is not None and t.dim() not in dims:
+        _fail(ValueError, name, f"expected {' or '.join(map(str, dims))} dims, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_config(topk: int, chunk_size: int, lookahead: int, lr: float, addr_loss_weight: float,
+                 n: Optional[int] = None, score: str = "idw", eps: float = 1e-3) -> None:
+    for name, val in (("topk", topk), ("chunk_size", chunk_size), ("lookahead", lookahead)):
+        if isinstance(val, bool) or not isinstance(val, int):
+            _fail(TypeError, name, f"expected an int, got {type(val).__name__}")
+    if topk < 1:
+        _fail(ValueError, "topk", f"must be >= 1, got {topk}")
+    if n is not None and topk > n:
+        _fail(ValueError, "topk", f"must be <= n_subkeys ({n}), got {topk}")
+    if chunk_size < 1:
+        _fail(ValueError, "chunk_size", f"must be >= 1, got {chunk_size}")
+    if lookahead < 0:
+        _fail(ValueError, "lookahead", f"must be >= 0, got {lookahead}")
+    for name, val in (("lr", lr), ("addr_loss_weight", addr_loss_weight), ("eps", eps)):
+        if not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val):
+            _fail(ValueError, name, f"must be a finite number, got {val!r}")
+    if eps <= 0:
+        _fail(ValueError, "eps", f"must be > 0, got {eps}")
+    if score not in SCORES:
+        _fail(ValueError, "score", f"expected one of {SCORES}, got {score!r}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        _fail(ValueError, "backend", f"expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "cuda" if device.type == "cuda" else "cpu"
+        if device.type not in ("cpu", "cuda"):
+            _fail(ValueError, "backend", f"no native kernels for device {device}; use backend='reference'")
+    if backend == "cpu" and device.type != "cpu":
+        _fail(ValueError, "backend", f"'cpu' needs CPU tensors, got {device}")
+    if backend == "cuda":
+        if device.type != "cuda":
+            _fail(ValueError, "backend", f"'cuda' needs CUDA tensors, got {device}")
+        if not _native.build_info()["cuda"]:
+            _fail(ValueError, "backend", "this build of fwpkm_ext has no CUDA kernels "
+                  "(rebuild with FWPKM_CUDA=1; see fwpkm_ext.build_info())")
+    return backend
+
+
+def normalize_memory(q: Tensor, keys: Tensor, values: Tensor):
+    """Validate q/keys/values and bring the state to (S,H,2,n,d2) / (S,N,dv).
+
+    Returns (keys5, values3, per_sequence)."""
+    _tensor("q", q, (4,))
+    _tensor("keys", keys, (4, 5))
+    _tensor("values", values, (2, 3))
+    B, T, H, dk = q.shape
+    if dk % 2:
+        _fail(ValueError, "q", f"query dim must be even, got {dk}")
+    if keys.dtype not in (torch.float32, torch.float64):
+        _fail(TypeError, "keys", f"fast weights must be float32 (or float64), got {keys.dtype}")
+    if values.dtype != keys.dtype:
+        _fail(TypeError, "values", f"expected dtype {keys.dtype} like keys, got {values.dtype}")
+    per_seq = keys.dim() == 5
+    if per_seq != (values.dim() == 3):
+        _fail(ValueError, "values", "keys and values must both be shared ((H,2,n,d), (N,dv)) or both "
+              f"per sequence ((B,H,2,n,d), (B,N,dv)); got {tuple(keys.shape)} and {tuple(values.shape)}")
+    k5 = keys if per_seq else keys.unsqueeze(0)
+    v3 = values if per_seq else values.unsqueeze(0)
+    S, Hk, two, n, d2 = k5.shape
+    if Hk != H or two != 2 or d2 * 2 != dk:
+        _fail(ValueError, "keys", f"expected shape (H={H}, 2, n, {dk // 2}), got {tuple(keys.shape)}")
+    if per_seq and S != B:
+        _fail(ValueError, "keys", f"per-sequence state needs batch {B}, got {S}")
+    if v3.shape[0] != S or v3.shape[1] != n * n:
+        _fail(ValueError, "values", f"expected {n * n} = n_subkeys^2 rows"
+              f"{' for each of ' + str(S) + ' sequences' if per_seq else ''}, got {tuple(values.shape)}")
+    for name, t in (("keys", keys), ("values", values)):
+        if t.device != q.device:
+            _fail(ValueError, name, f"expected device {q.device} like q, got {t.device}")
+    return k5.contiguous(), v3.contiguous(), per_seq
+
+
+def check_tokens(q: Tensor, v: Tensor, g: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Validate v/g/mask against q; returns the mask (ones when None)."""
+    B, T = q.shape[:2]
+    _tensor("v", v, (3,))
+    _tensor("g", g, (2,))
+    if tuple(v.shape[:2]) != (B, T):
+        _fail(ValueError, "v", f"expected shape ({B}, {T}, dv), got {tuple(v.shape)}")
+    if tuple(g.shape) != (B, T):
+        _fail(ValueError, "g", f"expected shape ({B}, {T}), got {tuple(g.shape)}")
+    if mask is None:
+        mask = torch.ones(B, T, dtype=q.dtype, device=q.device)
+    else:
+        _tensor("mask", mask, (2,), floating=False)
+        if tuple(mask.shape) != (B, T):
+            _fail(ValueError, "mask", f"expected shape ({B}, {T}), got {tuple(mask.shape)}")
+    for name, t in (("v", v), ("g", g), ("mask", mask)):
+        if t.device != q.device:
+            _fail(ValueError, name, f"expected device {q.device} like q, got {t.device}")
+    return mask
+
+
+def fwpkm_memory(q: Tensor, v: Tensor, g: Tensor, keys: Tensor, values: Tensor, *, topk: int,
+                 chunk_size: int, lookahead: int = 1, lr: float = 1.0, addr_loss_weight: float = 1.0,
+                 mask: Optional[Tensor] = None, backend: str = "auto", score: str = "idw",
+                 eps: float = 1e-3) -> Tuple[Tensor, Tensor, Tensor]:
+    """Read and write a fast-weight product-key memory over one complete document.
+
+    Args:
+        q: queries (B, T, H, dk), dk even.
+        v: values to memorize (B, T, dv) (the layer's z-scored value projection); the target of
+           token t is v[t + lookahead] inside the same window.
+        g: gate (B, T): weight of each token's write.
+        keys: sub-key tables (H, 2, n, dk/2) shared by the batch, or (B, H, 2, n, dk/2) per sequence.
+        values: value table (n*n, dv) shared, or (B, n*n, dv) per sequence. float32 (float64 allowed).
+        topk, chunk_size, lookahead, lr, addr_loss_weight: SPEC.md symbols k, C, la, lr, w_addr.
+        mask: optional (B, T); tokens with mask <= 0 do not write (they are still read).
+        backend: "auto" (native kernels of the tensors' device), "reference", "cpu", "cuda".
+        score: "idw" (inverse-distance sub-scores, the paper's) or "dot".
+
+    Returns:
+        (vhat (B, T, dv) in the fast-weight dtype, new_keys, new_values) with the input shapes.
+        Differentiable w.r.t. q, v, g (through every fast update), keys and values.
+        Inputs are never modified.
+    """
+    check_config(topk, chunk_size, lookahead, lr, addr_loss_weight, None, score, eps)
+    keys5, values3, per_seq = normalize_memory(q, keys, values)
+    mask = check_tokens(q, v, g, mask)
+    if topk > keys5.shape[3]:
+        _fail(ValueError, "topk", f"must be <= n_subkeys ({keys5.shape[3]}), got {topk}")
+    backend = resolve_backend(backend, q.device)
+    if backend == "reference":
+        from .reference import fwpkm_memory_reference
+
+        dt = keys.dtype
+        return fwpkm_memory_reference(q.to(dt), v.to(dt), g.to(dt), keys, values, topk=topk,
+                                      chunk_size=chunk_size, lookahead=lookahead, lr=lr,
+                                      addr_loss_weight=addr_loss_weight, mask=mask.to(dt),
+                                      score=score, eps=eps)
+    out = memory_call(q, v, g, mask, keys5, values3, None, None, topk=topk, chunk_size=chunk_size,
+                      lookahead=lookahead, lr=lr, addr_loss_weight=addr_loss_weight, score=score,
+                      eps=eps, flush=True)
+    vhat, nk, nv = out[:3]
+    if not per_seq:
+        nk, nv = nk.squeeze(0), nv.squeeze(0)
+    return vhat, nk, nv
+
+
+def memory_call(q, v, g, mask, keys5, values3, pend_idx, pend_half, *, topk, chunk_size, lookahead,
+                lr, addr_loss_weight, score, eps, flush):
+    """The native fused op on validated inputs (state as (S,H,2,n,d2) / (S,N,dv)).
+
+    Returns (vhat, new_keys, new_values, idx, half_idx)."""
+    dt = keys5.dtype
+    B, T, H, _ = q.shape
+    if pend_idx is None:
+        pend_idx = torch.empty(B, 0, H, topk, dtype=torch.long, device=q.device)
+        pend_half = torch.empty(B, 0, H, 2, topk, dtype=torch.long, device=q.device)
+    q, v, g, mask = (t.to(dt).contiguous() for t in (q, v, g, mask))
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (q, v, g, keys5, values3))
+    vhat, nk, nv, idx, half, _, _, _ = ops.memory(q, v, g, mask, keys5, values3, pend_idx, pend_half,
+                                                  topk, chunk_size, lookahead, float(lr),
+                                                  float(addr_loss_weight), score, float(eps),
+                                                  bool(flush), keep)
+    return vhat, nk, nv, idx, half
+
+
+def product_key_topk(q: Tensor, keys: Tensor, topk: int, *, score: str = "idw", eps: float = 1e-3):
+    """Top-k slots of a product-key memory: (idx, scores) (B,T,H,k), (half_idx, half_scores)
+    (B,T,H,2,k). Not differentiable (use the layers for a differentiable read)."""
+    check_config(topk, 1, 0, 0.0, 0.0, None, score, eps)
+    _tensor("q", q, (4,))
+    _tensor("keys", keys, (4, 5))
+    keys5 = keys if keys.dim() == 5 else keys.unsqueeze(0)
+    B, T, H, dk = q.shape
+    if tuple(keys5.shape[1:3]) != (H, 2) or keys5.shape[4] * 2 != dk or keys5.shape[0] not in (1, B) \
+            or (keys.dim() == 5 and keys5.shape[0] != B):
+        _fail(ValueError, "keys", f"expected ({H}, 2, n, {dk // 2}) or ({B}, {H}, 2, n, {dk // 2}), "
+              f"got {tuple(keys.shape)}")
+    if keys.device != q.device:
+        _fail(ValueError, "keys", f"expected device {q.device} like q, got {keys.device}")
+    if topk > keys5.shape[3]:
+        _fail(ValueError, "topk", f"must be <= n_subkeys ({keys5.shape[3]}), got {topk}")
+    if q.dtype != keys.dtype:
+        _fail(TypeError, "q", f"expected dtype {keys.dtype} like keys, got {q.dtype}")
+    resolve_backend("auto", q.device)
+    return ops.topk(q.contiguous(), keys5.contiguous(), topk, score, float(eps))
+
+
+def gather(table: Tensor, rows: Tensor, w: Tensor) -> Tensor:
+    """Differentiable weighted gather: out[m] = sum_l w[m,l] * table[rows[m,l]].
+
+    table (R, D) float32/float64; rows (M, L) int64 in [0, R); w (M, L) like table."""
+    _tensor("table", table, (2,))
+    _tensor("w", w, (2,))
+    if not isinstance(rows, Tensor) or rows.dtype != torch.int64:
+        _fail(TypeError, "rows", f"expected an int64 tensor, got {getattr(rows, 'dtype', type(rows))}")
+    if rows.dim() != 2 or tuple(w.shape) != tuple(rows.shape):
+        _fail(ValueError, "rows", f"rows {tuple(rows.shape)} and w {tuple(w.shape)} must both be (M, L)")
+    if w.dtype != table.dtype:
+        _fail(TypeError, "w", f"expected dtype {table.dtype} like table, got {w.dtype}")
+    for name, t in (("rows", rows), ("w", w)):
+        if t.device != table.device:
+            _fail(ValueError, name, f"expected device {table.device} like table, got {t.device}")
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= table.shape[0]):
+        _fail(ValueError, "rows", f"indices must lie in [0, {table.shape[0]}), got "
+              f"[{int(rows.min())}, {int(rows.max())}]")
+    resolve_backend("auto", table.device)
+    return ops.gather(table.contiguous(), rows.contiguous(), w.contiguous())

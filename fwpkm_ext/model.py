@@ -1,0 +1,449 @@
+"""Reference decoder-only language model with optional FwPKM and static PKM sublayers.
+
+Architecture (pre-norm):
+
+    h = embed(tokens)
+    for each layer i:
+        if i in fwpkm_layers: h = h + FwPKM_i(h)          # extra residual sublayer (SPEC eq. 12)
+        h = h + Attention_i(RMSNorm(h))                   # RoPE, sliding-window causal attention
+        h = h + (PKM_i if i in pkm_layers else SwiGLU_i)(RMSNorm(h))
+    logits = RMSNorm(h) @ embed.weight.T                  # tied embeddings
+
+Incremental decoding: ``model(tokens, cache)`` returns ``(logits, cache)``. The cache holds, per
+layer, the keys/values of the last ``window`` positions (so its size is constant with sliding
+windows) and, per FwPKM layer, the fast-weight state carried with ``flush=False``. Feeding a
+sequence in any split gives the logits of one full forward.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["LMConfig", "LM", "LMCache", "RMSNorm", "PRESETS"]
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LMConfig:
+    """Hyper-parameters of :class:`LM`. Saved as JSON next to every checkpoint."""
+
+    vocab_size: int = 8192
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_hidden: Optional[int] = None  # None: 8/3 * dim rounded up to a multiple of 64
+    window: Optional[int] = 512  # sliding attention window (keys per query); None or 0 = full
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    # FwPKM sublayers (extra residual sublayer before attention of these layers, 0-based)
+    fwpkm_layers: List[int] = field(default_factory=list)
+    fwpkm_n_subkeys: int = 512
+    fwpkm_k_dim: int = 512
+    fwpkm_v_dim: int = 512
+    fwpkm_heads: int = 1
+    fwpkm_topk: int = 8
+    fwpkm_chunk_size: int = 512
+    fwpkm_lookahead: int = 1
+    fwpkm_lr: float = 1.0
+    fwpkm_addr_loss_weight: float = 1.0
+    # static PKM replacing the MLP of these layers
+    pkm_layers: List[int] = field(default_factory=list)
+    pkm_n_subkeys: int = 512
+    pkm_k_dim: int = 512
+    pkm_v_dim: Optional[int] = None
+    pkm_heads: int = 4
+    pkm_topk: int = 32
+
+    def __post_init__(self) -> None:
+        self.fwpkm_layers = sorted(int(i) for i in self.fwpkm_layers)
+        self.pkm_layers = sorted(int(i) for i in self.pkm_layers)
+        if self.window == 0:
+            self.window = None
+        self.validate()
+
+    # -- checks ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"invalid LMConfig: {msg}")
+
+        need(self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}")
+        need(self.n_layers > 0, f"n_layers must be positive, got {self.n_layers}")
+        need(self.n_heads > 0 and self.dim % self.n_heads == 0,
+             f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        need((self.dim // self.n_heads) % 2 == 0, "head dim must be even (RoPE)")
+        need(self.window is None or self.window > 0, f"window must be positive or None, got {self.window}")
+        for name in ("fwpkm_layers", "pkm_layers"):
+            layers = getattr(self, name)
+            need(len(set(layers)) == len(layers), f"{name} has duplicates: {layers}")
+            need(all(0 <= i < self.n_layers for i in layers),
+                 f"{name} {layers} out of range for n_layers={self.n_layers}")
+        if self.fwpkm_layers:
+            need(self.fwpkm_k_dim % 2 == 0, "fwpkm_k_dim must be even")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.mlp_hidden:
+            return int(self.mlp_hidden)
+        return int(64 * math.ceil(8 * self.dim / 3 / 64))
+
+    # -- (de)serialisation ----------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "LMConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown LMConfig fields: {unknown}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LMConfig":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str) -> "LMConfig":
+        with open(path, "r", encoding="utf-8") as f:
+            return cls.from_json(f.read())
+
+    def replace(self, **kw: Any) -> "LMConfig":
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "LMConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        d = dict(PRESETS[name])
+        d.update(overrides)
+        return cls.from_dict(d)
+
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # trains on a CPU in minutes
+    "tiny": dict(
+        vocab_size=8192, dim=256, n_layers=4, n_heads=4, window=512,
+        fwpkm_layers=[1], fwpkm_n_subkeys=128, fwpkm_k_dim=128, fwpkm_v_dim=256,
+        fwpkm_heads=1, fwpkm_topk=8, fwpkm_chunk_size=512,
+    ),
+    # same model without the memory (baseline)
+    "tiny-nomem": dict(vocab_size=8192, dim=256, n_layers=4, n_heads=4, window=512),
+    # the paper's main configuration (12 layers, dim 768, FwPKM at layers 2 and 10)
+    "paper": dict(
+        vocab_size=8192, dim=768, n_layers=12, n_heads=12, window=512,
+        fwpkm_layers=[2, 10], fwpkm_n_subkeys=512, fwpkm_k_dim=512, fwpkm_v_dim=512,
+        fwpkm_heads=1, fwpkm_topk=8, fwpkm_chunk_size=512,
+    ),
+    # its baselines: no memory, and static PKM replacing the MLP of the same layers
+    "paper-nomem": dict(vocab_size=8192, dim=768, n_layers=12, n_heads=12, window=512),
+    "paper-pkm": dict(
+        vocab_size=8192, dim=768, n_layers=12, n_heads=12, window=512,
+        pkm_layers=[2, 10], pkm_n_subkeys=512, pkm_k_dim=512, pkm_heads=4, pkm_topk=32,
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """``x * rsqrt(mean(x^2) + eps) * (1 + w)``, ``w`` initialised to 0 (SPEC convention)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).to(dt)
+
+
+def _rope(x: torch.Tensor, pos0: int, theta: float) -> torch.Tensor:
+    """Rotary embedding (rotate-half form) of ``x`` (B, H, T, D) at positions pos0..pos0+T-1."""
+    T, D = x.shape[-2], x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float64) / D))
+    pos = torch.arange(pos0, pos0 + T, device=x.device, dtype=torch.float64)
+    ang = torch.outer(pos, inv)  # float64: exact for long positions
+    cos = ang.cos().to(torch.float32)
+    sin = ang.sin().to(torch.float32)
+    xf = x.float()
+    x1, x2 = xf[..., : D // 2], xf[..., D // 2:]
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)
+
+
+def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q0: int, k0: int,
+                       window: Optional[int], block: int = 128) -> torch.Tensor:
+    """Causal (sliding-window) attention with absolute positions.
+
+    q: (B, H, Tq, D) at positions q0..q0+Tq-1; k, v: (B, H, Tk, D) at k0..k0+Tk-1, with
+    k0 + Tk == q0 + Tq (the keys end with the last query). Query t sees keys s with
+    t - window < s <= t (all s <= t when ``window`` is None). Queries are processed in blocks so
+    the cost is O(T * window), each block through ``scaled_dot_product_attention`` with a mask.
+    """
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    assert k0 + Tk == q0 + Tq, "keys must end at the last query"
+    if window is not None:
+        block = max(1, min(block, window))
+    outs = []
+    for s in range(0, Tq, block):
+        e = min(s + block, Tq)
+        qa, qb = q0 + s, q0 + e
+        ka = k0 if window is None else max(k0, qa - window + 1)
+        qpos = torch.arange(qa, qb, device=q.device)
+        kpos = torch.arange(ka, qb, device=q.device)
+        diff = qpos[:, None] - kpos[None, :]
+        mask = diff >= 0
+        if window is not None:
+            mask = mask & (diff < window)
+        outs.append(F.scaled_dot_product_attention(
+            q[:, :, s:e], k[:, :, ka - k0: qb - k0], v[:, :, ka - k0: qb - k0], attn_mask=mask))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
+        self.window = cfg.window
+        self.theta = cfg.rope_theta
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, pos0: int,
+                kv: Optional[Tuple[torch.Tensor, torch.Tensor]], want_kv: bool):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q = _rope(q, pos0, self.theta)
+        k = _rope(k, pos0, self.theta)
+        k0 = pos0
+        if kv is not None and kv[0].shape[2] > 0:
+            pk, pv = kv
+            k0 = pos0 - pk.shape[2]
+            k = torch.cat([pk.to(k.dtype), k], dim=2)
+            v = torch.cat([pv.to(v.dtype), v], dim=2)
+        y = windowed_attention(q, k, v, pos0, k0, self.window)
+        new_kv = None
+        if want_kv:
+            if self.window is not None and k.shape[2] > self.window:
+                k, v = k[:, :, -self.window:], v[:, :, -self.window:]
+            new_kv = (k.detach(), v.detach())
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.proj(y), new_kv
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(g) * u)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LMConfig, idx: int):
+        super().__init__()
+        self.idx = idx
+        self.fwpkm: Optional[nn.Module] = None
+        if idx in cfg.fwpkm_layers:
+            from .layers import FwPKM  # lazy: the core package may be built separately
+            self.fwpkm = FwPKM(
+                cfg.dim, n_subkeys=cfg.fwpkm_n_subkeys, mem_k_dim=cfg.fwpkm_k_dim,
+                mem_v_dim=cfg.fwpkm_v_dim, heads=cfg.fwpkm_heads, topk=cfg.fwpkm_topk,
+                chunk_size=cfg.fwpkm_chunk_size, lookahead=cfg.fwpkm_lookahead,
+                lr=cfg.fwpkm_lr, addr_loss_weight=cfg.fwpkm_addr_loss_weight)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if idx in cfg.pkm_layers:
+            from .layers import PKM
+            self.mlp = PKM(cfg.dim, n_subkeys=cfg.pkm_n_subkeys, k_dim=cfg.pkm_k_dim,
+                           v_dim=cfg.pkm_v_dim, heads=cfg.pkm_heads, topk=cfg.pkm_topk)
+            self.is_pkm = True
+        else:
+            self.mlp = SwiGLU(cfg.dim, cfg.hidden_dim)
+            self.is_pkm = False
+
+    def forward(self, h, pos0, kv, mem_state, want_cache: bool):
+        new_state = None
+        if self.fwpkm is not None:
+            y, new_state = self.fwpkm(h, state=mem_state, flush=not want_cache)
+            h = h + y
+        a, new_kv = self.attn(self.attn_norm(h), pos0, kv, want_cache)
+        h = h + a
+        h = h + self.mlp(self.mlp_norm(h))
+        return h, new_kv, new_state
+
+
+# --------------------------------------------------------------------------------------------
+# Cache and model
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LMCache:
+    """Decoding state: position of the next token, per-layer K/V of the last ``window``
+    positions (post-RoPE, (B, H, <=window, head_dim)), per-FwPKM-layer memory state."""
+
+    pos: int = 0
+    kv: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
+    mem: Dict[int, Any] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for p in self.kv if p is not None for t in p)
+
+
+class LM(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        nn.init.normal_(self.embed.weight, std=std)
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for b in self.blocks:
+            nn.init.normal_(b.attn.qkv.weight, std=std)
+            nn.init.normal_(b.attn.proj.weight, std=out_std)
+            if not b.is_pkm:
+                nn.init.normal_(b.mlp.gate_up.weight, std=std)
+                nn.init.normal_(b.mlp.down.weight, std=out_std)
+
+    def init_cache(self, batch_size: Optional[int] = None) -> LMCache:
+        """An empty cache. ``batch_size=None``: FwPKM layers use one memory shared by the batch
+        (the training setup, what ``cache=None`` gives); ``batch_size=B``: one memory per
+        sequence (independent streams)."""
+        cache = LMCache(pos=0, kv=[None] * self.cfg.n_layers)
+        for i, b in enumerate(self.blocks):
+            if b.fwpkm is not None:
+                cache.mem[i] = b.fwpkm.init_state(batch_size)
+        return cache
+
+    def forward(self, tokens: torch.Tensor, cache: Optional[LMCache] = None,
+                use_cache: bool = True) -> Tuple[torch.Tensor, Optional[LMCache]]:
+        """tokens (B, T) int64 -> (logits (B, T, vocab) float32, cache).
+
+        ``cache=None`` starts a new stream (fresh FwPKM memory shared by the batch).
+        ``use_cache=False`` is the training call: FwPKM windows are flushed at the end (one
+        call is one document/sequence), no cache is built, and ``None`` is returned for it.
+        """
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
+        if cache is not None and not use_cache:
+            raise ValueError("a cache was given with use_cache=False")
+        pos0 = cache.pos if cache is not None else 0
+        h = self.embed(tokens)
+        new_cache = LMCache(pos=pos0 + tokens.shape[1]) if use_cache else None
+        for i, b in enumerate(self.blocks):
+            kv = cache.kv[i] if cache is not None and i < len(cache.kv) else None
+            st = cache.mem.get(i) if cache is not None else None
+            h, new_kv, new_st = b(h, pos0, kv, st, use_cache)
+            if new_cache is not None:
+                new_cache.kv.append(new_kv)
+                if b.fwpkm is not None:
+                    new_cache.mem[i] = new_st
+        h = self.norm(h)
+        logits = F.linear(h, self.embed.weight).float()
+        return logits, new_cache
+
+    # -- helpers --------------------------------------------------------------------------
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross entropy of a training forward (``use_cache=False``)."""
+        logits, _ = self(inputs, use_cache=False)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def num_params(self, trainable_only: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    @torch.no_grad()
+    def generate(self, tokens: torch.Tensor, max_new_tokens: int,
+                 cache: Optional[LMCache] = None, eos_id: Optional[int] = None,
+                 temperature: float = 0.0) -> Tuple[torch.Tensor, LMCache]:
+        """Greedy (temperature 0) or sampled continuation of ``tokens`` (B, T)."""
+        logits, cache = self(tokens, cache)
+        out = []
+        for _ in range(max_new_tokens):
+            last = logits[:, -1]
+            if temperature > 0:
+                nxt = torch.multinomial(torch.softmax(last / temperature, -1), 1)
+            else:
+                nxt = last.argmax(-1, keepdim=True)
+            out.append(nxt)
+            if eos_id is not None and bool((nxt == eos_id).all()):
+                break
+            logits, cache = self(nxt, cache)
+        gen = torch.cat(out, dim=1) if out else tokens.new_zeros((tokens.shape[0], 0))
+        return gen, cache
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def save_pretrained(self, out_dir: str) -> None:
+        """Writes ``model.safetensors`` and ``config.json`` into ``out_dir``."""
+        from safetensors.torch import save_file
+
+        os.makedirs(out_dir, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        # tied embeddings: one tensor only
+        save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        self.cfg.save(os.path.join(out_dir, "config.json"))
+
+    @classmethod
+    def from_pretrained(cls, ckpt_dir: str, map_location: str = "cpu") -> "LM":
+        cfg = LMConfig.load(os.path.join(ckpt_dir, "config.json"))
+        model = cls(cfg)
+        model.load_weights(os.path.join(ckpt_dir, "model.safetensors"), map_location)
+        return model
+
+    def load_weights(self, path: str, map_location: str = "cpu") -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(path, device=map_location)
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        bad = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+        if missing or unexpected or bad:
+            parts = []
+            if missing:
+                parts.append(f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}")
+            if unexpected:
+                parts.append(f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+            if bad:
+                parts.append("shape mismatch " + ", ".join(
+                    f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in bad[:5]))
+            raise ValueError(f"checkpoint {path} does not match this model config: "
+                             + "; ".join(parts))
+        self.load_state_dict(state)

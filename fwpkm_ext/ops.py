@@ -1,0 +1,188 @@
+"""torch.library registrations of the native ops (autograd, fake tensors, torch.compile).
+
+  fwpkm_ext::topk        product-key top-k (indices + their scores; not differentiable)
+  fwpkm_ext::gather      weighted row gather, differentiable w.r.t. the table and the weights
+  fwpkm_ext::memory      one complete FwPKM call (every window read and written), differentiable
+                         w.r.t. q, v, g, keys and values through every fast update
+  fwpkm_ext::*_backward  their backward passes, ops of their own so that compiled graphs can
+                         call them
+
+Each op allocates its outputs with torch and hands raw buffers to the native kernels.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _memory, _native
+
+_NS = "fwpkm_ext"
+
+
+def _cfg(topk, chunk_size, lookahead, lr, addr_loss_weight, score, eps, flush) -> _memory.Config:
+    return _memory.Config(int(topk), int(chunk_size), int(lookahead), float(lr),
+                          float(addr_loss_weight), str(score), float(eps), bool(flush))
+
+
+# ------------------------------------------------------------------------------------------------
+# topk
+
+
+@torch.library.custom_op(f"{_NS}::topk", mutates_args=())
+def topk(q: Tensor, keys: Tensor, topk: int, score: str, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """q (B,T,H,dk), keys (S,H,2,n,dk/2) -> idx, scores (B,T,H,k), half_idx, half_scores (B,T,H,2,k).
+
+    Scores are recomputed exactly from the selected sub-keys (q - K form for IDW), the same values
+    the differentiable read path uses.
+    """
+    B, T, H, dk = q.shape
+    d2, n = dk // 2, keys.shape[3]
+    cfg = _cfg(topk, 1, 1, 0.0, 0.0, score, eps, True)
+    qh = q.reshape(B, T, H, 2, d2).contiguous()
+    idx, half = _memory.search(qh, keys, keys.shape[0] > 1, cfg)
+    grp = _memory._group_of_batch(B, keys.shape[0], q.device)
+    kflat = keys.reshape(-1, d2)
+    hs, _, _ = _memory.sub_scores(qh, kflat, _memory.key_rows(half, grp, H, n), score, eps)
+    ss, _, _ = _memory.sub_scores(qh, kflat, _memory.read_kid(idx, grp, H, n), score, eps)
+    return idx, ss.sum(3), half, hs
+
+
+@topk.register_fake
+def _(q, keys, topk, score, eps):
+    B, T, H, _ = q.shape
+    i = q.new_empty(B, T, H, topk, dtype=torch.long)
+    return i, q.new_empty(B, T, H, topk), q.new_empty(B, T, H, 2, topk, dtype=torch.long), \
+        q.new_empty(B, T, H, 2, topk)
+
+
+# ------------------------------------------------------------------------------------------------
+# gather
+
+
+@torch.library.custom_op(f"{_NS}::gather", mutates_args=())
+def gather(table: Tensor, rows: Tensor, w: Tensor) -> Tensor:
+    """out[m] = sum_l w[m,l] * table[rows[m,l]]; table (R,D), rows/w (M,L)."""
+    out = table.new_empty(rows.shape[0], table.shape[1])
+    _native.gather_rows(table, rows, w, out)
+    return out
+
+
+@gather.register_fake
+def _(table, rows, w):
+    return table.new_empty(rows.shape[0], table.shape[1])
+
+
+@torch.library.custom_op(f"{_NS}::gather_backward", mutates_args=())
+def gather_backward(gout: Tensor, table: Tensor, rows: Tensor, w: Tensor, need_table: bool) -> Tuple[Tensor, Tensor]:
+    gw = w.new_empty(w.shape)
+    gout = gout.contiguous()
+    _native.gather_dot(table, rows, gout, gw)
+    if need_table:
+        gt = torch.zeros_like(table)
+        urows, offsets, order, _ = _memory.segments(rows.reshape(-1))
+        _native.scatter_rows(gt, urows, offsets, order, w.reshape(-1).contiguous(), gout, rows.shape[1])
+    else:
+        gt = table.new_empty(0)
+    return gw, gt
+
+
+@gather_backward.register_fake
+def _(gout, table, rows, w, need_table):
+    return w.new_empty(w.shape), table.new_empty(table.shape if need_table else (0,))
+
+
+def _gather_setup(ctx, inputs, output):
+    table, rows, w = inputs
+    ctx.save_for_backward(table, rows, w)
+
+
+def _gather_bwd(ctx, gout):
+    table, rows, w = ctx.saved_tensors
+    gw, gt = gather_backward(gout, table, rows, w, bool(ctx.needs_input_grad[0]))
+    return (gt if ctx.needs_input_grad[0] else None), None, gw
+
+
+gather.register_autograd(_gather_bwd, setup_context=_gather_setup)
+
+
+# ------------------------------------------------------------------------------------------------
+# the fused memory call
+
+
+@torch.library.custom_op(f"{_NS}::memory", mutates_args=())
+def memory(q: Tensor, v: Tensor, g: Tensor, mask: Tensor, keys: Tensor, values: Tensor,
+           pend_idx: Tensor, pend_half: Tensor, topk: int, chunk_size: int, lookahead: int,
+           lr: float, addr_loss_weight: float, score: str, eps: float, flush: bool,
+           keep: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One FwPKM call over all windows; see fwpkm_ext.functional.fwpkm_memory for the contract.
+
+    keys (S,H,2,n,d2), values (S,N,dv); pend_idx (B,P,H,k) / pend_half (B,P,H,2,k): precomputed
+    top-k of the first P tokens (pending tokens of a streaming state, P < chunk_size).
+    Returns (vhat, new_keys, new_values, idx, half_idx, w, saved_rows, keys_hist); the last two
+    are what the backward needs (empty unless keep).
+    """
+    cfg = _cfg(topk, chunk_size, lookahead, lr, addr_loss_weight, score, eps, flush)
+    return _memory.forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg, keep)
+
+
+@memory.register_fake
+def _(q, v, g, mask, keys, values, pend_idx, pend_half, topk, chunk_size, lookahead, lr,
+      addr_loss_weight, score, eps, flush, keep):
+    B, T, H, _ = q.shape
+    dv = values.shape[-1]
+    HK = H * topk
+    W = -(-T // chunk_size)
+    e = values.new_empty
+    return (e(B, T, dv), keys.new_empty(keys.shape), e(values.shape),
+            e(B, T, H, topk, dtype=torch.long), e(B, T, H, 2, topk, dtype=torch.long), e(B, T, HK),
+            e((B, T, HK, dv) if keep else (0,)), e((W,) + tuple(keys.shape) if keep else (0,)))
+
+
+@torch.library.custom_op(f"{_NS}::memory_backward", mutates_args=())
+def memory_backward(gvhat: Tensor, gkeys: Optional[Tensor], gvalues: Optional[Tensor], q: Tensor,
+                    v: Tensor, g: Tensor, mask: Tensor, hist: Tensor, idx: Tensor, half_idx: Tensor,
+                    w: Tensor, saved: Tensor, vhat: Tensor, values_shape: List[int], topk: int,
+                    chunk_size: int, lookahead: int, lr: float, addr_loss_weight: float, score: str,
+                    eps: float, flush: bool, need_gvalues: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    cfg = _cfg(topk, chunk_size, lookahead, lr, addr_loss_weight, score, eps, flush)
+    return _memory.backward(gvhat, gkeys, gvalues, q, v, g, mask, hist, idx, half_idx, w, saved,
+                            vhat, tuple(values_shape), cfg, need_gvalues)
+
+
+@memory_backward.register_fake
+def _(gvhat, gkeys, gvalues, q, v, g, mask, hist, idx, half_idx, w, saved, vhat, values_shape,
+      topk, chunk_size, lookahead, lr, addr_loss_weight, score, eps, flush, need_gvalues):
+    e = hist.new_empty
+    return (e(q.shape), e(v.shape), e(g.shape), e(hist.shape[1:]),
+            e(tuple(values_shape) if need_gvalues else (0,)))
+
+
+_SCALARS = ("topk", "chunk_size", "lookahead", "lr", "addr_loss_weight", "score", "eps", "flush")
+
+
+def _memory_setup(ctx, inputs, output):
+    q, v, g, mask, keys, values, _, _, *scalars = inputs
+    vhat, _, _, idx, half, w, saved, hist = output
+    if hist.numel() == 0 and any(ctx.needs_input_grad[:6]):
+        raise RuntimeError("fwpkm_ext::memory was called with keep=False on inputs that need grad")
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(q, v, g, mask, hist, idx, half, w, saved, vhat)
+    ctx.scalars = scalars[: len(_SCALARS)]
+    ctx.values_shape = list(values.shape)
+
+
+def _memory_bwd(ctx, gvhat, gkeys, gvalues, *_):
+    q, v, g, mask, hist, idx, half, w, saved, vhat = ctx.saved_tensors
+    if gvhat is None:
+        gvhat = torch.zeros_like(vhat)
+    need_v = bool(ctx.needs_input_grad[5])
+    gq, gv, gg, gk, gvals = memory_backward(gvhat, gkeys, gvalues, q, v, g, mask, hist, idx, half, w,
+                                            saved, vhat, ctx.values_shape, *ctx.scalars, need_v)
+    ng = ctx.needs_input_grad
+    return ((gq if ng[0] else None), (gv if ng[1] else None), (gg if ng[2] else None), None,
+            (gk if ng[4] else None), (gvals if need_v else None)) + (None,) * (2 + len(_SCALARS) + 1)
+
+
+memory.register_autograd(_memory_bwd, setup_context=_memory_setup)

@@ -1,0 +1,606 @@
+"""Training CLI: ``fwpkm train`` and ``fwpkm tokenizer train`` (also ``python -m fwpkm_ext.train``).
+
+    fwpkm tokenizer train --corpus DIR --vocab-size 8192 --out tok.model
+    fwpkm train --preset tiny --corpus DIR --steps 200 --out runs/tiny
+
+The output directory holds ``config.json`` (the :class:`LMConfig`), ``model.safetensors``,
+``tokenizer.model``, ``train_state.pt`` (optimizer, scheduler, RNG states, data position) and
+``metrics.jsonl``. ``--resume`` continues from it exactly. Data parallel runs use torchrun:
+
+    torchrun --nproc_per_node 2 -m fwpkm_ext.train train ...
+
+(gloo on CPU, nccl on GPU, configured from the torch.distributed environment variables).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model import LM, LMConfig, PRESETS
+
+__all__ = ["add_train_subcommands", "main", "train", "train_tokenizer_cmd", "lr_lambda",
+           "evaluate"]
+
+STATE_FILE = "train_state.pt"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+# --------------------------------------------------------------------------------------------
+# Argument parsing
+# --------------------------------------------------------------------------------------------
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                   help="model preset (default: tiny)")
+    g.add_argument("--config", default=None,
+                   help="LMConfig overrides: a JSON file or an inline JSON object, applied on top "
+                        "of the preset (e.g. '{\"dim\": 128, \"n_layers\": 2}')")
+    g = p.add_argument_group("data")
+    g.add_argument("--corpus", default=None,
+                   help="directory of .txt/.txt.gz files (default: ../shared/data/gutenberg)")
+    g.add_argument("--tokenizer", default=None,
+                   help="sentencepiece model; if absent, one is trained on the training split "
+                        "into OUT/tokenizer.model (or reused from there)")
+    g.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
+    g.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of documents held out for validation (default 0.1)")
+    g.add_argument("--needle-rate", type=float, default=0.0,
+                   help="probability that a training sequence gets a synthetic needle pair")
+    g.add_argument("--encoding-errors", default="latin1", choices=["strict", "latin1", "replace"],
+                   help="files that are not valid UTF-8: fail (strict), decode as Latin-1 with a "
+                        "warning (default), or replace bad bytes")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per micro-batch and process (default: 8 on GPU, 1 on CPU)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1,
+                   help="final lr of the cosine decay as a fraction of --lr (default 0.1)")
+    g.add_argument("--warmup", type=int, default=None,
+                   help="linear warmup steps (default: 5%% of --steps, at most 1000)")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0: off)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("run")
+    g.add_argument("--out", required=True, help="output directory (checkpoints, logs)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run saved in --out exactly where it stopped")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="autocast dtype: auto = bfloat16 on GPU, float32 on CPU")
+    g.add_argument("--val-every", type=int, default=100,
+                   help="validate every N steps (and at the start and the end; 0: only those)")
+    g.add_argument("--val-batches", type=int, default=4, help="batches per validation")
+    g.add_argument("--save-every", type=int, default=0,
+                   help="checkpoint every N steps (default: at validations and at the end)")
+    g.add_argument("--stop-at", type=int, default=None,
+                   help="checkpoint and stop after this step (the schedule still follows "
+                        "--steps); continue later with --resume")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_train_subcommands(subparsers) -> None:
+    """Registers ``train`` and ``tokenizer`` on an argparse subparsers object."""
+    p = subparsers.add_parser("train", help="train a language model (optionally with FwPKM)",
+                              description="Train the reference LM on a text corpus.")
+    _add_train_args(p)
+    p.set_defaults(func=train)
+
+    t = subparsers.add_parser("tokenizer", help="tokenizer tools",
+                              description="SentencePiece BPE tokenizer (byte fallback).")
+    tsub = t.add_subparsers(dest="tokenizer_cmd", metavar="{train}")
+    tsub.required = True
+    tt = tsub.add_parser("train", help="train a tokenizer on a corpus")
+    tt.add_argument("--corpus", default=None,
+                    help="directory of .txt/.txt.gz files (default: ../shared/data/gutenberg)")
+    tt.add_argument("--vocab-size", type=int, default=8192)
+    tt.add_argument("--out", required=True, help="path of the .model file to write")
+    tt.add_argument("--max-lines", type=int, default=2_000_000,
+                    help="sample at most this many lines for training")
+    tt.add_argument("--seed", type=int, default=0)
+    tt.add_argument("--encoding-errors", default="latin1", choices=["strict", "latin1", "replace"])
+    tt.set_defaults(func=train_tokenizer_cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fwpkm_ext.train",
+                                     description="FwPKM language-model training tools")
+    sub = parser.add_subparsers(dest="command", metavar="{train,tokenizer}")
+    sub.required = True
+    add_train_subcommands(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rc = args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer command
+# --------------------------------------------------------------------------------------------
+def train_tokenizer_cmd(args: argparse.Namespace) -> int:
+    from .data import resolve_corpus
+    from .tokenizer import train_tokenizer
+
+    corpus = resolve_corpus(args.corpus)
+    t0 = time.time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        tok = train_tokenizer(corpus, vocab_size=args.vocab_size, max_lines=args.max_lines,
+                              seed=args.seed, out=args.out, encoding_errors=args.encoding_errors)
+    print(f"tokenizer: vocab_size={tok.vocab_size} written to {args.out} "
+          f"({time.time() - t0:.1f}s)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1 over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if total <= warmup:
+        return 1.0
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def _load_config_overrides(spec: Optional[str]) -> Dict[str, Any]:
+    if not spec:
+        return {}
+    s = spec.strip()
+    if s.startswith("{"):
+        try:
+            d = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config is not valid JSON: {e}") from None
+    else:
+        if not os.path.isfile(s):
+            raise FileNotFoundError(f"--config file not found: {s}")
+        with open(s, "r", encoding="utf-8") as f:
+            d = json.load(f)
+    if not isinstance(d, dict):
+        raise ValueError("--config must be a JSON object")
+    return d
+
+
+def _config_diff(a: LMConfig, b: LMConfig) -> List[str]:
+    da, db = a.to_dict(), b.to_dict()
+    return [f"{k}: checkpoint {da[k]!r} vs requested {db.get(k)!r}"
+            for k in sorted(da) if da[k] != db.get(k)]
+
+
+class _Dist:
+    """torch.distributed setup from the torchrun environment variables (or a single process)."""
+
+    def __init__(self, device_arg: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device_arg == "auto":
+            device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device_arg)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", self.local_rank if self.world > 1 else 0)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        self.device = dev
+        self.enabled = self.world > 1
+        if self.enabled:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def all_sum(self, values: List[float]) -> List[float]:
+        if not self.enabled:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64,
+                         device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def close(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _rng_state() -> Dict[str, Any]:
+    st: Dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state()[1].tolist(),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: Dict[str, Any]) -> None:
+    py = st["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(("MT19937", np.array(st["numpy"], dtype=np.uint32), st["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _atomic_torch_save(obj: Any, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _param_groups(model: torch.nn.Module, lr: float, weight_decay: float):
+    """AdamW groups from the core package's ``param_groups`` (no fast-weight initial tables)."""
+    from . import param_groups as core_param_groups
+
+    sig = inspect.signature(core_param_groups).parameters
+    kw: Dict[str, Any] = {}
+    if "weight_decay" in sig:
+        kw["weight_decay"] = weight_decay
+    if "lr" in sig:
+        kw["lr"] = lr
+    groups = list(core_param_groups(model, **kw))
+    for g in groups:
+        if isinstance(g, dict):
+            g["params"] = [p for p in g["params"] if p.requires_grad]
+    return [g for g in groups if not isinstance(g, dict) or g["params"]]
+
+
+def evaluate(model: torch.nn.Module, data, indices: List[int], batch_size: int,
+             device: torch.device, amp_dtype: Optional[torch.dtype], dist: Optional[_Dist] = None
+             ) -> Dict[str, float]:
+    """Mean token loss over the given sequences (split over processes) -> loss, ppl, tokens."""
+    world = dist.world if dist else 1
+    rank = dist.rank if dist else 0
+    mine = indices[rank::world]
+    was_training = model.training
+    model.eval()
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(mine), batch_size):
+            batch = np.stack([data.sequence(j) for j in mine[i: i + batch_size]])
+            x = torch.from_numpy(batch).to(device)
+            with _autocast(device, amp_dtype):
+                logits, _ = model(x[:, :-1], use_cache=False)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                   x[:, 1:].reshape(-1), reduction="sum")
+            tot += float(loss)
+            n += int(x[:, 1:].numel())
+    if dist is not None:
+        tot, n = dist.all_sum([tot, float(n)])
+    model.train(was_training)
+    mean = tot / max(n, 1)
+    return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": int(n)}
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+def train(args: argparse.Namespace) -> int:
+    from .data import build_datasets, read_corpus, resolve_corpus, split_documents
+    from .tokenizer import Tokenizer, train_tokenizer
+
+    if args.steps < 1:
+        raise ValueError(f"--steps must be positive, got {args.steps}")
+    if args.grad_accum < 1:
+        raise ValueError(f"--grad-accum must be positive, got {args.grad_accum}")
+    if not 0.0 <= args.needle_rate <= 1.0:
+        raise ValueError(f"--needle-rate must be in [0, 1], got {args.needle_rate}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    dist = _Dist(args.device)
+    device = dist.device
+    try:
+        return _train(args, dist, device, build_datasets, read_corpus, resolve_corpus,
+                      split_documents, Tokenizer, train_tokenizer)
+    finally:
+        dist.close()
+
+
+def _log(dist: _Dist, msg: str, bar=None) -> None:
+    if not dist.main:
+        return
+    if bar is not None:
+        bar.write(msg)
+    else:
+        print(msg, flush=True)
+
+
+def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, split_documents,
+           Tokenizer, train_tokenizer) -> int:
+    out = args.out
+    state_path = os.path.join(out, STATE_FILE)
+    if args.resume and not os.path.isfile(state_path):
+        raise FileNotFoundError(f"--resume: no checkpoint to resume in {out} ({STATE_FILE} missing)")
+    if dist.main:
+        os.makedirs(out, exist_ok=True)
+    dist.barrier()
+
+    # ---- model config (before anything slow, so config errors come first) -----------------
+    overrides = _load_config_overrides(args.config)
+    cfg = LMConfig.preset(args.preset, **overrides)
+    ckpt_cfg = None
+    if args.resume:
+        ckpt_cfg_path = os.path.join(out, "config.json")
+        if not os.path.isfile(ckpt_cfg_path):
+            raise FileNotFoundError(f"--resume: {ckpt_cfg_path} missing")
+        ckpt_cfg = LMConfig.load(ckpt_cfg_path)
+
+    # ---- corpus and tokenizer ---------------------------------------------------------------
+    corpus = resolve_corpus(args.corpus)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always" if dist.main else "ignore")
+        docs = read_corpus(corpus, args.encoding_errors)
+    tok_out = os.path.join(out, TOKENIZER_FILE)
+    if args.tokenizer:
+        tok = Tokenizer.load(args.tokenizer)
+    elif os.path.isfile(tok_out):
+        tok = Tokenizer.load(tok_out)
+    else:
+        tok = None
+        if dist.main:
+            train_files, _ = split_documents([p for p, _ in docs], args.val_fraction, args.seed)
+            keep = set(train_files)
+            t0 = time.time()
+            tok = train_tokenizer(None, vocab_size=cfg.vocab_size, seed=args.seed,
+                                  texts=(t for p, t in docs if p in keep))
+            tok.save(tok_out)
+            _log(dist, f"trained tokenizer on {len(train_files)} training documents: "
+                       f"vocab_size={tok.vocab_size} ({time.time() - t0:.1f}s) -> {tok_out}")
+        dist.barrier()
+        if tok is None:
+            tok = Tokenizer.load(tok_out)
+    if tok.vocab_size != cfg.vocab_size:
+        _log(dist, f"model vocab_size set to the tokenizer's: {tok.vocab_size} "
+                   f"(config: {cfg.vocab_size})")
+        cfg = cfg.replace(vocab_size=tok.vocab_size)
+    if ckpt_cfg is not None and ckpt_cfg != cfg:
+        diff = _config_diff(ckpt_cfg, cfg)
+        raise ValueError(f"the checkpoint in {out} was trained with another model config ("
+                         + "; ".join(diff) + "): pass the same --preset/--config to resume, "
+                         "or use a new --out")
+
+    # ---- data -------------------------------------------------------------------------------
+    cache_dir = os.path.join(out, "cache")
+    if dist.main:
+        ds = build_datasets(corpus, tok, args.seq_len, seed=args.seed,
+                            val_fraction=args.val_fraction, cache_dir=cache_dir, docs=docs)
+    dist.barrier()
+    if not dist.main:
+        ds = build_datasets(corpus, tok, args.seq_len, seed=args.seed,
+                            val_fraction=args.val_fraction, cache_dir=cache_dir, docs=docs)
+    del docs
+    train_data, val_data = ds.train, ds.val
+
+    # ---- model, optimizer, schedule ---------------------------------------------------------
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    model = LM(cfg).to(device)
+    batch_size = args.batch_size or (8 if device.type == "cuda" else 1)
+    if args.dtype == "auto":
+        amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    else:
+        amp_dtype = None if args.dtype == "float32" else torch.bfloat16
+    warmup = args.warmup if args.warmup is not None else min(1000, max(1, args.steps // 20))
+
+    groups = _param_groups(model, args.lr, args.weight_decay)
+    opt_kw: Dict[str, Any] = dict(lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    if device.type == "cuda":
+        opt_kw["fused"] = True
+    optimizer = torch.optim.AdamW(groups, **opt_kw)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, warmup, args.steps, args.min_lr_ratio))
+
+    step = 0
+    samples_seen = 0
+    if args.resume:
+        model.load_weights(os.path.join(out, "model.safetensors"), map_location=str(device))
+        st = torch.load(state_path, map_location=device, weights_only=False)
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        step = int(st["step"])
+        samples_seen = int(st["samples_seen"])
+        if st.get("world_size", 1) != dist.world:
+            _log(dist, f"warning: resuming a {st.get('world_size')}-process run with "
+                       f"{dist.world} processes: the data order is not the uninterrupted one")
+        rng = st.get("rng", {})
+        r = rng.get(str(dist.rank)) or rng.get("0")
+        if r is not None:
+            _set_rng_state(r)
+        if step >= args.steps:
+            _log(dist, f"checkpoint in {out} is already at step {step} >= --steps {args.steps}")
+
+    ddp_model = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    global_batch = batch_size * args.grad_accum * dist.world
+    tokens_per_step = global_batch * train_data.seq_len
+    val_idx = val_data.eval_sequences(args.val_batches * batch_size * dist.world) if val_data else []
+    n_params = model.num_params()
+    if dist.main:
+        cfg.save(os.path.join(out, "config.json"))
+        with open(os.path.join(out, "train_args.json"), "w", encoding="utf-8") as f:
+            json.dump({k: v for k, v in vars(args).items() if k != "func"}, f, indent=2)
+    _log(dist, f"model: preset={args.preset} params={n_params / 1e6:.2f}M "
+               f"fwpkm_layers={cfg.fwpkm_layers} pkm_layers={cfg.pkm_layers} window={cfg.window}"
+               f" | data: {len(ds.train_files)} train docs ({train_data.num_tokens} tokens, "
+               f"{len(train_data)} seqs of {train_data.seq_len}), {len(ds.val_files)} val docs "
+               f"({val_data.num_tokens if val_data else 0} tokens)"
+               f" | device={device} procs={dist.world} batch={batch_size}x{args.grad_accum}"
+               f"x{dist.world} amp={amp_dtype}")
+
+    metrics_path = os.path.join(out, "metrics.jsonl")
+
+    def log_metrics(rec: Dict[str, Any]) -> None:
+        if dist.main:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def save(step_now: int) -> None:
+        rngs = {str(dist.rank): _rng_state()}
+        if dist.enabled:
+            import torch.distributed as tdist
+
+            gathered: List[Any] = [None] * dist.world
+            tdist.all_gather_object(gathered, rngs)
+            rngs = {k: v for g in gathered for k, v in g.items()}
+        if not dist.main:
+            return
+        model.save_pretrained(out)  # model.safetensors + config.json (atomic enough: small)
+        tok.save(os.path.join(out, TOKENIZER_FILE))
+        _atomic_torch_save({
+            "step": step_now, "samples_seen": samples_seen, "world_size": dist.world,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": rngs, "args": {k: v for k, v in vars(args).items() if k != "func"},
+            "config": cfg.to_dict(), "tokenizer_sha": tok.fingerprint(),
+        }, state_path)
+
+    last_val: Optional[Dict[str, float]] = None
+
+    def validate(step_now: int, bar=None) -> Optional[Dict[str, float]]:
+        if val_data is None:
+            return None
+        r = evaluate(model, val_data, val_idx, batch_size, device, amp_dtype, dist)
+        _log(dist, f"step {step_now}: val_loss={r['loss']:.4f} val_ppl={r['ppl']:.2f} "
+                   f"({r['tokens']} tokens)", bar)
+        log_metrics({"step": step_now, "val_loss": r["loss"], "val_ppl": r["ppl"]})
+        return r
+
+    if step == 0:
+        last_val = validate(0)
+
+    stop_at = min(args.steps, args.stop_at) if args.stop_at is not None else args.steps
+    bar = None
+    if dist.main and not args.no_progress and step < stop_at:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=stop_at, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr)
+
+    model.train()
+    train_time = 0.0
+    tok_count = 0
+    ema_loss = None
+    train_loss = float("nan")
+    while step < stop_at:
+        t_step = time.time()
+        loss_sum = 0.0
+        for a in range(args.grad_accum):
+            start = samples_seen + (a * dist.world + dist.rank) * batch_size
+            batch = train_data.batch(start, batch_size, tok, args.needle_rate)
+            x = torch.from_numpy(batch).to(device, non_blocking=True)
+            sync = (a == args.grad_accum - 1) or not dist.enabled
+            ctx = contextlib.nullcontext() if sync else ddp_model.no_sync()
+            with ctx:
+                with _autocast(device, amp_dtype):
+                    logits, _ = ddp_model(x[:, :-1], use_cache=False)
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                       x[:, 1:].reshape(-1))
+                (loss / args.grad_accum).backward()
+            loss_sum += float(loss.detach())
+        if args.clip and args.clip > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
+        else:
+            gnorm = float("nan")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        samples_seen += global_batch
+        train_loss = loss_sum / args.grad_accum
+        if dist.enabled:
+            train_loss = dist.all_sum([train_loss])[0] / dist.world
+        ema_loss = train_loss if ema_loss is None else 0.9 * ema_loss + 0.1 * train_loss
+        tok_count += tokens_per_step
+        train_time += time.time() - t_step
+        tps = tok_count / max(train_time, 1e-9)
+        if bar is not None:
+            bar.set_postfix(loss=f"{ema_loss:.3f}", tok_s=f"{tps:.0f}",
+                            lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+            bar.update(1)
+        if step % 10 == 0 or step == stop_at:
+            log_metrics({"step": step, "loss": train_loss, "lr": scheduler.get_last_lr()[0],
+                         "grad_norm": gnorm, "tokens_per_s": tps})
+        if not math.isfinite(train_loss):
+            if bar is not None:
+                bar.close()
+            raise FloatingPointError(f"non-finite training loss at step {step}")
+        did_val = False
+        if args.val_every and step % args.val_every == 0 and step < args.steps:
+            last_val = validate(step, bar)
+            did_val = True
+        if step < stop_at and ((args.save_every and step % args.save_every == 0)
+                               or (did_val and not args.save_every)):
+            save(step)
+    if bar is not None:
+        bar.close()
+    final_tps = tok_count / max(train_time, 1e-9) if tok_count else 0.0
+
+    if step >= args.steps and (last_val is None or step > 0):
+        last_val = validate(step)
+    save(step)
+    if dist.main:
+        parts = [f"step={step}", f"train_loss={train_loss:.4f}"]
+        if tok_count:
+            parts.append(f"tokens_per_s={final_tps:.0f}")
+        if last_val is not None:
+            parts += [f"val_loss={last_val['loss']:.4f}", f"val_ppl={last_val['ppl']:.2f}"]
+        else:
+            parts.append("val_ppl=nan")
+        print(("stopped (resume with --resume): " if step < args.steps else "done: ")
+              + " ".join(parts), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
