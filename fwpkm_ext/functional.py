@@ -236,3 +236,108 @@ def gather(table: Tensor, rows: Tensor, w: Tensor) -> Tensor:
               f"[{int(rows.min())}, {int(rows.max())}]")
     resolve_backend("auto", table.device)
     return ops.gather(table.contiguous(), rows.contiguous(), w.contiguous())
+
+
+def memory_step(q: Tensor, v: Tensor, g: Tensor, state, *, mask: Optional[Tensor] = None,
+                flush: bool = True):
+    """Streaming call: read and write the tokens (B, T, ...) with the memory `state`.
+
+    Window boundaries are absolute (counted from the start of the state's stream): windows that
+    complete inside this call are written; the trailing tokens of an unfinished window stay
+    pending in the returned state (written by a later call or by `flush=True`).
+    Returns (vhat (B, T, dv), new_state). Feeding a sequence in any split with the state carried,
+    then flushing, equals one call with flush=True (SPEC "Streaming").
+    """
+    from .state import MemoryState
+
+    if not isinstance(state, MemoryState):
+        _fail(TypeError, "state", f"expected a MemoryState, got {type(state).__name__}")
+    c = state.config
+    B, T = q.shape[:2]
+    mask = check_tokens(q, v, g, mask)
+    keys5, values3 = state.keys, state.values
+    if q.device != values3.device:
+        _fail(ValueError, "q", f"expected device {values3.device} like the state, got {q.device}")
+    if state.per_sequence and keys5.shape[0] != B:
+        _fail(ValueError, "state", f"per-sequence state holds {keys5.shape[0]} memories, batch is {B}")
+    if tuple(q.shape[2:]) != (c.heads, c.key_dim) or v.shape[2] != c.value_dim:
+        _fail(ValueError, "q", f"expected q (B,T,{c.heads},{c.key_dim}) and v (B,T,{c.value_dim}), "
+              f"got {tuple(q.shape)} and {tuple(v.shape)}")
+    P = state.pending
+    if P and state.pending_q.shape[0] != B:
+        _fail(ValueError, "state", f"the state holds pending tokens of a batch of "
+              f"{state.pending_q.shape[0]} sequences, batch is {B}")
+    resolve_backend("auto", q.device)
+    dt = keys5.dtype
+    q, v, g, mask = (t.to(dt) for t in (q, v, g, mask))
+    opts = dict(topk=c.topk, chunk_size=c.chunk_size, lookahead=c.lookahead, lr=c.lr,
+                addr_loss_weight=c.addr_loss_weight, score=c.score, eps=c.eps)
+    C = c.chunk_size
+    if P + T < C and not flush:
+        # no window completes: read with the current tables, everything stays pending
+        vhat, _, _, idx, half = memory_call(q, v, g, mask, keys5, values3, None, None, flush=False, **opts)
+        new = _append_pending(state, q, v, g, mask, idx, half, P)
+        return vhat, _count_reads(new, idx, g, keys5.shape[0])
+    if P:
+        cat = lambda a, b: torch.cat((a, b), 1)  # noqa: E731
+        qa, va = cat(state.pending_q, q), cat(state.pending_v, v)
+        ga, ma = cat(state.pending_g, g), cat(state.pending_mask, mask)
+        vhat, nk, nv, idx, half = memory_call(qa, va, ga, ma, keys5, values3, state.pending_idx,
+                                              state.pending_half_idx, flush=flush, **opts)
+        vhat, idx_new = vhat[:, P:], idx[:, P:]
+    else:
+        qa, va, ga, ma = q, v, g, mask
+        vhat, nk, nv, idx, half = memory_call(q, v, g, mask, keys5, values3, None, None, flush=flush, **opts)
+        idx_new = idx
+    tail = 0 if flush else (P + T) % C
+    new = state.with_(keys=nk, values=nv, pending_q=None, pending_v=None, pending_g=None,
+                      pending_mask=None, pending_idx=None, pending_half_idx=None)
+    if tail:
+        new = _append_pending(new, qa[:, -tail:], va[:, -tail:], ga[:, -tail:], ma[:, -tail:],
+                              idx[:, -tail:], half[:, -tail:], 0)
+    return vhat, _count_reads(new, idx_new, g, keys5.shape[0])
+
+
+def flush_state(state):
+    """Write the pending tokens of the unfinished window (no-op without pending tokens)."""
+    if state.pending == 0:
+        return state
+    c = state.config
+    _, nk, nv, _, _ = memory_call(state.pending_q, state.pending_v, state.pending_g,
+                                  state.pending_mask, state.keys, state.values, state.pending_idx,
+                                  state.pending_half_idx, topk=c.topk, chunk_size=c.chunk_size,
+                                  lookahead=c.lookahead, lr=c.lr, addr_loss_weight=c.addr_loss_weight,
+                                  score=c.score, eps=c.eps, flush=True)
+    return state.with_(keys=nk, values=nv, pending_q=None, pending_v=None, pending_g=None,
+                       pending_mask=None, pending_idx=None, pending_half_idx=None)
+
+
+def _append_pending(state, q, v, g, mask, idx, half, P):
+    if P:
+        cat = lambda a, b: torch.cat((a, b), 1)  # noqa: E731
+        return state.with_(pending_q=cat(state.pending_q, q), pending_v=cat(state.pending_v, v),
+                           pending_g=cat(state.pending_g, g), pending_mask=cat(state.pending_mask, mask),
+                           pending_idx=cat(state.pending_idx, idx),
+                           pending_half_idx=cat(state.pending_half_idx, half))
+    return state.with_(pending_q=q, pending_v=v, pending_g=g, pending_mask=mask, pending_idx=idx,
+                       pending_half_idx=half)
+
+
+def _count_reads(state, idx, g, S):
+    """Telemetry counters: slot reads per memory and the gate sum (no autograd)."""
+    with torch.no_grad():
+        B, T = idx.shape[:2]
+        N = state.values.shape[1]
+        reads = state.slot_reads
+        if reads is None:
+            reads = torch.zeros(S, N, dtype=torch.long, device=idx.device)
+        else:
+            reads = reads.clone()
+        flat = idx.reshape(B, -1)
+        if S == 1:
+            reads[0] += torch.bincount(flat.reshape(-1), minlength=N)
+        else:
+            reads.view(-1).index_add_(0, (flat + torch.arange(B, device=idx.device).view(B, 1) * N).reshape(-1),
+                                      torch.ones(flat.numel(), dtype=torch.long, device=idx.device))
+        return state.with_(slot_reads=reads, gate_sum=state.gate_sum + float(g.detach().sum()),
+                           tokens=state.tokens + B * T)

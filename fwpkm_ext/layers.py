@@ -1,0 +1,236 @@
+"""nn.Modules: the FwPKM sublayer (SPEC "The layer around the memory"), the static PKM baseline
+and the optimizer-group helper."""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _memory, functional, ops
+from .state import MemoryConfig, MemoryState
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * (1 + w), w initialised to 0 (SPEC)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1 + self.weight.to(y.dtype))).to(x.dtype)
+
+
+def zscore(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """Standardise over features (SPEC: z-score of the value projection, eps 1e-6)."""
+    mu = x.mean(-1, keepdim=True)
+    var = (x - mu).pow(2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + eps)
+
+
+def _positive_int(name: str, val) -> int:
+    if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+        raise ValueError(f"{name}: expected a positive int, got {val!r}")
+    return val
+
+
+class FwPKM(nn.Module):
+    """Fast-weight Product Key Memory sublayer.
+
+    y, state = layer(x, state=None, flush=True): x (B, T, dim) -> y (B, T, dim), the sublayer output
+    to add to the residual stream. The key/value tables are rewritten by chunk-wise gradient descent
+    while reading (every `chunk_size` tokens). `state=None` starts from the layer's initial tables
+    as one memory shared by the batch and treats the call as a whole document (training);
+    `init_state(batch_size)` gives one memory per sequence for streaming/serving. With
+    `flush=False` the tokens of an unfinished window stay pending in the returned state.
+
+    The initial tables are buffers: the outer optimizer never trains them (see `param_groups`).
+    """
+
+    def __init__(self, dim: int, *, n_subkeys: int = 512, mem_k_dim: int = 512, mem_v_dim: int = 512,
+                 heads: int = 1, topk: int = 8, chunk_size: int = 512, lookahead: int = 1,
+                 lr: float = 1.0, addr_loss_weight: float = 1.0, score: str = "idw", eps: float = 1e-3):
+        super().__init__()
+        for name, val in (("dim", dim), ("n_subkeys", n_subkeys), ("mem_k_dim", mem_k_dim),
+                          ("mem_v_dim", mem_v_dim), ("heads", heads), ("topk", topk),
+                          ("chunk_size", chunk_size)):
+            _positive_int(name, val)
+        if mem_k_dim % 2:
+            raise ValueError(f"mem_k_dim: must be even, got {mem_k_dim}")
+        functional.check_config(topk, chunk_size, lookahead, lr, addr_loss_weight, n_subkeys, score, eps)
+        self.dim = dim
+        self.config = MemoryConfig(n_subkeys=n_subkeys, key_dim=mem_k_dim, value_dim=mem_v_dim,
+                                   heads=heads, topk=topk, chunk_size=chunk_size, lookahead=lookahead,
+                                   lr=float(lr), addr_loss_weight=float(addr_loss_weight), score=score,
+                                   eps=float(eps))
+        self.norm_in = RMSNorm(dim)
+        self.to_q = nn.Linear(dim, heads * mem_k_dim, bias=True)
+        self.to_v = nn.Linear(dim, mem_v_dim, bias=True)
+        self.to_g = nn.Linear(dim, 1, bias=True)
+        self.norm_out = RMSNorm(mem_v_dim)
+        self.to_out = nn.Linear(mem_v_dim, dim, bias=True)
+        bound = 1.0 / math.sqrt(mem_k_dim)
+        self.register_buffer("init_keys", torch.empty(heads, 2, n_subkeys, mem_k_dim // 2).uniform_(-bound, bound))
+        self.register_buffer("init_values", torch.randn(n_subkeys * n_subkeys, mem_v_dim) / math.sqrt(mem_v_dim))
+
+    def _apply(self, fn, recurse=True):
+        # Fast weights stay float32 (or float64) whatever dtype the model is cast to: keep the
+        # device move of `fn`, undo its cast to a reduced precision.
+        old = {name: self._buffers[name] for name in ("init_keys", "init_values")}
+        out = super()._apply(fn, recurse)
+        for name, t in old.items():
+            new = self._buffers[name]
+            if new.dtype not in (torch.float32, torch.float64):
+                self._buffers[name] = t.to(device=new.device)
+        return out
+
+    # ---------------------------------------------------------------------------------------------
+    def init_state(self, batch_size: Optional[int] = None) -> MemoryState:
+        """A fresh state from the initial tables: shared (None) or one memory per sequence."""
+        if batch_size is None:
+            keys, values, per_seq = self.init_keys.unsqueeze(0).clone(), self.init_values.unsqueeze(0).clone(), False
+        else:
+            _positive_int("batch_size", batch_size)
+            keys = self.init_keys.unsqueeze(0).repeat(batch_size, 1, 1, 1, 1)
+            values = self.init_values.unsqueeze(0).repeat(batch_size, 1, 1)
+            per_seq = True
+        return MemoryState(config=self.config, keys=keys, values=values, per_sequence=per_seq)
+
+    def flush(self, state: MemoryState) -> MemoryState:
+        """Write the pending tokens of the unfinished window."""
+        self._check_state(state)
+        return functional.flush_state(state)
+
+    def load_state(self, path, device=None) -> MemoryState:
+        """Load a state saved with `state.save(path)`, checked against this layer's configuration."""
+        return MemoryState.load(path, self.config, device=device if device is not None else self.init_values.device)
+
+    def _check_state(self, state) -> None:
+        if not isinstance(state, MemoryState):
+            raise TypeError(f"state: expected a MemoryState, got {type(state).__name__}")
+        if state.config != self.config:
+            raise ValueError(f"state: belongs to another memory configuration ({state.config} vs {self.config})")
+
+    # ---------------------------------------------------------------------------------------------
+    def project(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """q (B,T,H,dk), v (B,T,dv) z-scored, g (B,T) in (0,1) from hidden states x (B,T,dim)."""
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x: expected shape (B, T, {self.dim}), got {tuple(getattr(x, 'shape', ()))}")
+        h = self.norm_in(x)
+        B, T, _ = x.shape
+        q = self.to_q(h).view(B, T, self.config.heads, self.config.key_dim)
+        v = zscore(self.to_v(h))
+        g = torch.sigmoid(self.to_g(h)).squeeze(-1)
+        return q, v, g
+
+    def forward(self, x: Tensor, state: Optional[MemoryState] = None, flush: bool = True,
+                mask: Optional[Tensor] = None) -> Tuple[Tensor, MemoryState]:
+        q, v, g = self.project(x)
+        if state is None:
+            # whole document from the initial tables; the op never modifies its inputs
+            state = MemoryState(config=self.config, keys=self.init_keys.unsqueeze(0),
+                                values=self.init_values.unsqueeze(0), per_sequence=False)
+        else:
+            self._check_state(state)
+        vhat, state = functional.memory_step(q, v, g, state, mask=mask, flush=flush)
+        gt = g.unsqueeze(-1)
+        o = gt * vhat.to(v.dtype) + (1 - gt) * v
+        return self.to_out(self.norm_out(o)), state
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"dim={self.dim}, n_subkeys={c.n_subkeys}, mem_k_dim={c.key_dim}, mem_v_dim={c.value_dim}, "
+                f"heads={c.heads}, topk={c.topk}, chunk_size={c.chunk_size}, lookahead={c.lookahead}")
+
+
+class PKM(nn.Module):
+    """Static product-key memory (Lample et al. 2019), the paper's baseline: dot-product sub-scores,
+    per-head softmax over the top-k, value table trained by the outer optimizer, same top-k and
+    gather kernels as FwPKM."""
+
+    def __init__(self, dim: int, *, n_subkeys: int = 512, k_dim: int = 512, v_dim: Optional[int] = None,
+                 heads: int = 4, topk: int = 32):
+        super().__init__()
+        for name, val in (("dim", dim), ("n_subkeys", n_subkeys), ("k_dim", k_dim), ("heads", heads),
+                          ("topk", topk)):
+            _positive_int(name, val)
+        if k_dim % 2:
+            raise ValueError(f"k_dim: must be even, got {k_dim}")
+        if topk > n_subkeys:
+            raise ValueError(f"topk: must be <= n_subkeys ({n_subkeys}), got {topk}")
+        v_dim = dim if v_dim is None else _positive_int("v_dim", v_dim)
+        self.dim, self.n_subkeys, self.k_dim, self.v_dim = dim, n_subkeys, k_dim, v_dim
+        self.heads, self.topk = heads, topk
+        self.norm = RMSNorm(dim)
+        self.to_q = nn.Linear(dim, heads * k_dim, bias=True)
+        bound = 1.0 / math.sqrt(k_dim)
+        self.keys = nn.Parameter(torch.empty(heads, 2, n_subkeys, k_dim // 2).uniform_(-bound, bound))
+        self.values = nn.Parameter(torch.randn(n_subkeys * n_subkeys, v_dim) / math.sqrt(v_dim))
+        self.to_out = nn.Linear(v_dim, dim, bias=True) if v_dim != dim else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x: expected shape (B, T, {self.dim}), got {tuple(getattr(x, 'shape', ()))}")
+        B, T, _ = x.shape
+        H, k, n = self.heads, self.topk, self.n_subkeys
+        dt = self.values.dtype
+        q = self.to_q(self.norm(x)).view(B, T, H, self.k_dim).to(dt)
+        keys5 = self.keys.unsqueeze(0)
+        with torch.no_grad():
+            idx, _, _, _ = ops.topk(q.detach().contiguous(), keys5.detach().contiguous(), k, "dot", 1e-3)
+        grp = torch.zeros(B, dtype=torch.long, device=x.device)
+        kid = _memory.read_kid(idx, grp, H, n)
+        s, _, _ = _memory.sub_scores(q.reshape(B, T, H, 2, self.k_dim // 2), keys5.reshape(-1, self.k_dim // 2),
+                                     kid, "dot", 1e-3)
+        w = torch.softmax(s.sum(3), dim=-1)  # per head
+        out = ops.gather(self.values, idx.reshape(B * T, H * k).contiguous(),
+                         w.reshape(B * T, H * k).contiguous())
+        return self.to_out(out.view(B, T, self.v_dim).to(x.dtype))
+
+
+def param_groups(model: nn.Module, weight_decay: float = 0.1, lr: Optional[float] = None,
+                 pkm_value_lr_scale: float = 1.0, no_decay_1d: bool = True) -> List[Dict]:
+    """AdamW parameter groups for a model holding FwPKM/PKM layers.
+
+    Excludes the fast-weight initial tables of every FwPKM layer (they are buffers, and any
+    parameter a subclass registers under those names is skipped too), puts 1-D parameters
+    (biases, norms) in a group without weight decay, and PKM value tables in their own group
+    without weight decay and with lr * pkm_value_lr_scale when `lr` is given.
+    """
+    fast = set()
+    pkm_values = []
+    for mod in model.modules():
+        if isinstance(mod, FwPKM):
+            for name in ("init_keys", "init_values"):
+                t = getattr(mod, name, None)
+                if isinstance(t, nn.Parameter):
+                    fast.add(id(t))
+        if isinstance(mod, PKM):
+            pkm_values.append(mod.values)
+    pkm_ids = {id(p) for p in pkm_values}
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in fast or id(p) in pkm_ids or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if (no_decay_1d and p.dim() < 2) else decay).append(p)
+    groups: List[Dict] = [{"params": decay, "weight_decay": weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}]
+    pv = [p for p in pkm_values if p.requires_grad]
+    if pv:
+        g = {"params": pv, "weight_decay": 0.0}
+        if lr is not None:
+            g["lr"] = lr * pkm_value_lr_scale
+        groups.append(g)
+    return [g for g in groups if g["params"]]
+
+
+def telemetry(state: MemoryState) -> Dict[str, float]:
+    """Memory telemetry of a state: coverage, collision rate, KL to uniform, mean gate."""
+    return state.telemetry()

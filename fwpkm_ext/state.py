@@ -1,0 +1,204 @@
+"""The explicit streaming state of a FwPKM memory, its file format and its telemetry."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Dict, Optional, Union
+
+import torch
+from torch import Tensor
+
+STATE_FORMAT = "fwpkm_ext.MemoryState"
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Shapes and update rule a state belongs to (SPEC.md symbols)."""
+
+    n_subkeys: int
+    key_dim: int  # dk, per head
+    value_dim: int  # dv
+    heads: int
+    topk: int
+    chunk_size: int
+    lookahead: int = 1
+    lr: float = 1.0
+    addr_loss_weight: float = 1.0
+    score: str = "idw"
+    eps: float = 1e-3
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class MemoryState:
+    """Fast weights plus the tokens of the unfinished window.
+
+    keys (S, H, 2, n, dk/2) and values (S, n*n, dv) with S = 1 (one memory shared by the batch)
+    or S = B (one memory per sequence). The pending tokens (B, P, ...) are the first P tokens of
+    the current window: already read (their top-k is kept in idx/half_idx), written when the
+    window completes or on flush. Counters feed `telemetry()`.
+    """
+
+    config: MemoryConfig
+    keys: Tensor
+    values: Tensor
+    per_sequence: bool
+    pending_q: Optional[Tensor] = None
+    pending_v: Optional[Tensor] = None
+    pending_g: Optional[Tensor] = None
+    pending_mask: Optional[Tensor] = None
+    pending_idx: Optional[Tensor] = None
+    pending_half_idx: Optional[Tensor] = None
+    slot_reads: Optional[Tensor] = None  # (S, N) int64: reads per slot since the state began
+    gate_sum: float = 0.0
+    tokens: int = 0
+    extras: Dict[str, float] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        return 0 if self.pending_q is None else int(self.pending_q.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def detach(self) -> "MemoryState":
+        """A copy cut from the autograd graph (truncated backpropagation between segments)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in d.items():
+            if isinstance(v, Tensor):
+                d[k] = v.detach()
+        return MemoryState(**d)
+
+    # ---------------------------------------------------------------------------------------------
+    def telemetry(self) -> Dict[str, float]:
+        """Slot coverage, collision rate, KL(slot use || uniform) and mean gate since the state began.
+
+        coverage: share of the N slots read at least once (averaged over memories when S > 1);
+        collision_rate: share of reads that hit a slot some earlier read already used
+        (1 - distinct slots / reads); kl_uniform: KL divergence of the slot-read distribution to
+        the uniform one, in nats; mean_gate: mean write gate g over tokens read.
+        """
+        N = self.values.shape[1]
+        out = {"tokens": float(self.tokens), "mean_gate": self.gate_sum / max(self.tokens, 1)}
+        reads = self.slot_reads
+        if reads is None or int(reads.sum()) == 0:
+            out.update(coverage=0.0, collision_rate=0.0, kl_uniform=0.0)
+            return out
+        reads = reads.double()
+        tot = reads.sum(1)
+        used = (reads > 0).double().sum(1)
+        p = reads / tot.clamp_min(1).unsqueeze(1)
+        kl = torch.where(p > 0, p * torch.log(p * N), torch.zeros_like(p)).sum(1)
+        active = tot > 0
+        out.update(coverage=float((used / N)[active].mean()),
+                   collision_rate=float((1 - used / tot.clamp_min(1))[active].mean()),
+                   kl_uniform=float(kl[active].mean()))
+        return out
+
+    # ---------------------------------------------------------------------------------------------
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the state (detached, on CPU) to `path`."""
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)
+                   if isinstance(getattr(self, f.name), Tensor)}
+        payload = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "config": self.config.as_dict(),
+            "per_sequence": self.per_sequence,
+            "gate_sum": float(self.gate_sum),
+            "tokens": int(self.tokens),
+            "tensors": {k: v.detach().cpu() for k, v in tensors.items()},
+        }
+        tmp = f"{os.fspath(path)}.tmp"
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], config: Optional[MemoryConfig] = None,
+             device: Union[str, torch.device, None] = None) -> "MemoryState":
+        """Read a state file; rejects another format, version or config, bad shapes and non-finite
+        values with a ValueError naming the problem."""
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # corrupted / not a torch file
+            raise ValueError(f"path: {os.fspath(path)!r} is not a readable fwpkm_ext state file ({exc})") from exc
+        if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
+            raise ValueError(f"path: {os.fspath(path)!r} is not a fwpkm_ext state file")
+        if payload.get("version") != STATE_VERSION:
+            raise ValueError(f"path: state file version {payload.get('version')!r} is not supported "
+                             f"(this fwpkm_ext reads version {STATE_VERSION})")
+        try:
+            cfg = MemoryConfig(**payload["config"])
+        except TypeError as exc:
+            raise ValueError(f"path: state file has an invalid config ({exc})") from exc
+        if config is not None and cfg != config:
+            diff = {k: (v, getattr(config, k)) for k, v in cfg.as_dict().items() if getattr(config, k) != v}
+            raise ValueError(f"path: state file belongs to another memory configuration "
+                             f"(file vs expected: {diff})")
+        t = payload["tensors"]
+        per_seq = bool(payload["per_sequence"])
+        state = cls(config=cfg, per_sequence=per_seq, gate_sum=float(payload["gate_sum"]),
+                    tokens=int(payload["tokens"]), **t)
+        state._validate(where="path")
+        if device is not None:
+            state = state.to(device)
+        return state
+
+    def to(self, device) -> "MemoryState":
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in d.items():
+            if isinstance(v, Tensor):
+                d[k] = v.to(device)
+        return MemoryState(**d)
+
+    def _validate(self, where: str = "state") -> None:
+        c = self.config
+        n, d2, dv, H = c.n_subkeys, c.key_dim // 2, c.value_dim, c.heads
+        if not isinstance(self.keys, Tensor) or self.keys.dim() != 5 or \
+                tuple(self.keys.shape[1:]) != (H, 2, n, d2):
+            raise ValueError(f"{where}: keys must have shape (S, {H}, 2, {n}, {d2}), got "
+                             f"{tuple(getattr(self.keys, 'shape', ()))}")
+        S = self.keys.shape[0]
+        if not isinstance(self.values, Tensor) or tuple(self.values.shape) != (S, n * n, dv):
+            raise ValueError(f"{where}: values must have shape ({S}, {n * n}, {dv}), got "
+                             f"{tuple(getattr(self.values, 'shape', ()))}")
+        if self.keys.dtype not in (torch.float32, torch.float64) or self.values.dtype != self.keys.dtype:
+            raise ValueError(f"{where}: fast weights must be float32 (or float64), got "
+                             f"{self.keys.dtype} / {self.values.dtype}")
+        if not self.per_sequence and S != 1:
+            raise ValueError(f"{where}: a shared state has S = 1, got {S}")
+        for name in ("keys", "values", "pending_q", "pending_v", "pending_g", "pending_mask"):
+            t = getattr(self, name)
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{where}: {name} holds non-finite values (NaN or Inf)")
+        P = self.pending
+        if P >= c.chunk_size:
+            raise ValueError(f"{where}: {P} pending tokens, must be < chunk_size {c.chunk_size}")
+        if P:
+            B = self.pending_q.shape[0]
+            expect = {"pending_q": (B, P, H, c.key_dim), "pending_v": (B, P, dv), "pending_g": (B, P),
+                      "pending_mask": (B, P), "pending_idx": (B, P, H, c.topk),
+                      "pending_half_idx": (B, P, H, 2, c.topk)}
+            for name, shape in expect.items():
+                t = getattr(self, name)
+                if t is None or tuple(t.shape) != shape:
+                    raise ValueError(f"{where}: {name} must have shape {shape}, got "
+                                     f"{None if t is None else tuple(t.shape)}")
+            for name in ("pending_idx", "pending_half_idx"):
+                t = getattr(self, name)
+                hi = n * n if name == "pending_idx" else n
+                if t.dtype != torch.int64 or int(t.min()) < 0 or int(t.max()) >= hi:
+                    raise ValueError(f"{where}: {name} must be int64 indices in [0, {hi})")
+        if self.slot_reads is not None and tuple(self.slot_reads.shape) != (S, n * n):
+            raise ValueError(f"{where}: slot_reads must have shape ({S}, {n * n})")
+        if not math.isfinite(self.gate_sum) or self.tokens < 0:
+            raise ValueError(f"{where}: gate_sum/tokens counters are invalid")
+
+    def with_(self, **kw) -> "MemoryState":
+        return replace(self, **kw)
