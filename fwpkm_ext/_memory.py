@@ -93,10 +93,8 @@ def key_rows(half_rows: Tensor, grp: Tensor, H: int, n: int) -> Tensor:
 
 
 def sub_scores(qh: Tensor, kflat: Tensor, kid: Tensor, score: str, eps: float):
-    """Sub-scores of the selected sub-keys. qh (B,L,H,2,d2), kid (B,L,H,2,j) -> s (B,L,H,2,j).
-
-    Also returns what the derivatives need: (s, e = q - K or K rows, inv = 1 / (eps + d) or None).
-    """
+    """Sub-scores of selected sub-keys by direct differences (used by the PKM layer's autograd
+    path). qh (B,L,H,2,d2), kid (B,L,H,2,j) -> (s (B,L,H,2,j), e, inv)."""
     kg = kflat[kid]  # (B, L, H, 2, j, d2)
     if score == "idw":
         e = qh.unsqueeze(4) - kg
@@ -105,88 +103,143 @@ def sub_scores(qh: Tensor, kflat: Tensor, kid: Tensor, score: str, eps: float):
     return (qh.unsqueeze(4) * kg).sum(-1), kg, None
 
 
-def dscore(qh: Tensor, e: Tensor, inv: Optional[Tensor], score: str):
-    """(ds/dq, ds/dK) per selected pair, shapes (B,L,H,2,j,d2)."""
-    if score == "idw":
-        gk = 2.0 * e * inv.unsqueeze(-1)
-        return -gk, gk
-    return e, qh.unsqueeze(4).expand_as(e)
-
-
-def score_vjp(qh, kflat, kid, a, score, eps):
-    """For coefficients a (B,L,H,2,j) on the sub-scores: (dq (B,L,H,2,d2), dK rows (.., d2))."""
-    _, e, inv = sub_scores(qh, kflat, kid, score, eps)
-    dq, dk = dscore(qh, e, inv, score)
-    return (a.unsqueeze(-1) * dq).sum(4), a.unsqueeze(-1) * dk
-
-
 def read_kid(idx: Tensor, grp: Tensor, H: int, n: int) -> Tensor:
     """Both halves' sub-key rows of selected slots idx (B,L,H,k) -> (B,L,H,2,k)."""
     return key_rows(torch.stack((idx // n, idx % n), dim=3), grp, H, n)
 
 
-def read_weights(qh, kflat, idx, grp, H, n, score, eps):
-    """Pooled softmax weights (B, L, H*k) of the selected slots, from the exact sub-scores."""
-    s, _, _ = sub_scores(qh, kflat, read_kid(idx, grp, H, n), score, eps)
-    B, L = idx.shape[:2]
-    return torch.softmax(s.sum(3).reshape(B, L, -1), dim=-1)
-
-
 # ----------------------------------------------------------------------------------------------
-# addressing loss (marginal entropy of per-half top-k softmax), its gradient and its second order
+# pair algebra: every derivative of a sub-score s(x_m, K_r) is a combination of x_m and K_r, so
+# the per-pair work reduces to the four native kernels; no (pairs x d2) temporaries.
 
 
-class _AddrTerms:
-    """Everything the addressing-loss gradient and its VJP share for one window."""
+def seg_sum(segs, coef: Tensor, R: int) -> Tensor:
+    """Dense (R,) vector: per row, the sum of the pair coefficients (deterministic)."""
+    urows, offsets, order, _ = segs
+    out = torch.zeros(R, 1, dtype=coef.dtype, device=coef.device)
+    ones = torch.ones(coef.numel(), 1, dtype=coef.dtype, device=coef.device)
+    _native.scatter_rows(out, urows, offsets, order, coef.reshape(-1).contiguous(), ones, 1)
+    return out.view(R)
 
-    def __init__(self, kflat, qh, half_idx, grp, H, n, rows_per_group, cfg: Config):
-        self.kid = key_rows(half_idx, grp, H, n)
-        self.s, self.e, self.inv = sub_scores(qh, kflat, self.kid, cfg.score, cfg.eps)
-        self.P = torch.softmax(self.s, dim=-1)
-        self.R = float(rows_per_group)
-        self.flat = self.kid.reshape(-1)
-        pbar = torch.zeros(kflat.shape[0], dtype=kflat.dtype, device=kflat.device)
-        scalar_add_(pbar, self.flat, self.P.reshape(-1))
-        self.pbar = pbar / self.R
-        w, d = cfg.addr_loss_weight, ENTROPY_EPS
-        pe = self.pbar + d
-        self.phi = w * (torch.log(pe) + self.pbar / pe)  # dL/dpbar
-        self.dphi = w * (1.0 / pe + d / (pe * pe))
-        self.u = self.phi[self.kid] / self.R  # dL/dP
-        self.gamma = self.P * (self.u - (self.P * self.u).sum(-1, keepdim=True))  # dL/ds
-        self.dq, self.dk = dscore(qh, self.e, self.inv, cfg.score)
-        self.qh, self.cfg = qh, cfg
 
-    def grad_keys(self, kflat: Tensor) -> Tensor:
-        g = torch.zeros_like(kflat)
-        row_add_(g, self.flat, (self.gamma.unsqueeze(-1) * self.dk).reshape(-1, kflat.shape[1]))
+def gather_w(table: Tensor, rows: Tensor, w: Tensor) -> Tensor:
+    out = torch.empty(rows.shape[0], table.shape[1], dtype=table.dtype, device=table.device)
+    _native.gather_rows(table, rows, w.contiguous(), out)
+    return out
+
+
+def gather_x(table: Tensor, rows: Tensor, x: Tensor) -> Tensor:
+    out = torch.empty(rows.shape, dtype=table.dtype, device=table.device)
+    _native.gather_dot(table, rows, x, out)
+    return out
+
+
+class Pairs:
+    """(query-half row m, sub-key row r) pairs, J per m: x (M2, d2), rows (M2, J) into kflat."""
+
+    def __init__(self, kflat: Tensor, kn: Optional[Tensor], x: Tensor, xn: Optional[Tensor],
+                 rows: Tensor, score: str, eps: float):
+        self.kflat, self.x, self.rows, self.score = kflat, x, rows, score
+        dot = gather_x(kflat, rows, x)
+        if score == "idw":
+            d = (xn.unsqueeze(1) + kn[rows] - 2.0 * dot).clamp_min(0.0)
+            self.inv = 1.0 / (eps + d)
+            self.s = torch.log(self.inv)  # -log(eps + d)
+        else:
+            self.inv, self.s = None, dot
+        self._segs = None
+
+    @property
+    def segs(self):
+        if self._segs is None:
+            self._segs = segments(self.rows.reshape(-1))
+        return self._segs
+
+    def vjp(self, a: Tensor, gk: Tensor) -> Tensor:
+        """Coefficients a (M2, J) on the scores: adds a . ds/dK into gk, returns a . ds/dx."""
+        K, x, R = self.kflat, self.x, self.kflat.shape[0]
+        if self.score == "idw":
+            a2 = 2.0 * a * self.inv  # ds/dK = a2 (x - K), ds/dx = -a2 (x - K)
+            gx = gather_w(K, self.rows, a2) - a2.sum(1, keepdim=True) * x
+            _native.scatter_rows(gk, *self.segs[:3], a2.reshape(-1).contiguous(), x, a2.shape[1])
+            gk -= seg_sum(self.segs, a2, R).unsqueeze(1) * K
+            return gx
+        gx = gather_w(K, self.rows, a)
+        _native.scatter_rows(gk, *self.segs[:3], a.reshape(-1).contiguous(), x, a.shape[1])
+        return gx
+
+
+class Window:
+    """The read of one window: selected slots, their scores and weights, with pair data for
+    the addressing loss and for every derivative."""
+
+    def __init__(self, K: Tensor, qh_w: Tensor, idx_w: Tensor, half_w: Tensor, grp: Tensor,
+                 per_seq: bool, cfg: "Config"):
+        B, L, H, _, d2 = qh_w.shape
+        n, k = K.shape[3], cfg.topk
+        self.B, self.L, self.H, self.k = B, L, H, k
+        self.kflat = K.reshape(-1, d2)
+        kn = (self.kflat * self.kflat).sum(-1) if cfg.score == "idw" else None
+        x = qh_w.reshape(-1, d2)
+        xn = (x * x).sum(-1) if cfg.score == "idw" else None
+        self.read = Pairs(self.kflat, kn, x, xn, read_kid(idx_w, grp, H, n).reshape(-1, k), cfg.score, cfg.eps)
+        self.half = Pairs(self.kflat, kn, x, xn, key_rows(half_w, grp, H, n).reshape(-1, k), cfg.score, cfg.eps)
+        sc = self.read.s.view(B, L, H, 2, k).sum(3)
+        self.w = torch.softmax(sc.reshape(B * L, H * k), dim=-1)
+        self.rows_per_group = L if per_seq else B * L
+        self.cfg = cfg
+        self._addr = None
+
+    # addressing loss L = w_addr * sum_i pbar_i log(pbar_i + 1e-8), per (memory, head, half)
+    def addr(self):
+        if self._addr is None:
+            hp, R = self.half, float(self.rows_per_group)
+            P = torch.softmax(hp.s, dim=-1)
+            pbar = seg_sum(hp.segs, P, self.kflat.shape[0]) / R
+            w, d = self.cfg.addr_loss_weight, ENTROPY_EPS
+            pe = pbar + d
+            phi = w * (torch.log(pe) + pbar / pe)  # dL/dpbar
+            dphi = w * (1.0 / pe + d / (pe * pe))
+            u = phi[hp.rows] / R  # dL/dP
+            gamma = P * (u - (P * u).sum(-1, keepdim=True))  # dL/ds
+            self._addr = (P, u, gamma, dphi)
+        return self._addr
+
+    def grad_keys(self) -> Tensor:
+        """dL_addr/dK, dense like the key table."""
+        _, _, gamma, _ = self.addr()
+        g = torch.zeros_like(self.kflat)
+        self.half.vjp(gamma, g)
         return g
 
-    def vjp(self, lam: Tensor):
-        """For F = <lam, dL/dK>: (dF/dK as a dense table, dF/dq (B,L,H,2,d2))."""
-        lg = lam[self.kid]
-        psi = (lg * self.dk).sum(-1)
-        P, u = self.P, self.u
+    def addr_vjp(self, lam: Tensor):
+        """For F = <lam, dL_addr/dK>: (dF/dK dense, dF/dx (M2, d2))."""
+        hp, K, x, R = self.half, self.kflat, self.half.x, float(self.rows_per_group)
+        P, u, gamma, dphi = self.addr()
+        lx = gather_x(lam, hp.rows, x)
+        if self.cfg.score == "idw":
+            lk = (lam * K).sum(-1)
+            psi = 2.0 * hp.inv * (lx - lk[hp.rows])  # <lam_r, ds/dK>
+        else:
+            psi = lx
         pdot = P * (psi - (P * psi).sum(-1, keepdim=True))
-        dpbar = torch.zeros_like(self.pbar)
-        scalar_add_(dpbar, self.flat, pdot.reshape(-1))
-        dpbar = dpbar / self.R
-        du = (self.dphi * dpbar)[self.kid] / self.R
+        dpbar = seg_sum(hp.segs, pdot, K.shape[0]) / R
+        du = (dphi * dpbar)[hp.rows] / R
         chi = pdot * (u - (P * u).sum(-1, keepdim=True)) + P * (
             du - (pdot * u).sum(-1, keepdim=True) - (P * du).sum(-1, keepdim=True))
+        gk = torch.zeros_like(K)
+        urows, offsets, order, _ = hp.segs
         if self.cfg.score == "idw":
-            dpsi_de = 2.0 * self.inv.unsqueeze(-1) * (lg - psi.unsqueeze(-1) * self.e)
-            dpsi_dq, dpsi_dk = dpsi_de, -dpsi_de
+            alpha = -2.0 * hp.inv * (chi + gamma * psi)  # pair term alpha (x - K) + beta lam
+            beta = 2.0 * hp.inv * gamma
+            gx = alpha.sum(1, keepdim=True) * x - gather_w(K, hp.rows, alpha) + gather_w(lam, hp.rows, beta)
+            _native.scatter_rows(gk, urows, offsets, order, (-alpha).reshape(-1).contiguous(), x, alpha.shape[1])
+            gk += seg_sum(hp.segs, alpha, K.shape[0]).unsqueeze(1) * K
+            gk -= seg_sum(hp.segs, beta, K.shape[0]).unsqueeze(1) * lam
         else:
-            dpsi_dq, dpsi_dk = lg, None
-        g = self.gamma.unsqueeze(-1)
-        gq = (chi.unsqueeze(-1) * self.dq + g * dpsi_dq).sum(4)
-        rows = chi.unsqueeze(-1) * self.dk
-        if dpsi_dk is not None:
-            rows = rows + g * dpsi_dk
-        gk = torch.zeros_like(lam)
-        row_add_(gk, self.flat, rows.reshape(-1, lam.shape[1]))
-        return gk, gq
+            gx = gather_w(K, hp.rows, chi) + gather_w(lam, hp.rows, gamma)
+            _native.scatter_rows(gk, urows, offsets, order, chi.reshape(-1).contiguous(), x, chi.shape[1])
+        return gk, gx
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,10 +296,12 @@ def search(qh_w: Tensor, K: Tensor, per_seq: bool, cfg: Config):
     return idx.view(B, L, H, k), half_idx.view(B, L, H, 2, k)
 
 
-def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: Config, keep: bool):
+def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: Config, keep: bool,
+            inplace: bool = False):
     """Run every window of one call. Returns
     (vhat, new_keys, new_values, idx, half_idx, w, saved_rows, keys_hist); the last two are empty
-    unless `keep` (what the backward needs)."""
+    unless `keep` (what the backward needs). With `inplace` the given keys/values are updated
+    and returned (inference streaming: no table copy per call)."""
     B, T, H, dk = q.shape
     S, _, _, n, d2 = keys.shape
     N, dv, k = n * n, values.shape[-1], cfg.topk
@@ -255,8 +310,8 @@ def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: Config, keep:
     dev, dt = q.device, values.dtype
     grp = _group_of_batch(B, S, dev)
     row_base = (grp * N).view(B, 1, 1)
-    K = keys.clone()
-    V = values.reshape(S * N, dv).clone()
+    K = keys if inplace else keys.clone()
+    V = values.view(S * N, dv) if inplace else values.reshape(S * N, dv).clone()
     qh = q.reshape(B, T, H, 2, d2)
     P = pend_idx.shape[1]
     wins = windows(T, cfg.chunk_size)
@@ -278,15 +333,13 @@ def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: Config, keep:
             i, hi = search(qh[:, a0:s1].contiguous(), K, per_seq, cfg)
             idx_all[:, a0:s1] = i
             half_all[:, a0:s1] = hi
-        qh_w = qh[:, s0:s1].contiguous()
-        idx_w = idx_all[:, s0:s1]
-        kflat = K.view(-1, d2)
-        w = read_weights(qh_w, kflat, idx_w, grp, H, n, cfg.score, cfg.eps)
-        w_all[:, s0:s1] = w
-        rows = (idx_w.reshape(B, L, HK) + row_base).reshape(B * L, HK)
+        win = Window(K, qh[:, s0:s1].contiguous(), idx_all[:, s0:s1], half_all[:, s0:s1], grp, per_seq, cfg)
+        w = win.w
+        w_all[:, s0:s1] = w.view(B, L, HK)
+        rows = (idx_all[:, s0:s1].reshape(B, L, HK) + row_base).reshape(B * L, HK)
         out = torch.empty(B * L, dv, dtype=dt, device=dev)
         sv = torch.empty(B * L, HK, dv, dtype=dt, device=dev) if keep else None
-        _native.gather_rows(V, rows, w.reshape(B * L, HK).contiguous(), out, sv)
+        _native.gather_rows(V, rows, w, out, sv)
         vhat[:, s0:s1] = out.view(B, L, dv)
         if keep:
             saved[:, s0:s1] = sv.view(B, L, HK, dv)
@@ -299,10 +352,12 @@ def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: Config, keep:
         coef = (-cfg.lr * HK) * w.reshape(-1) * inv_count.to(dt)
         _native.scatter_rows(V, urows, offsets, order, coef, r, HK)
         # key update: K -= lr * dL_addr/dK
-        rpg = L if per_seq else B * L
-        terms = _AddrTerms(kflat, qh_w, half_all[:, s0:s1], grp, H, n, rpg, cfg)
-        K = (kflat - cfg.lr * terms.grad_keys(kflat)).view_as(K)
-    return vhat, K, V.view_as(values), idx_all, half_all, w_all, saved, hist
+        G = win.grad_keys()
+        if inplace:
+            K.view(-1, d2).sub_(cfg.lr * G)
+        else:
+            K = (win.kflat - cfg.lr * G).view_as(K)
+    return vhat, K, V.view(values.shape), idx_all, half_all, w_all, saved, hist
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,32 +390,27 @@ def backward(gvhat, gkeys, gvalues, q, v, g, mask, hist, idx_all, half_all, w_al
     for wi, (s0, s1) in reversed(list(enumerate(windows(T, cfg.chunk_size)))):
         L = s1 - s0
         M = B * L
-        kflat = hist[wi].reshape(-1, d2)
-        qh_w = qh[:, s0:s1].contiguous()
-        w = w_all[:, s0:s1].reshape(M, HK).contiguous()
+        win = Window(hist[wi], qh[:, s0:s1].contiguous(), idx_all[:, s0:s1], half_all[:, s0:s1],
+                     grp, per_seq, cfg)
+        w = win.w
         cid_w = cid[:, s0:s1].reshape(M, HK).contiguous()
         vhat_w = vhat[:, s0:s1].reshape(M, dv)
         gvh = gvhat[:, s0:s1].reshape(M, dv).clone()
         gw = torch.zeros(M, HK, dtype=dt, device=dev)
         if L == cfg.chunk_size or cfg.flush:
             # keys: K' = K - lr * G(K, q)  ->  gK -= lr * dG/dK^T gK ; gq -= lr * dG/dq^T gK
-            rpg = L if per_seq else B * L
-            terms = _AddrTerms(kflat, qh_w, half_all[:, s0:s1], grp, H, n, rpg, cfg)
-            dk_sec, dq_sec = terms.vjp(gK)
+            dk_sec, dq_sec = win.addr_vjp(gK)
             gK = gK - cfg.lr * dk_sec
-            gq[:, s0:s1] -= cfg.lr * dq_sec
+            gq[:, s0:s1] -= cfg.lr * dq_sec.view(B, L, H, 2, d2)
             # values: V' = V + sum_p coef_p r_t(p),  coef_p = -lr * HK * w_p / N_row(p)
             y, contrib, wt = contributing(v[:, s0:s1], g[:, s0:s1], mask[:, s0:s1], cfg.lookahead)
             rows = (idx_all[:, s0:s1].reshape(B, L, HK) + (grp * N).view(B, 1, 1)).reshape(M, HK)
             _, _, _, inv_count = value_pairs(rows, contrib, HK)
             fac = ((-cfg.lr * HK) * inv_count.to(dt)).view(M, HK)
             diff = vhat_w - y.reshape(M, dv)
-            r = wt.reshape(M, 1) * diff
-            rbar = torch.empty(M, dv, dtype=dt, device=dev)
-            _native.gather_rows(A, cid_w, (fac * w).contiguous(), rbar)
-            dotr = torch.empty(M, HK, dtype=dt, device=dev)
-            _native.gather_dot(A, cid_w, r.contiguous(), dotr)
-            gw += fac * dotr
+            r = (wt.reshape(M, 1) * diff).contiguous()
+            rbar = gather_w(A, cid_w, fac * w)
+            gw += fac * gather_x(A, cid_w, r)
             wt_f = wt.reshape(M, 1)
             gvh += wt_f * rbar
             gy = (-wt_f * rbar).view(B, L, dv)
@@ -374,11 +424,8 @@ def backward(gvhat, gkeys, gvalues, q, v, g, mask, hist, idx_all, half_all, w_al
         urows, offsets, order, _ = segments(cid_w.reshape(-1))
         _native.scatter_rows(A, urows, offsets, order, w.reshape(-1), gvh.contiguous(), HK)
         gsc = w * (gw - (w * gw).sum(-1, keepdim=True))
-        kid = read_kid(idx_all[:, s0:s1], grp, H, n)
-        a = gsc.view(B, L, H, 1, k).expand(B, L, H, 2, k)
-        dq_r, dk_rows = score_vjp(qh_w, kflat, kid, a, cfg.score, cfg.eps)
-        gq[:, s0:s1] += dq_r
-        row_add_(gK, kid.reshape(-1), dk_rows.reshape(-1, d2))
+        a = gsc.view(B, L, H, 1, k).expand(B, L, H, 2, k).reshape(-1, k)
+        gq[:, s0:s1] += win.read.vjp(a, gK).view(B, L, H, 2, d2)
     if not need_gvalues:
         gvin = torch.empty(0, dtype=dt, device=dev)
     else:

@@ -155,6 +155,9 @@ def fwpkm_memory(q: Tensor, v: Tensor, g: Tensor, keys: Tensor, values: Tensor, 
     check_config(topk, chunk_size, lookahead, lr, addr_loss_weight, None, score, eps)
     keys5, values3, per_seq = normalize_memory(q, keys, values)
     mask = check_tokens(q, v, g, mask)
+    if v.shape[2] != values3.shape[-1]:
+        _fail(ValueError, "v", f"expected shape (B, T, {values3.shape[-1]}) like the value table, "
+              f"got {tuple(v.shape)}")
     if topk > keys5.shape[3]:
         _fail(ValueError, "topk", f"must be <= n_subkeys ({keys5.shape[3]}), got {topk}")
     backend = resolve_backend(backend, q.device)

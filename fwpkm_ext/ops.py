@@ -165,7 +165,7 @@ _SCALARS = ("topk", "chunk_size", "lookahead", "lr", "addr_loss_weight", "score"
 def _memory_setup(ctx, inputs, output):
     q, v, g, mask, keys, values, _, _, *scalars = inputs
     vhat, _, _, idx, half, w, saved, hist = output
-    if hist.numel() == 0 and any(ctx.needs_input_grad[:6]):
+    if not scalars[-1] and any(ctx.needs_input_grad[:6]):
         raise RuntimeError("fwpkm_ext::memory was called with keep=False on inputs that need grad")
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, v, g, mask, hist, idx, half, w, saved, vhat)

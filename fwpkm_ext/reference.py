@@ -22,10 +22,9 @@ Conventions used throughout
 Interpretation choices (where SPEC.md leaves room) are documented in the docstrings
 of the functions they affect; in short:
 
-* Addressing loss: "entries below the row's k-th largest" is taken literally, i.e. the
-  threshold is the k-th largest sub-score *value* and entries equal to it are kept (so
-  with exact ties more than k entries can survive).  The threshold is a selection and
-  is not differentiated.
+* Addressing loss: "entries below the row's k-th largest" keeps exactly the k sub-keys the
+  read selects (ties at the k-th place broken by the smaller index, as everywhere); the
+  selection is not differentiated.
 * When the state is shared, a batch with a shared state of leading dim 1 is accepted
   as well as no leading dim.
 * ``lookahead = 0`` is accepted (target = own value); negative lookahead is an error.
@@ -415,8 +414,10 @@ def _addressing_loss_one_memory(k4: Tensor, q: Tensor, topk: int, score: str, ep
     for m in range(2):
         qm = q[..., m * d:(m + 1) * d].unsqueeze(0)  # (1, R, H, d)
         s = sub_scores_reference(qm, k4[:, m].unsqueeze(0), score=score, eps=eps)[0]  # (R, H, n)
-        kth = torch.topk(s.detach(), topk, dim=-1).values[..., -1:]  # k-th largest value
-        s_masked = s.masked_fill(s < kth, float("-inf"))
+        # exactly the k selected sub-keys (ties broken by the smaller index, like the read)
+        top = _sorted_desc_smaller_index_first(s.detach())[..., :topk]
+        keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, True)
+        s_masked = s.masked_fill(~keep, float("-inf"))
         P = torch.softmax(s_masked, dim=-1)  # (R, H, n)
         pbar = P.mean(dim=0)  # (H, n)
         Hm = -(pbar * torch.log(pbar + 1e-8)).sum(dim=-1)  # (H,)
@@ -437,9 +438,9 @@ def addressing_loss_reference(
 
     For every token row of the window (all ``B*T`` rows sharing the memory; any mask is
     ignored), per head ``h`` and half ``m``: ``P = softmax`` over the ``n`` sub-scores, with
-    every entry strictly below the row's k-th largest sub-score set to ``-inf`` (entries equal
-    to the k-th largest are kept, so exact ties can keep more than ``k``; the threshold is a
-    selection and is not differentiated); ``pbar`` = mean of ``P`` over rows;
+    every entry outside the row's top-k set to ``-inf``; with exact ties at the k-th place the
+    top-k is the one the read selects (ties broken by the smaller index), so exactly ``k``
+    entries survive (the selection is not differentiated); ``pbar`` = mean of ``P`` over rows;
     ``H_m = -sum pbar * log(pbar + 1e-8)``; ``L = -w_addr * sum_{h,m} H_m``.
 
     Args:

@@ -1,0 +1,17 @@
+"""Shared pytest setup for the python_tests suite."""
+import pytest
+import torch
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with a single intra-op thread (torch and the native kernels share libgomp).
+
+    The tests use tiny shapes: on a small, busy machine OpenMP spin-waiting costs far more than
+    the parallel work saves.  The previous thread count is restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -1,0 +1,581 @@
+"""The native kernels of fwpkm_ext (fwpkm_ext/_native.py, csrc/kernels.h) and the torch.library
+ops built on them (fwpkm_ext/ops.py), checked against independent torch computations and the
+pure-PyTorch oracle fwpkm_ext/reference.py.  CPU only, tiny shapes, float32 and float64.
+"""
+import pytest
+import torch
+
+import fwpkm_ext
+from fwpkm_ext import _memory, _native, ops
+from fwpkm_ext import functional as F
+from fwpkm_ext import reference as ref
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+F64 = torch.float64
+F32 = torch.float32
+DTYPES = [F32, F64]
+# closeness of floating results (indices are always compared exactly)
+TOL = {F32: dict(rtol=2e-5, atol=2e-5), F64: dict(rtol=1e-11, atol=1e-11)}
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(g, *shape, dtype=F64, scale=1.0):
+    return (torch.randn(*shape, generator=g, dtype=F64) * scale).to(dtype)
+
+
+def rand(g, *shape, dtype=F64, lo=0.0, hi=1.0):
+    return (torch.rand(*shape, generator=g, dtype=F64) * (hi - lo) + lo).to(dtype)
+
+
+def randint(g, lo, hi, *shape):
+    return torch.randint(lo, hi, shape, generator=g, dtype=torch.int64)
+
+
+# ================================================================================ topk_select
+
+
+def topk_oracle(dots, qn, kn, k, tokens_per_group, kind, eps):
+    """Independent torch version of the topk_select contract (csrc/kernels.h)."""
+    M, H, _, n = dots.shape
+    if kind == "idw":
+        grp = torch.arange(M) // tokens_per_group
+        dist = (qn.unsqueeze(-1) + kn[grp] - 2 * dots).clamp_min(0)
+        s = -torch.log(eps + dist)
+    else:
+        s = dots.clone()
+    # per half: descending score, ties -> smaller sub-key index (stable sort keeps index order)
+    hidx = torch.sort(-s, dim=-1, stable=True).indices[..., :k]  # (M,H,2,k)
+    hsc = s.gather(-1, hidx)
+    cand = (hsc[:, :, 0, :, None] + hsc[:, :, 1, None, :]).reshape(M, H, k * k)
+    slot = (hidx[:, :, 0, :, None] * n + hidx[:, :, 1, None, :]).reshape(M, H, k * k)
+    p = torch.argsort(slot, dim=-1, stable=True)
+    slot, cand = slot.gather(-1, p), cand.gather(-1, p)
+    p = torch.sort(-cand, dim=-1, stable=True).indices[..., :k]
+    return slot.gather(-1, p), cand.gather(-1, p), hidx, hsc
+
+
+def run_topk_select(dots, qn, kn, k, tpg, kind, eps=1e-3):
+    M, H, _, n = dots.shape
+    idx = torch.full((M, H, k), -7, dtype=torch.long)
+    score = torch.full((M, H, k), float("nan"), dtype=dots.dtype)
+    half_idx = torch.full((M, H, 2, k), -7, dtype=torch.long)
+    half_score = torch.full((M, H, 2, k), float("nan"), dtype=dots.dtype)
+    _native.topk_select(dots, qn, kn, k, tpg, kind, eps, idx, score, half_idx, half_score)
+    return idx, score, half_idx, half_score
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["idw", "dot"])
+@pytest.mark.parametrize("M,H,n,k,tpg", [(6, 1, 5, 2, 6), (6, 2, 7, 3, 2), (5, 3, 4, 4, 2),
+                                         (4, 1, 6, 1, 4), (7, 2, 9, 9, 3)])
+def test_topk_select_raw_vs_oracle(dtype, kind, M, H, n, k, tpg):
+    """Raw kernel on arbitrary dots / norms (key groups of tokens_per_group tokens)."""
+    g = gen(M * 100 + n * 10 + k)
+    G = -(-M // tpg)
+    dots = randn(g, M, H, 2, n, dtype=dtype)
+    qn = rand(g, M, H, 2, dtype=dtype, lo=1.0, hi=3.0)
+    kn = rand(g, G, H, 2, n, dtype=dtype, lo=1.0, hi=3.0)
+    if kind == "dot":
+        qn = kn = None
+    got = run_topk_select(dots, qn, kn, k, tpg, kind, 1e-3)
+    want = topk_oracle(dots.double(), None if qn is None else qn.double(),
+                       None if kn is None else kn.double(), k, tpg, kind, 1e-3)
+    assert torch.equal(got[0], want[0])
+    assert torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[1], want[1].to(dtype), **TOL[dtype])
+    torch.testing.assert_close(got[3], want[3].to(dtype), **TOL[dtype])
+    # descending order
+    assert (got[1][..., :-1] >= got[1][..., 1:]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_select_idw_clamps_negative_distance_and_breaks_ties(dtype):
+    """qn + kn - 2 dot < 0 (cancellation) is clamped to 0: those sub-keys all score -log(eps),
+    an exact tie broken by the smaller index."""
+    M, H, n, k = 3, 1, 6, 3
+    dots = torch.zeros(M, H, 2, n, dtype=dtype)
+    dots[..., [1, 3, 4]] = 10.0  # distance 1 + 1 - 20 < 0 for these
+    qn = torch.ones(M, H, 2, dtype=dtype)
+    kn = torch.ones(1, H, 2, n, dtype=dtype)
+    idx, score, hidx, hsc = run_topk_select(dots, qn, kn, k, M, "idw", 1e-3)
+    assert (hidx == torch.tensor([1, 3, 4])).all()
+    top = -torch.log(torch.tensor(1e-3, dtype=dtype))
+    torch.testing.assert_close(hsc, top.expand_as(hsc), **TOL[dtype])
+    assert (idx == torch.tensor([1 * n + 1, 1 * n + 3, 1 * n + 4])).all()
+
+
+def make_q_keys(g, B, T, H, dk, n, per_seq, dtype):
+    q = randn(g, B, T, H, dk, dtype=dtype)
+    S = B if per_seq else 1
+    keys = rand(g, S, H, 2, n, dk // 2, dtype=dtype, lo=-1.0, hi=1.0)
+    return q, (keys if per_seq else keys[0])
+
+
+TOPK_CASES = [
+    # B, T, H, dk, n, k, per_seq
+    (2, 5, 1, 6, 5, 2, False),
+    (1, 4, 1, 4, 4, 1, False),   # k = 1
+    (2, 3, 1, 4, 5, 5, False),   # k = n, odd n
+    (2, 4, 3, 6, 7, 3, False),   # H > 1, odd n
+    (3, 4, 2, 4, 6, 2, True),    # per-sequence keys
+    (3, 2, 2, 8, 3, 3, True),    # per-sequence, k = n
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("score", ["idw", "dot"])
+@pytest.mark.parametrize("B,T,H,dk,n,k,per_seq", TOPK_CASES)
+def test_product_key_topk_vs_reference(dtype, score, B, T, H, dk, n, k, per_seq):
+    g = gen(B * 1000 + T * 100 + n * 10 + k + 7 * per_seq)
+    q, keys = make_q_keys(g, B, T, H, dk, n, per_seq, dtype)
+    idx, sc, hidx, hsc = fwpkm_ext.product_key_topk(q, keys, k, score=score)
+    r_idx, r_sc, r_hidx, r_hsc = ref.product_key_topk_reference(q.double(), keys.double(), k,
+                                                                score=score)
+    assert idx.shape == (B, T, H, k) and hidx.shape == (B, T, H, 2, k)
+    assert idx.dtype == torch.int64 and sc.dtype == dtype
+    assert torch.equal(idx, r_idx)
+    assert torch.equal(hidx, r_hidx)
+    torch.testing.assert_close(sc, r_sc.to(dtype), **TOL[dtype])
+    torch.testing.assert_close(hsc, r_hsc.to(dtype), **TOL[dtype])
+
+
+@pytest.mark.parametrize("score", ["idw", "dot"])
+def test_product_key_topk_duplicate_queries(score):
+    g = gen(11)
+    q, keys = make_q_keys(g, 2, 6, 2, 6, 5, False, F64)
+    q[:, 3] = q[:, 0]
+    q[1, 5] = q[0, 2]
+    out = fwpkm_ext.product_key_topk(q, keys, 3, score=score)
+    want = ref.product_key_topk_reference(q, keys, 3, score=score)
+    for a, b in zip(out, want):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+    for t in out:
+        assert torch.equal(t[:, 3], t[:, 0])
+        assert torch.equal(t[1, 5], t[0, 2])
+
+
+def _assert_ties_broken_by_smaller_index(sc, ix):
+    eq = sc[..., :-1] == sc[..., 1:]
+    assert eq.any(), "test data should contain exact ties"
+    assert (ix[..., :-1][eq] < ix[..., 1:][eq]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("score", ["idw", "dot"])
+@pytest.mark.parametrize("per_seq", [False, True])
+def test_product_key_topk_exact_ties(dtype, score, per_seq):
+    """Integer-valued data with repeated sub-keys: many exact ties, broken by the smaller index
+    (sub-key index per half, slot index for the merge), identical to the reference."""
+    g = gen(5 + per_seq)
+    B, T, H, dk, n, k = 2, 5, 2, 4, 6, 4
+    q = randint(g, -1, 2, B, T, H, dk).to(dtype)
+    S = B if per_seq else 1
+    base = randint(g, -1, 2, S, H, 2, 3, dk // 2)
+    keys = base[:, :, :, randint(g, 0, 3, n)].to(dtype)  # n sub-keys drawn from 3 distinct rows
+    keys = keys if per_seq else keys[0]
+    idx, sc, hidx, hsc = fwpkm_ext.product_key_topk(q, keys, k, score=score)
+    r_idx, r_sc, r_hidx, r_hsc = ref.product_key_topk_reference(q, keys, k, score=score)
+    assert torch.equal(hidx, r_hidx)
+    assert torch.equal(idx, r_idx)
+    torch.testing.assert_close(sc, r_sc, **TOL[dtype])
+    torch.testing.assert_close(hsc, r_hsc, **TOL[dtype])
+    _assert_ties_broken_by_smaller_index(hsc, hidx)
+    _assert_ties_broken_by_smaller_index(sc, idx)
+
+
+# ================================================================================ gather / scatter
+
+
+def gather_case(g, R, D, M, L, dtype):
+    table = randn(g, R, D, dtype=dtype)
+    rows = randint(g, 0, R, M, L)
+    rows[0, :] = rows[0, 0]  # duplicate rows inside one token
+    rows[-1, 0] = rows[0, 0]
+    w = randn(g, M, L, dtype=dtype)
+    return table, rows, w
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("R,D,M,L", [(7, 3, 5, 4), (3, 1, 6, 2), (10, 5, 1, 1)])
+@pytest.mark.parametrize("keep", [False, True])
+def test_gather_rows(dtype, R, D, M, L, keep):
+    g = gen(R * 100 + D * 10 + M)
+    table, rows, w = gather_case(g, R, D, M, L, dtype)
+    out = torch.full((M, D), float("nan"), dtype=dtype)
+    saved = torch.full((M, L, D), float("nan"), dtype=dtype) if keep else None
+    before = table.clone()
+    _native.gather_rows(table, rows, w, out, saved)
+    want = torch.einsum("ml,mld->md", w.double(), table.double()[rows])
+    torch.testing.assert_close(out, want.to(dtype), **TOL[dtype])
+    if keep:
+        assert torch.equal(saved, table[rows])
+    assert torch.equal(table, before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("R,D,M,L", [(7, 3, 5, 4), (3, 1, 6, 2), (10, 5, 1, 1)])
+def test_gather_dot(dtype, R, D, M, L):
+    g = gen(R * 100 + D * 10 + M + 1)
+    table, rows, _ = gather_case(g, R, D, M, L, dtype)
+    x = randn(g, M, D, dtype=dtype)
+    gw = torch.full((M, L), float("nan"), dtype=dtype)
+    _native.gather_dot(table, rows, x, gw)
+    want = torch.einsum("mld,md->ml", table.double()[rows], x.double())
+    torch.testing.assert_close(gw, want.to(dtype), **TOL[dtype])
+
+
+def scatter_expected(table, rows_flat, pairs, coef, x, L):
+    """index_add oracle: table[rows[p]] += coef[p] * x[p // L] for the pairs p given."""
+    contrib = coef.double()[pairs].unsqueeze(-1) * x.double()[pairs // L]
+    return table.double().index_add(0, rows_flat[pairs], contrib)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("R,D,M,L", [(9, 3, 6, 4), (4, 2, 8, 3), (30, 1, 5, 2)])
+@pytest.mark.parametrize("subset", [False, True])
+def test_scatter_rows_vs_index_add(dtype, R, D, M, L, subset):
+    g = gen(R * 100 + D * 10 + M + subset)
+    rows = randint(g, 0, max(2, R // 2), M, L)  # low rows only: many duplicates, some rows untouched
+    rows_flat = rows.reshape(-1)
+    pairs = torch.arange(M * L)
+    if subset:
+        pairs = pairs[rand(g, M * L) < 0.6]
+    urows, offsets, order, cnt = _memory.segments(rows_flat, pairs)
+    assert (cnt > 1).any()  # some segment holds several pairs of the same row
+    table = randn(g, R, D, dtype=dtype)
+    coef = randn(g, M * L, dtype=dtype)
+    x = randn(g, M, D, dtype=dtype)
+    want = scatter_expected(table, rows_flat, pairs, coef, x, L)
+    got = table.clone()
+    _native.scatter_rows(got, urows, offsets, order, coef, x, L)
+    torch.testing.assert_close(got, want.to(dtype), **TOL[dtype])
+    untouched = torch.ones(R, dtype=torch.bool)
+    untouched[rows_flat[pairs]] = False
+    assert untouched.any()
+    assert torch.equal(got[untouched], table[untouched])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scatter_rows_handmade_segments(dtype):
+    """Contract as documented, with segments built by hand (not via _memory.segments): rows in
+    any order, pair ids in any order within a segment."""
+    R, D, L = 8, 2, 2
+    table = torch.arange(R * D, dtype=dtype).reshape(R, D)
+    x = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 4.0]], dtype=dtype)  # M = 3 -> 6 pairs
+    coef = torch.tensor([1.0, -2.0, 3.0, 0.25, -1.0, 2.0], dtype=dtype)
+    urows = torch.tensor([6, 1, 3])
+    offsets = torch.tensor([0, 3, 4, 6])
+    order = torch.tensor([5, 0, 3, 2, 4, 1])
+    want = table.clone()
+    for u, r in enumerate(urows.tolist()):
+        for p in order[offsets[u]:offsets[u + 1]].tolist():
+            want[r] += coef[p] * x[p // L]
+    got = table.clone()
+    _native.scatter_rows(got, urows, offsets, order, coef, x, L)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    assert not torch.equal(got, table)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scatter_rows_empty_segments(dtype):
+    g = gen(3)
+    table = randn(g, 5, 3, dtype=dtype)
+    got = table.clone()
+    e = torch.empty(0, dtype=torch.long)
+    _native.scatter_rows(got, e, torch.zeros(1, dtype=torch.long), e,
+                         randn(g, 4, dtype=dtype), randn(g, 2, 3, dtype=dtype), 2)
+    assert torch.equal(got, table)
+    # segments of an empty pair list, through the same helper the ops use
+    urows, offsets, order, _ = _memory.segments(randint(g, 0, 5, 8), torch.empty(0, dtype=torch.long))
+    assert urows.numel() == 0 and offsets.tolist() == [0]
+    _native.scatter_rows(got, urows, offsets, order, randn(g, 8, dtype=dtype),
+                         randn(g, 4, 3, dtype=dtype), 2)
+    assert torch.equal(got, table)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scatter_and_gather_deterministic(dtype):
+    """Two runs bit-identical, also with another thread count; enough rows and pairs that
+    several threads share the work and rows get many contributions."""
+    g = gen(17)
+    R, D, M, L = 64, 33, 400, 8
+    rows = randint(g, 0, R, M, L)
+    urows, offsets, order, _ = _memory.segments(rows.reshape(-1))
+    table = randn(g, R, D, dtype=dtype)
+    coef = randn(g, M * L, dtype=dtype)
+    x = randn(g, M, D, dtype=dtype)
+    w = randn(g, M, L, dtype=dtype)
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 1, 2, 2):
+            torch.set_num_threads(threads)
+            t = table.clone()
+            _native.scatter_rows(t, urows, offsets, order, coef, x, L)
+            out = torch.empty(M, D, dtype=dtype)
+            _native.gather_rows(t, rows, w, out)
+            gw = torch.empty(M, L, dtype=dtype)
+            _native.gather_dot(t, rows, x, gw)
+            results.append((t, out, gw))
+    finally:
+        torch.set_num_threads(old)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+    want = scatter_expected(table, rows.reshape(-1), torch.arange(M * L), coef, x, L)
+    torch.testing.assert_close(results[0][0], want.to(dtype), **TOL[dtype])
+
+
+# ================================================================================ value write-back
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,L,H,k,n,dv,per_seq", [(2, 5, 1, 3, 3, 4, False),
+                                                  (3, 4, 2, 2, 4, 3, True),
+                                                  (1, 6, 2, 3, 2, 5, False)])
+def test_value_write_back_vs_reference(dtype, B, L, H, k, n, dv, per_seq):
+    """The write-back exactly as _memory.forward does it (value_pairs + scatter_rows) against
+    reference.value_update_reference; slots drawn from a small range so they repeat."""
+    g = gen(B * 100 + L * 10 + H + per_seq)
+    N, HK, lr = n * n, H * k, 0.7
+    S = B if per_seq else 1
+    values = randn(g, S, N, dv, dtype=dtype)
+    idx = randint(g, 0, min(N, 5), B, L, HK)
+    w = torch.softmax(randn(g, B, L, HK), -1).to(dtype)
+    r = randn(g, B, L, dv, dtype=dtype)
+    contrib = rand(g, B, L) < 0.7
+    contrib[0, 0] = True
+    contrib[-1, -1] = False
+    grp = torch.arange(B) if per_seq else torch.zeros(B, dtype=torch.long)
+    rows = (idx + (grp * N).view(B, 1, 1)).reshape(B * L, HK)
+    urows, offsets, order, inv_count = _memory.value_pairs(rows, contrib, HK)
+    coef = (-lr * HK) * w.reshape(-1) * inv_count.to(dtype)
+    V = values.reshape(S * N, dv).clone()
+    _native.scatter_rows(V, urows, offsets, order, coef, r.reshape(B * L, dv).contiguous(), HK)
+    want = ref.value_update_reference(values.double() if per_seq else values[0].double(), idx,
+                                      w.double(), r.double(), contrib, lr, k, H)
+    torch.testing.assert_close(V.view(S, N, dv), want.reshape(S, N, dv).to(dtype), **TOL[dtype])
+    assert not torch.equal(V.view(S, N, dv), values)
+
+
+# ================================================================================ ops.gather
+
+
+@pytest.mark.parametrize("need_table", [True, False])
+def test_ops_gather_forward_backward_vs_reference(need_table):
+    g = gen(23)
+    R, D, M, L = 6, 3, 7, 4
+    table, rows, w = gather_case(g, R, D, M, L, F64)
+    table.requires_grad_(need_table)
+    w.requires_grad_(True)
+    out = ops.gather(table, rows, w)
+    table_r = table.detach().clone().requires_grad_(need_table)
+    w_r = w.detach().clone().requires_grad_(True)
+    want = ref.gather_reference(table_r, rows.unsqueeze(0), w_r.unsqueeze(0))[0]
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    gout = randn(g, M, D)
+    inputs = (table, w) if need_table else (w,)
+    got_g = torch.autograd.grad(out, inputs, gout)
+    want_g = torch.autograd.grad(want, (table_r, w_r) if need_table else (w_r,), gout)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # public wrapper: same thing
+    torch.testing.assert_close(fwpkm_ext.gather(table, rows, w), want, rtol=1e-12, atol=1e-12)
+
+
+def test_ops_gather_gradcheck():
+    g = gen(29)
+    table, rows, w = gather_case(g, 5, 3, 4, 3, F64)
+    table.requires_grad_(True)
+    w.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t, ww: ops.gather(t, rows, ww), (table, w))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ops_gather_backward_op(dtype):
+    """fwpkm_ext::gather_backward against plain torch (gw = rows . gout, gtable = index_add)."""
+    g = gen(31)
+    R, D, M, L = 6, 4, 5, 3
+    table, rows, w = gather_case(g, R, D, M, L, dtype)
+    gout = randn(g, M, D, dtype=dtype)
+    gw, gt = ops.gather_backward(gout, table, rows, w, True)
+    want_gw = torch.einsum("mld,md->ml", table.double()[rows], gout.double())
+    want_gt = torch.zeros(R, D, dtype=F64).index_add(
+        0, rows.reshape(-1), (w.double().unsqueeze(-1) * gout.double().unsqueeze(1)).reshape(-1, D))
+    torch.testing.assert_close(gw, want_gw.to(dtype), **TOL[dtype])
+    torch.testing.assert_close(gt, want_gt.to(dtype), **TOL[dtype])
+    gw2, gt2 = ops.gather_backward(gout, table, rows, w, False)
+    assert torch.equal(gw2, gw) and gt2.numel() == 0
+
+
+# ================================================================================ opcheck
+
+# All four default opcheck sub-tests are run (test_schema, test_autograd_registration,
+# test_faketensor, test_aot_dispatch_dynamic): none is restricted.
+
+
+@pytest.mark.parametrize("score", ["idw", "dot"])
+def test_opcheck_topk(score):
+    g = gen(37)
+    q, keys = make_q_keys(g, 2, 3, 2, 4, 5, True, F64)
+    torch.library.opcheck(torch.ops.fwpkm_ext.topk.default, (q, keys, 3, score, 1e-3))
+    q1, k1 = make_q_keys(g, 2, 3, 1, 6, 4, False, F32)
+    torch.library.opcheck(torch.ops.fwpkm_ext.topk.default, (q1, k1.unsqueeze(0), 2, score, 1e-3))
+
+
+def test_opcheck_gather():
+    g = gen(41)
+    table, rows, w = gather_case(g, 6, 3, 5, 3, F64)
+    torch.library.opcheck(torch.ops.fwpkm_ext.gather.default,
+                          (table.requires_grad_(), rows, w.requires_grad_()))
+    t2, r2, w2 = gather_case(g, 4, 2, 3, 2, F32)
+    torch.library.opcheck(torch.ops.fwpkm_ext.gather.default, (t2, r2, w2.requires_grad_()))
+
+
+def memory_args(seed, B, T, H, dk, n, dv, k, C, per_seq, la=1, mask_zeros=False, keep=True,
+                score="idw"):
+    g = gen(seed)
+    S = B if per_seq else 1
+    q = randn(g, B, T, H, dk).requires_grad_()
+    v = randn(g, B, T, dv).requires_grad_()
+    gt = rand(g, B, T, lo=0.1, hi=0.9).requires_grad_()
+    mask = torch.ones(B, T, dtype=F64)
+    if mask_zeros:
+        mask[0, 1] = 0.0
+        mask[-1, -2] = 0.0
+    keys = rand(g, S, H, 2, n, dk // 2, lo=-1.0, hi=1.0).requires_grad_()
+    values = randn(g, S, n * n, dv).requires_grad_()
+    pend_idx = torch.empty(B, 0, H, k, dtype=torch.int64)
+    pend_half = torch.empty(B, 0, H, 2, k, dtype=torch.int64)
+    return (q, v, gt, mask, keys, values, pend_idx, pend_half, k, C, la, 0.5, 1.0, score, 1e-3,
+            True, keep)
+
+
+@pytest.mark.parametrize("case", [
+    dict(seed=43, B=2, T=7, H=2, dk=4, n=4, dv=3, k=2, C=3, per_seq=False),
+    dict(seed=47, B=2, T=6, H=1, dk=6, n=3, dv=2, k=2, C=4, per_seq=True, la=2, mask_zeros=True,
+         score="dot"),
+])
+def test_opcheck_memory(case):
+    args = memory_args(**case)
+    torch.library.opcheck(torch.ops.fwpkm_ext.memory.default, args)
+
+
+# ================================================================================ bad inputs
+
+
+def _raises(exc, name):
+    return pytest.raises(exc, match=rf"^{name}\b")
+
+
+def _topk_buffers(M, H, n, k, dtype=F64):
+    return dict(dots=torch.zeros(M, H, 2, n, dtype=dtype), qn=torch.zeros(M, H, 2, dtype=dtype),
+                kn=torch.zeros(1, H, 2, n, dtype=dtype), idx=torch.empty(M, H, k, dtype=torch.long),
+                score=torch.empty(M, H, k, dtype=dtype),
+                half_idx=torch.empty(M, H, 2, k, dtype=torch.long),
+                half_score=torch.empty(M, H, 2, k, dtype=dtype))
+
+
+def _call_topk(b, k=2, tpg=3, kind="idw"):
+    _native.topk_select(b["dots"], b["qn"], b["kn"], k, tpg, kind, 1e-3, b["idx"], b["score"],
+                        b["half_idx"], b["half_score"])
+
+
+def test_topk_select_bad_inputs():
+    M, H, n, k = 3, 1, 4, 2
+    _call_topk(_topk_buffers(M, H, n, k))  # the good call works
+    for name, bad, exc in [
+        ("dots", torch.zeros(M, H, 2, n, dtype=torch.float16), TypeError),
+        ("dots", torch.zeros(M, H, 3, n, dtype=F64), ValueError),
+        ("dots", torch.zeros(M, H, n, 2, dtype=F64).transpose(2, 3), ValueError),
+        ("qn", None, TypeError),
+        ("qn", torch.zeros(M, H, 2, dtype=F32), TypeError),
+        ("qn", torch.zeros(M, H, 3, dtype=F64), ValueError),
+        ("kn", torch.zeros(2, H, 2, n, dtype=F64), ValueError),
+        ("idx", torch.empty(M, H, k, dtype=torch.int32), TypeError),
+        ("idx", torch.empty(M, H, k + 1, dtype=torch.long), ValueError),
+        ("score", torch.empty(M, H, k, dtype=F32), TypeError),
+        ("half_idx", torch.empty(M, H, k, 2, dtype=torch.long).transpose(2, 3), ValueError),
+        ("half_score", torch.empty(M, H, 2, k + 1, dtype=F64), ValueError),
+    ]:
+        b = _topk_buffers(M, H, n, k)
+        b[name] = bad
+        with _raises(exc, name):
+            _call_topk(b)
+    with _raises(ValueError, "topk"):
+        _call_topk(_topk_buffers(M, H, n, n + 1), k=n + 1)
+    with _raises(ValueError, "topk"):
+        _call_topk(_topk_buffers(M, H, n, 0), k=0)
+    with _raises(ValueError, "score"):
+        _call_topk(_topk_buffers(M, H, n, k), kind="cosine")
+
+
+def test_gather_scatter_bad_inputs():
+    R, D, M, L = 5, 3, 4, 2
+    table = torch.zeros(R, D, dtype=F64)
+    rows = torch.zeros(M, L, dtype=torch.long)
+    w = torch.zeros(M, L, dtype=F64)
+    out = torch.zeros(M, D, dtype=F64)
+    with _raises(TypeError, "table"):
+        _native.gather_rows(table.to(torch.float16), rows, w.half(), out.half())
+    with _raises(TypeError, "table"):
+        _native.gather_rows(table.long(), rows, w, out)
+    with _raises(ValueError, "table"):
+        _native.gather_rows(torch.zeros(D, R, dtype=F64).t(), rows, w, out)
+    with _raises(TypeError, "rows"):
+        _native.gather_rows(table, rows.int(), w, out)
+    with _raises(ValueError, "rows"):
+        _native.gather_rows(table, torch.zeros(L, M, dtype=torch.long).t(), w, out)
+    with _raises(TypeError, "w"):
+        _native.gather_rows(table, rows, w.float(), out)
+    with _raises(ValueError, "w"):
+        _native.gather_rows(table, rows, torch.zeros(M, L + 1, dtype=F64), out)
+    with _raises(ValueError, "out"):
+        _native.gather_rows(table, rows, w, torch.zeros(M, D + 1, dtype=F64))
+    with _raises(TypeError, "out"):
+        _native.gather_rows(table, rows, w, out.float())
+    with _raises(ValueError, "saved"):
+        _native.gather_rows(table, rows, w, out, torch.zeros(M, L, D + 1, dtype=F64))
+    with _raises(TypeError, "x"):
+        _native.gather_dot(table, rows, out.float(), w.clone())
+    with _raises(ValueError, "gw"):
+        _native.gather_dot(table, rows, out, torch.zeros(M, L + 1, dtype=F64))
+    urows = torch.tensor([1, 3])
+    offsets = torch.tensor([0, 1, 2])
+    order = torch.tensor([0, 5])
+    coef = torch.zeros(M * L, dtype=F64)
+    x = torch.zeros(M, D, dtype=F64)
+    _native.scatter_rows(table, urows, offsets, order, coef, x, L)  # the good call works
+    with _raises(TypeError, "urows"):
+        _native.scatter_rows(table, urows.int(), offsets, order, coef, x, L)
+    with _raises(ValueError, "offsets"):
+        _native.scatter_rows(table, urows, offsets[:2], order, coef, x, L)
+    with _raises(TypeError, "order"):
+        _native.scatter_rows(table, urows, offsets, order.float(), coef, x, L)
+    with _raises(TypeError, "coef"):
+        _native.scatter_rows(table, urows, offsets, order, coef.float(), x, L)
+    with _raises(ValueError, "coef"):
+        _native.scatter_rows(table, urows, offsets, order, coef[:-1], x, L)
+    with _raises(ValueError, "x"):
+        _native.scatter_rows(table, urows, offsets, order, coef, torch.zeros(M, D + 1, dtype=F64), L)
+    with _raises(ValueError, "x"):
+        _native.scatter_rows(table, urows, offsets, order, coef, torch.zeros(D, M, dtype=F64).t(), L)
+    with _raises(TypeError, "table"):
+        _native.scatter_rows(table.half(), urows, offsets, order, coef.half(), x.half(), L)
+    with _raises(TypeError, "coef"):  # the table's dtype rules: a float32 table with float64 data
+        _native.scatter_rows(table.float(), urows, offsets, order, coef, x, L)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device mismatch needs a CUDA device")
+def test_device_mismatch():
+    table = torch.zeros(5, 3, dtype=F64)
+    rows = torch.zeros(4, 2, dtype=torch.long)
+    w = torch.zeros(4, 2, dtype=F64)
+    with _raises(ValueError, "rows"):
+        _native.gather_rows(table, rows.cuda(), w, torch.zeros(4, 3, dtype=F64))
+    with _raises(ValueError, "out"):
+        _native.gather_rows(table, rows, w, torch.zeros(4, 3, dtype=F64, device="cuda"))
