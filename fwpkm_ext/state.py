@@ -141,16 +141,29 @@ class MemoryState:
             diff = {k: (v, getattr(config, k)) for k, v in cfg.as_dict().items() if getattr(config, k) != v}
             raise ValueError(f"path: state file belongs to another memory configuration "
                              f"(file vs expected: {diff})")
-        t = payload["tensors"]
-        per_seq = bool(payload["per_sequence"])
-        state = cls(config=cfg, per_sequence=per_seq, gate_sum=float(payload["gate_sum"]),
-                    tokens=int(payload["tokens"]), **t)
+        names = {f.name for f in fields(cls) if f.name not in
+                 ("config", "per_sequence", "gate_sum", "tokens", "extras")}
+        t = payload.get("tensors")
+        if not isinstance(t, dict) or not set(t) <= names or "keys" not in t or "values" not in t:
+            raise ValueError(f"path: state file tensors must be a dict with 'keys', 'values' and "
+                             f"optionally {sorted(names - {'keys', 'values'})}")
+        for name, val in t.items():
+            if not isinstance(val, Tensor):
+                raise ValueError(f"path: state file entry {name!r} is not a tensor")
+        try:
+            state = cls(config=cfg, per_sequence=bool(payload["per_sequence"]),
+                        gate_sum=float(payload["gate_sum"]), tokens=int(payload["tokens"]), **t)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"path: state file is malformed ({exc!r})") from exc
         state._validate(where="path")
         if device is not None:
             state = state.to(device)
         return state
 
-    def to(self, device) -> "MemoryState":
+    def to(self, device: Union[str, torch.device]) -> "MemoryState":
+        """The same state on another device (dtypes never change: fast weights stay float32)."""
+        if isinstance(device, torch.dtype):
+            raise TypeError("device: MemoryState.to moves devices only; fast weights keep their dtype")
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         for k, v in d.items():
             if isinstance(v, Tensor):
@@ -177,7 +190,17 @@ class MemoryState:
             t = getattr(self, name)
             if t is not None and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{where}: {name} holds non-finite values (NaN or Inf)")
+        pend = ("pending_q", "pending_v", "pending_g", "pending_mask", "pending_idx", "pending_half_idx")
+        present = [getattr(self, name) is not None for name in pend]
+        if any(present) and not all(present):
+            raise ValueError(f"{where}: pending tokens need all of {pend} or none")
+        for name in pend:
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), Tensor):
+                raise ValueError(f"{where}: {name} must be a tensor")
         P = self.pending
+        if P and self.per_sequence and self.pending_q.shape[0] != S:
+            raise ValueError(f"{where}: per-sequence state of {S} memories holds pending tokens of "
+                             f"{self.pending_q.shape[0]} sequences")
         if P >= c.chunk_size:
             raise ValueError(f"{where}: {P} pending tokens, must be < chunk_size {c.chunk_size}")
         if P:
