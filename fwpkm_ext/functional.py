@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _native, ops
+from . import _memory, _native, ops
 
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 SCORES = ("idw", "dot")
@@ -179,10 +179,12 @@ def fwpkm_memory(q: Tensor, v: Tensor, g: Tensor, keys: Tensor, values: Tensor, 
 
 
 def memory_call(q, v, g, mask, keys5, values3, pend_idx, pend_half, *, topk, chunk_size, lookahead,
-                lr, addr_loss_weight, score, eps, flush):
+                lr, addr_loss_weight, score, eps, flush, inplace=False):
     """The native fused op on validated inputs (state as (S,H,2,n,d2) / (S,N,dv)).
 
-    Returns (vhat, new_keys, new_values, idx, half_idx)."""
+    Returns (vhat, new_keys, new_values, idx, half_idx). Without autograd, a call that writes
+    nothing returns the given tables themselves, and `inplace=True` writes into them (no copy of
+    the N x dv table per call: the streaming inference path)."""
     dt = keys5.dtype
     B, T, H, _ = q.shape
     if pend_idx is None:
@@ -190,6 +192,14 @@ def memory_call(q, v, g, mask, keys5, values3, pend_idx, pend_half, *, topk, chu
         pend_half = torch.empty(B, 0, H, 2, topk, dtype=torch.long, device=q.device)
     q, v, g, mask = (t.to(dt).contiguous() for t in (q, v, g, mask))
     keep = torch.is_grad_enabled() and any(t.requires_grad for t in (q, v, g, keys5, values3))
+    writes = flush or T >= chunk_size
+    if not keep and (inplace or not writes) and not torch.compiler.is_compiling():
+        cfg = _memory.Config(topk, chunk_size, lookahead, float(lr), float(addr_loss_weight), score,
+                             float(eps), bool(flush))
+        with torch.no_grad():
+            out = _memory.forward(q, v, g, mask, keys5, values3, pend_idx, pend_half, cfg, False,
+                                  inplace=True)
+        return out[:5]
     vhat, nk, nv, idx, half, _, _, _ = ops.memory(q, v, g, mask, keys5, values3, pend_idx, pend_half,
                                                   topk, chunk_size, lookahead, float(lr),
                                                   float(addr_loss_weight), score, float(eps),
@@ -242,7 +252,7 @@ def gather(table: Tensor, rows: Tensor, w: Tensor) -> Tensor:
 
 
 def memory_step(q: Tensor, v: Tensor, g: Tensor, state, *, mask: Optional[Tensor] = None,
-                flush: bool = True):
+                flush: bool = True, inplace: bool = False):
     """Streaming call: read and write the tokens (B, T, ...) with the memory `state`.
 
     Window boundaries are absolute (counted from the start of the state's stream): windows that
@@ -250,6 +260,9 @@ def memory_step(q: Tensor, v: Tensor, g: Tensor, state, *, mask: Optional[Tensor
     pending in the returned state (written by a later call or by `flush=True`).
     Returns (vhat (B, T, dv), new_state). Feeding a sequence in any split with the state carried,
     then flushing, equals one call with flush=True (SPEC "Streaming").
+
+    `inplace=True` (only without autograd) writes the state's tables in place instead of copying
+    them: the returned state shares them and the given state must not be used again.
     """
     from .state import MemoryState
 
@@ -275,6 +288,11 @@ def memory_step(q: Tensor, v: Tensor, g: Tensor, state, *, mask: Optional[Tensor
     q, v, g, mask = (t.to(dt) for t in (q, v, g, mask))
     opts = dict(topk=c.topk, chunk_size=c.chunk_size, lookahead=c.lookahead, lr=c.lr,
                 addr_loss_weight=c.addr_loss_weight, score=c.score, eps=c.eps)
+    if inplace and torch.is_grad_enabled() and any(
+            t.requires_grad for t in (q, v, g, keys5, values3)):
+        _fail(ValueError, "inplace", "in-place state updates are for inference; run under "
+              "torch.no_grad() or pass inplace=False")
+    opts["inplace"] = inplace
     C = c.chunk_size
     if P + T < C and not flush:
         # no window completes: read with the current tables, everything stays pending
@@ -301,8 +319,9 @@ def memory_step(q: Tensor, v: Tensor, g: Tensor, state, *, mask: Optional[Tensor
     return vhat, _count_reads(new, idx_new, g, keys5.shape[0])
 
 
-def flush_state(state):
-    """Write the pending tokens of the unfinished window (no-op without pending tokens)."""
+def flush_state(state, inplace: bool = False):
+    """Write the pending tokens of the unfinished window (no-op without pending tokens).
+    `inplace` as in `memory_step`."""
     if state.pending == 0:
         return state
     c = state.config
@@ -310,7 +329,7 @@ def flush_state(state):
                                   state.pending_mask, state.keys, state.values, state.pending_idx,
                                   state.pending_half_idx, topk=c.topk, chunk_size=c.chunk_size,
                                   lookahead=c.lookahead, lr=c.lr, addr_loss_weight=c.addr_loss_weight,
-                                  score=c.score, eps=c.eps, flush=True)
+                                  score=c.score, eps=c.eps, flush=True, inplace=inplace)
     return state.with_(keys=nk, values=nv, pending_q=None, pending_v=None, pending_g=None,
                        pending_mask=None, pending_idx=None, pending_half_idx=None)
 

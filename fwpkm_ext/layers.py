@@ -102,10 +102,10 @@ class FwPKM(nn.Module):
             per_seq = True
         return MemoryState(config=self.config, keys=keys, values=values, per_sequence=per_seq)
 
-    def flush(self, state: MemoryState) -> MemoryState:
-        """Write the pending tokens of the unfinished window."""
+    def flush(self, state: MemoryState, inplace: bool = False) -> MemoryState:
+        """Write the pending tokens of the unfinished window (`inplace`: see `forward`)."""
         self._check_state(state)
-        return functional.flush_state(state)
+        return functional.flush_state(state, inplace=inplace)
 
     def load_state(self, path, device=None) -> MemoryState:
         """Load a state saved with `state.save(path)`, checked against this layer's configuration."""
@@ -130,15 +130,22 @@ class FwPKM(nn.Module):
         return q, v, g
 
     def forward(self, x: Tensor, state: Optional[MemoryState] = None, flush: bool = True,
-                mask: Optional[Tensor] = None) -> Tuple[Tensor, MemoryState]:
+                mask: Optional[Tensor] = None, inplace: bool = False) -> Tuple[Tensor, MemoryState]:
+        """x (B, T, dim) -> (y, new_state). `mask` (B, T): tokens with mask <= 0 are read but do not
+        write. `inplace=True` (inference under torch.no_grad only) updates the given state's
+        tables in place instead of copying them: the fast streaming path; the old state object
+        must not be reused."""
         q, v, g = self.project(x)
         if state is None:
+            if inplace:
+                raise ValueError("inplace: needs an explicit state (layer.init_state(...)); the "
+                                 "initial tables are never written")
             # whole document from the initial tables; the op never modifies its inputs
             state = MemoryState(config=self.config, keys=self.init_keys.unsqueeze(0),
                                 values=self.init_values.unsqueeze(0), per_sequence=False)
         else:
             self._check_state(state)
-        vhat, state = functional.memory_step(q, v, g, state, mask=mask, flush=flush)
+        vhat, state = functional.memory_step(q, v, g, state, mask=mask, flush=flush, inplace=inplace)
         gt = g.unsqueeze(-1)
         o = gt * vhat.to(v.dtype) + (1 - gt) * v
         return self.to_out(self.norm_out(o)), state
