@@ -363,3 +363,36 @@ def _count_reads(state, idx, g, S):
                                       torch.ones(flat.numel(), dtype=torch.long, device=idx.device))
         return state.with_(slot_reads=reads, gate_sum=state.gate_sum + float(g.detach().sum()),
                            tokens=state.tokens + B * T)
+
+
+def memory_read(q: Tensor, state) -> Tensor:
+    """Read (B, T, H, dk) queries with the state's current tables, writing nothing.
+
+    The same read a token gets inside `memory_step` (top-k, pooled softmax, weighted gather), for
+    probing a memory: the state and its pending tokens are left untouched. Not differentiable.
+    Returns vhat (B, T, dv) in the fast-weight dtype."""
+    from .state import MemoryState
+
+    if not isinstance(state, MemoryState):
+        _fail(TypeError, "state", f"expected a MemoryState, got {type(state).__name__}")
+    c = state.config
+    _tensor("q", q, (4,))
+    B, T = q.shape[:2]
+    if tuple(q.shape[2:]) != (c.heads, c.key_dim):
+        _fail(ValueError, "q", f"expected shape (B, T, {c.heads}, {c.key_dim}), got {tuple(q.shape)}")
+    if q.device != state.device:
+        _fail(ValueError, "q", f"expected device {state.device} like the state, got {q.device}")
+    if state.per_sequence and state.keys.shape[0] != B:
+        _fail(ValueError, "state", f"per-sequence state holds {state.keys.shape[0]} memories, batch is {B}")
+    resolve_backend("auto", q.device)
+    dt = state.keys.dtype
+    z = torch.zeros(B, T, dtype=dt, device=q.device)
+    v = torch.zeros(B, T, c.value_dim, dtype=dt, device=q.device)
+    # chunk_size > T and flush=False: no window completes, nothing is written
+    cfg = _memory.Config(c.topk, T + 1, c.lookahead, c.lr, c.addr_loss_weight, c.score, c.eps, False)
+    pend_idx = torch.empty(B, 0, c.heads, c.topk, dtype=torch.long, device=q.device)
+    pend_half = torch.empty(B, 0, c.heads, 2, c.topk, dtype=torch.long, device=q.device)
+    with torch.no_grad():
+        out = _memory.forward(q.detach().to(dt).contiguous(), v, z, z, state.keys, state.values,
+                              pend_idx, pend_half, cfg, False, inplace=True)
+    return out[0]
