@@ -8,6 +8,9 @@
 #include <string>
 
 #include "kernels.h"
+#ifdef FWPKM_WITH_CUDA
+#include "cuda/extra.h"  // scatter_rows_atomic_cuda (CUDA only, not in the shared contract)
+#endif
 
 namespace py = pybind11;
 using fwpkm::ScoreKind;
@@ -54,6 +57,7 @@ void topk_select(const std::string& device, int dtype, std::uintptr_t dots, std:
                  std::uintptr_t score, std::uintptr_t half_idx, std::uintptr_t half_score,
                  std::uintptr_t stream) {
   check_dtype(dtype, "topk_select");
+  (void)stream;  // used by CUDA builds only
   if (kind != fwpkm::kIDW && kind != fwpkm::kDot)
     throw std::invalid_argument("fwpkm topk_select: kind must be 0 (idw) or 1 (dot)");
   if (k < 1 || k > n) throw std::invalid_argument("fwpkm topk_select: need 1 <= k <= n");
@@ -80,6 +84,7 @@ void gather_rows(const std::string& device, int dtype, std::uintptr_t table, int
                  std::uintptr_t rows, std::uintptr_t w, int64_t M, int64_t L, std::uintptr_t out,
                  std::uintptr_t saved, std::uintptr_t stream) {
   check_dtype(dtype, "gather_rows");
+  (void)stream;  // used by CUDA builds only
   const bool cuda = is_cuda(device, "gather_rows");
   if (M == 0) return;
   py::gil_scoped_release nogil;
@@ -100,6 +105,7 @@ void gather_dot(const std::string& device, int dtype, std::uintptr_t table, int6
                 std::uintptr_t rows, std::uintptr_t x, int64_t M, int64_t L, std::uintptr_t gw,
                 std::uintptr_t stream) {
   check_dtype(dtype, "gather_dot");
+  (void)stream;  // used by CUDA builds only
   const bool cuda = is_cuda(device, "gather_dot");
   if (M == 0) return;
   py::gil_scoped_release nogil;
@@ -120,6 +126,7 @@ void scatter_rows(const std::string& device, int dtype, std::uintptr_t table, in
                   std::uintptr_t urows, std::uintptr_t offsets, int64_t U, std::uintptr_t order,
                   std::uintptr_t coef, std::uintptr_t x, int64_t L, std::uintptr_t stream) {
   check_dtype(dtype, "scatter_rows");
+  (void)stream;  // used by CUDA builds only
   const bool cuda = is_cuda(device, "scatter_rows");
   if (U == 0) return;
   py::gil_scoped_release nogil;
@@ -129,6 +136,33 @@ void scatter_rows(const std::string& device, int dtype, std::uintptr_t table, in
       fwpkm::scatter_rows_cuda<T>(P<T>(table), R, D, P<const int64_t>(urows),
                                   P<const int64_t>(offsets), U, P<const int64_t>(order),
                                   P<const T>(coef), P<const T>(x), L, reinterpret_cast<void*>(stream));
+#endif
+    } else {
+      fwpkm::scatter_rows_cpu<T>(P<T>(table), R, D, P<const int64_t>(urows), P<const int64_t>(offsets),
+                                 U, P<const int64_t>(order), P<const T>(coef), P<const T>(x), L);
+    }
+  })
+}
+
+// Non-deterministic variant of scatter_rows (same arguments and contract): on CUDA, one warp per
+// pair with atomicAdd (csrc/cuda/extra.h); the summation order, hence the rounding, changes from
+// run to run. There is no atomic CPU kernel: device "cpu" runs the deterministic CPU kernel.
+void scatter_rows_atomic(const std::string& device, int dtype, std::uintptr_t table, int64_t R,
+                         int64_t D, std::uintptr_t urows, std::uintptr_t offsets, int64_t U,
+                         std::uintptr_t order, std::uintptr_t coef, std::uintptr_t x, int64_t L,
+                         std::uintptr_t stream) {
+  check_dtype(dtype, "scatter_rows_atomic");
+  (void)stream;  // used by CUDA builds only
+  const bool cuda = is_cuda(device, "scatter_rows_atomic");
+  if (U == 0) return;
+  py::gil_scoped_release nogil;
+  FWPKM_DISPATCH(dtype, "scatter_rows_atomic", {
+    if (cuda) {
+#ifdef FWPKM_WITH_CUDA
+      fwpkm::scatter_rows_atomic_cuda<T>(P<T>(table), R, D, P<const int64_t>(urows),
+                                         P<const int64_t>(offsets), U, P<const int64_t>(order),
+                                         P<const T>(coef), P<const T>(x), L,
+                                         reinterpret_cast<void*>(stream));
 #endif
     } else {
       fwpkm::scatter_rows_cpu<T>(P<T>(table), R, D, P<const int64_t>(urows), P<const int64_t>(offsets),
@@ -152,6 +186,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("gather_rows", &gather_rows);
   m.def("gather_dot", &gather_dot);
   m.def("scatter_rows", &scatter_rows);
+  m.def("scatter_rows_atomic", &scatter_rows_atomic);
   py::dict info;
 #ifdef FWPKM_WITH_CUDA
   info["cuda"] = true;

@@ -70,20 +70,6 @@ def segments(rows: Tensor, pairs: Optional[Tensor] = None):
     return urows, offsets, order, counts.repeat_interleave(counts)
 
 
-def row_add_(table: Tensor, rows: Tensor, x: Tensor) -> None:
-    """table[rows[i]] += x[i] for 2-D table/x, deterministic (sorted segments, one writer per row)."""
-    if rows.numel() == 0:
-        return
-    urows, offsets, order, _ = segments(rows)
-    ones = torch.ones(rows.numel(), dtype=table.dtype, device=table.device)
-    _native.scatter_rows(table, urows, offsets, order, ones, x.contiguous(), 1)
-
-
-def scalar_add_(vec: Tensor, idx: Tensor, x: Tensor) -> None:
-    """vec[idx[i]] += x[i] (1-D), deterministic on every device."""
-    row_add_(vec.view(-1, 1), idx, x.reshape(-1, 1))
-
-
 def key_rows(half_rows: Tensor, grp: Tensor, H: int, n: int) -> Tensor:
     """Flat row ids into keys.view(S*H*2*n, d2) for sub-key indices half_rows (B, L, H, 2, j)."""
     B = half_rows.shape[0]

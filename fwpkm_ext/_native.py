@@ -106,8 +106,12 @@ def gather_dot(table: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, gw: tor
 
 
 def scatter_rows(table: torch.Tensor, urows: torch.Tensor, offsets: torch.Tensor, order: torch.Tensor,
-                 coef: torch.Tensor, x: torch.Tensor, L: int) -> None:
-    """In place: table[urows[u]] += sum over segment u of coef[p] * x[p // L] (p = order[...])."""
+                 coef: torch.Tensor, x: torch.Tensor, L: int, *, deterministic: bool = True) -> None:
+    """In place: table[urows[u]] += sum over segment u of coef[p] * x[p // L] (p = order[...]).
+
+    deterministic=False selects, on CUDA, the atomics kernel (one warp per pair, atomicAdd; faster
+    when a few rows own very long segments, but the rounding changes from run to run). On CPU it
+    is ignored: the CPU kernel is always deterministic."""
     code = _float_code("table", table)
     R, D = table.shape
     U = urows.shape[0]
@@ -122,8 +126,9 @@ def scatter_rows(table: torch.Tensor, urows: torch.Tensor, offsets: torch.Tensor
         raise ValueError(f"x: expected shape (M, {D}), got {tuple(x.shape)}")
     if coef.numel() != x.shape[0] * L:
         raise ValueError(f"coef: expected {x.shape[0] * L} pair coefficients, got {coef.numel()}")
-    _C.scatter_rows(_dev(table), code, table.data_ptr(), R, D, urows.data_ptr(), offsets.data_ptr(), U,
-                    order.data_ptr(), coef.data_ptr(), x.data_ptr(), L, _stream(table))
+    fn = _C.scatter_rows if deterministic or not table.is_cuda else _C.scatter_rows_atomic
+    fn(_dev(table), code, table.data_ptr(), R, D, urows.data_ptr(), offsets.data_ptr(), U,
+       order.data_ptr(), coef.data_ptr(), x.data_ptr(), L, _stream(table))
 
 
 def build_info() -> dict:

@@ -43,9 +43,9 @@ def topk(q: Tensor, keys: Tensor, topk: int, score: str, eps: float) -> Tuple[Te
     qh = q.reshape(B, T, H, 2, d2).contiguous()
     idx, half = _memory.search(qh, keys, keys.shape[0] > 1, cfg)
     grp = _memory._group_of_batch(B, keys.shape[0], q.device)
-    kflat = keys.reshape(-1, d2)
-    hs, _, _ = _memory.sub_scores(qh, kflat, _memory.key_rows(half, grp, H, n), score, eps)
-    ss, _, _ = _memory.sub_scores(qh, kflat, _memory.read_kid(idx, grp, H, n), score, eps)
+    win = _memory.Window(keys, qh, idx, half, grp, keys.shape[0] > 1, cfg)
+    ss = win.read.s.view(B, T, H, 2, topk)
+    hs = win.half.s.view(B, T, H, 2, topk)
     return idx, ss.sum(3), half, hs
 
 
