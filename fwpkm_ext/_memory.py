@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import _native
+from . import _alloc, _native
 
 ENTROPY_EPS = 1e-8  # the addressing loss' log(pbar + 1e-8), SPEC "Update"
 
@@ -297,7 +297,7 @@ def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: Config, keep:
     grp = _group_of_batch(B, S, dev)
     row_base = (grp * N).view(B, 1, 1)
     K = keys if inplace else keys.clone()
-    V = values.view(S * N, dv) if inplace else values.reshape(S * N, dv).clone()
+    V = values.view(S * N, dv) if inplace else _alloc.clone(values).view(S * N, dv)
     qh = q.reshape(B, T, H, 2, d2)
     P = pend_idx.shape[1]
     wins = windows(T, cfg.chunk_size)
@@ -415,8 +415,8 @@ def backward(gvhat, gkeys, gvalues, q, v, g, mask, hist, idx_all, half_all, w_al
     if not need_gvalues:
         gvin = torch.empty(0, dtype=dt, device=dev)
     else:
-        gvin = gvalues.reshape(S * N, dv).clone() if gvalues is not None else \
-            torch.zeros(S * N, dv, dtype=dt, device=dev)
+        gvin = _alloc.clone(gvalues).view(S * N, dv) if gvalues is not None else \
+            _alloc.zeros((S * N, dv), dt, dev)
         gvin[touched] = A
         gvin = gvin.view(values_shape)
     return gq.view(B, T, H, dk), gv, gg, gK.view(S, H, 2, n, d2), gvin

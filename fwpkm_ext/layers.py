@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _memory, functional, ops
+from . import _alloc, _memory, functional, ops
 from .state import MemoryConfig, MemoryState
 
 
@@ -94,11 +94,11 @@ class FwPKM(nn.Module):
     def init_state(self, batch_size: Optional[int] = None) -> MemoryState:
         """A fresh state from the initial tables: shared (None) or one memory per sequence."""
         if batch_size is None:
-            keys, values, per_seq = self.init_keys.unsqueeze(0).clone(), self.init_values.unsqueeze(0).clone(), False
+            keys, values, per_seq = self.init_keys.unsqueeze(0).clone(), _alloc.clone(self.init_values.unsqueeze(0)), False
         else:
             _positive_int("batch_size", batch_size)
             keys = self.init_keys.unsqueeze(0).repeat(batch_size, 1, 1, 1, 1)
-            values = self.init_values.unsqueeze(0).repeat(batch_size, 1, 1)
+            values = _alloc.clone(self.init_values.unsqueeze(0).expand(batch_size, -1, -1))
             per_seq = True
         return MemoryState(config=self.config, keys=keys, values=values, per_sequence=per_seq)
 
