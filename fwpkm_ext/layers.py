@@ -3,6 +3,7 @@ and the optimizer-group helper."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -91,8 +92,15 @@ class FwPKM(nn.Module):
         return out
 
     # ---------------------------------------------------------------------------------------------
-    def init_state(self, batch_size: Optional[int] = None) -> MemoryState:
-        """A fresh state from the initial tables: shared (None) or one memory per sequence."""
+    def init_state(self, batch_size: Optional[int] = None, chunk_size: Optional[int] = None) -> MemoryState:
+        """A fresh state from the initial tables: shared (None) or one memory per sequence.
+
+        `chunk_size` overrides the update window for this state only (e.g. one update per whole
+        read when evaluating long documents); everything else follows the layer."""
+        config = self.config
+        if chunk_size is not None:
+            _positive_int("chunk_size", chunk_size)
+            config = replace(config, chunk_size=chunk_size)
         if batch_size is None:
             keys, values, per_seq = self.init_keys.unsqueeze(0).clone(), _alloc.clone(self.init_values.unsqueeze(0)), False
         else:
@@ -100,7 +108,7 @@ class FwPKM(nn.Module):
             keys = self.init_keys.unsqueeze(0).repeat(batch_size, 1, 1, 1, 1)
             values = _alloc.clone(self.init_values.unsqueeze(0).expand(batch_size, -1, -1))
             per_seq = True
-        return MemoryState(config=self.config, keys=keys, values=values, per_sequence=per_seq)
+        return MemoryState(config=config, keys=keys, values=values, per_sequence=per_seq)
 
     def flush(self, state: MemoryState, inplace: bool = False) -> MemoryState:
         """Write the pending tokens of the unfinished window (`inplace`: see `forward`)."""
@@ -108,14 +116,18 @@ class FwPKM(nn.Module):
         return functional.flush_state(state, inplace=inplace)
 
     def load_state(self, path, device=None) -> MemoryState:
-        """Load a state saved with `state.save(path)`, checked against this layer's configuration."""
-        return MemoryState.load(path, self.config, device=device if device is not None else self.init_values.device)
+        """Load a state saved with `state.save(path)`, checked against this layer's configuration
+        (its update window may differ, see `init_state`)."""
+        state = MemoryState.load(path, None, device=device if device is not None else self.init_values.device)
+        self._check_state(state)
+        return state
 
     def _check_state(self, state) -> None:
         if not isinstance(state, MemoryState):
             raise TypeError(f"state: expected a MemoryState, got {type(state).__name__}")
-        if state.config != self.config:
-            raise ValueError(f"state: belongs to another memory configuration ({state.config} vs {self.config})")
+        diff = replace(state.config, chunk_size=self.config.chunk_size).diff(self.config)
+        if diff:
+            raise ValueError(f"state: belongs to another memory configuration (state vs layer: {diff})")
 
     # ---------------------------------------------------------------------------------------------
     def project(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

@@ -32,6 +32,10 @@ class MemoryConfig:
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    def diff(self, other: "MemoryConfig") -> dict:
+        """{field: (self's value, other's value)} for the fields that differ."""
+        return {k: (v, getattr(other, k)) for k, v in self.as_dict().items() if getattr(other, k) != v}
+
 
 @dataclass
 class MemoryState:
@@ -138,9 +142,8 @@ class MemoryState:
         except TypeError as exc:
             raise ValueError(f"path: state file has an invalid config ({exc})") from exc
         if config is not None and cfg != config:
-            diff = {k: (v, getattr(config, k)) for k, v in cfg.as_dict().items() if getattr(config, k) != v}
             raise ValueError(f"path: state file belongs to another memory configuration "
-                             f"(file vs expected: {diff})")
+                             f"(file vs expected: {cfg.diff(config)})")
         names = {f.name for f in fields(cls) if f.name not in
                  ("config", "per_sequence", "gate_sum", "tokens", "extras")}
         t = payload.get("tensors")

@@ -135,8 +135,23 @@ def _rejects(layer, path, match):
         MemoryState.load(path)  # checks that do not need the expected config run without it
 
 
+def test_chunk_size_is_a_state_level_override(saved, tmp_path):
+    """A state may carry its own update window (init_state(chunk_size=...)): a layer loads it,
+    while MemoryState.load with an exact expected config still rejects it."""
+    layer, _, path = saved
+    other = _layer(heads=2, C=5)
+    st = other.load_state(path)
+    assert st.config.chunk_size != other.config.chunk_size
+    with pytest.raises(ValueError, match="'chunk_size'"):
+        MemoryState.load(path, other.config)
+    long = layer.init_state(None, chunk_size=1000)
+    assert long.config.chunk_size == 1000 and layer.config.chunk_size != 1000
+    with pytest.raises(ValueError, match="chunk_size"):
+        layer.init_state(None, chunk_size=0)
+
+
 @pytest.mark.parametrize("kw,field", [(dict(n=5), "n_subkeys"), (dict(topk=3), "topk"),
-                                      (dict(C=5), "chunk_size"), (dict(heads=1), "heads"),
+                                      (dict(heads=1), "heads"),
                                       (dict(lookahead=2), "lookahead"), (dict(lr=0.5), "lr"),
                                       (dict(score="dot"), "score")])
 def test_rejects_other_config(saved, tmp_path, kw, field):
