@@ -74,15 +74,23 @@ def topk_select(dots: torch.Tensor, qn: Optional[torch.Tensor], kn: Optional[tor
                    half_idx.data_ptr(), half_score.data_ptr(), _stream(dots))
 
 
+def _table_and_rows(table: torch.Tensor, rows: torch.Tensor):
+    """Checks shared by the row kernels: a 2-D float table and (M, L) int64 rows beside it."""
+    code = _float_code("table", table)
+    if table.dim() != 2:
+        raise ValueError(f"table: expected shape (R, D), got {tuple(table.shape)}")
+    _check("table", table, table.dtype, table.device)
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 2:
+        raise ValueError(f"rows: expected an (M, L) tensor, got {tuple(getattr(rows, 'shape', ()))}")
+    _check("rows", rows, torch.int64, table.device)
+    return (code, *table.shape, *rows.shape)
+
+
 def gather_rows(table: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
                 saved: Optional[torch.Tensor] = None) -> None:
     """out[m] = sum_l w[m,l] * table[rows[m,l]]; saved[m,l] = table[rows[m,l]] when given."""
-    code = _float_code("table", table)
-    R, D = table.shape
-    M, L = rows.shape
+    code, R, D, M, L = _table_and_rows(table, rows)
     dev, dt = table.device, table.dtype
-    _check("table", table, dt, dev)
-    _check("rows", rows, torch.int64, dev, (M, L))
     _check("w", w, dt, dev, (M, L))
     _check("out", out, dt, dev, (M, D))
     if saved is not None:
@@ -93,12 +101,8 @@ def gather_rows(table: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, out: t
 
 def gather_dot(table: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, gw: torch.Tensor) -> None:
     """gw[m,l] = table[rows[m,l]] . x[m]."""
-    code = _float_code("table", table)
-    R, D = table.shape
-    M, L = rows.shape
+    code, R, D, M, L = _table_and_rows(table, rows)
     dev, dt = table.device, table.dtype
-    _check("table", table, dt, dev)
-    _check("rows", rows, torch.int64, dev, (M, L))
     _check("x", x, dt, dev, (M, D))
     _check("gw", gw, dt, dev, (M, L))
     _C.gather_dot(_dev(table), code, table.data_ptr(), R, D, rows.data_ptr(), x.data_ptr(), M, L,

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
-    """Run a test with a single intra-op thread (torch and the native kernels share libgomp).
+    """Run every test with a single intra-op thread (torch and the native kernels share libgomp);
+    a test that needs more sets them itself.
 
     The tests use tiny shapes: on a small, busy machine OpenMP spin-waiting costs far more than
     the parallel work saves.  The previous thread count is restored afterwards."""

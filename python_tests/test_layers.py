@@ -20,17 +20,6 @@ DT = torch.float64
 TIGHT = dict(rtol=1e-10, atol=1e-12)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny shapes: one intra-op thread is faster than OpenMP spin-waiting on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _layer(seed=0, dim=8, n=4, dk=6, dv=5, heads=1, topk=2, C=4, la=1, lr=1.0, w_addr=1.0,
            dtype=DT, **kw):
     torch.manual_seed(seed)

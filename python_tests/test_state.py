@@ -11,18 +11,6 @@ from fwpkm_ext.state import STATE_VERSION
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny shapes: one intra-op thread is faster than OpenMP spin-waiting on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-
 def _layer(seed=0, n=4, topk=2, C=4, heads=1, dtype=torch.float32, **kw):
     torch.manual_seed(seed)
     return FwPKM(8, n_subkeys=n, mem_k_dim=6, mem_v_dim=5, heads=heads, topk=topk, chunk_size=C,
