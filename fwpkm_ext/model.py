@@ -415,9 +415,14 @@ class LM(nn.Module):
 
         os.makedirs(out_dir, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        # tied embeddings: one tensor only
-        save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-        self.cfg.save(os.path.join(out_dir, "config.json"))
+        # tied embeddings: one tensor only. Write then rename, so an interrupted save never
+        # leaves a truncated checkpoint.
+        path = os.path.join(out_dir, "model.safetensors")
+        save_file(state, path + ".tmp", metadata={"format": "pt"})
+        os.replace(path + ".tmp", path)
+        cpath = os.path.join(out_dir, "config.json")
+        self.cfg.save(cpath + ".tmp")
+        os.replace(cpath + ".tmp", cpath)
 
     @classmethod
     def from_pretrained(cls, ckpt_dir: str, map_location: str = "cpu") -> "LM":

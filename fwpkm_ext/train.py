@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import math
 import os
@@ -54,7 +53,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None,
                    help="sentencepiece model; if absent, one is trained on the training split "
                         "into OUT/tokenizer.model (or reused from there)")
-    g.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
+    g.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per training sequence (default: 4096 on GPU; 1024 on CPU, so "
+                        "the tiny preset trains in minutes)")
     g.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of documents held out for validation (default 0.1)")
     g.add_argument("--needle-rate", type=float, default=0.0,
@@ -73,6 +74,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=int, default=None,
                    help="linear warmup steps (default: 5%% of --steps, at most 1000)")
     g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--pkm-value-lr-scale", type=float, default=1.0,
+                   help="lr multiplier of static PKM value tables (default 1.0)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0: off)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("run")
@@ -99,7 +102,7 @@ def add_train_subcommands(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a language model (optionally with FwPKM)",
                               description="Train the reference LM on a text corpus.")
     _add_train_args(p)
-    p.set_defaults(func=train)
+    p.set_defaults(func=_cli_errors(train))
 
     t = subparsers.add_parser("tokenizer", help="tokenizer tools",
                               description="SentencePiece BPE tokenizer (byte fallback).")
@@ -114,7 +117,22 @@ def add_train_subcommands(subparsers) -> None:
                     help="sample at most this many lines for training")
     tt.add_argument("--seed", type=int, default=0)
     tt.add_argument("--encoding-errors", default="latin1", choices=["strict", "latin1", "replace"])
-    tt.set_defaults(func=train_tokenizer_cmd)
+    tt.set_defaults(func=_cli_errors(train_tokenizer_cmd))
+
+
+def _cli_errors(fn):
+    """Command wrapper: user errors (bad corpus, config, checkpoint) -> message and exit code 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(fn(args) or 0)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+
+    run.__name__ = run.__qualname__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,12 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        rc = args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return int(rc or 0)
+    return int(args.func(args) or 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,10 +158,12 @@ def train_tokenizer_cmd(args: argparse.Namespace) -> int:
 
     corpus = resolve_corpus(args.corpus)
     t0 = time.time()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tok = train_tokenizer(corpus, vocab_size=args.vocab_size, max_lines=args.max_lines,
                               seed=args.seed, out=args.out, encoding_errors=args.encoding_errors)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     print(f"tokenizer: vocab_size={tok.vocab_size} written to {args.out} "
           f"({time.time() - t0:.1f}s)")
     return 0
@@ -243,10 +258,11 @@ class _Dist:
 
 
 def _rng_state() -> Dict[str, Any]:
+    npst = np.random.get_state()
     st: Dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state()[1].tolist(),
-        "numpy_pos": int(np.random.get_state()[2]),
+        "numpy": [npst[0], torch.from_numpy(npst[1].astype(np.int64)), int(npst[2]), int(npst[3]),
+                  float(npst[4])],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -257,7 +273,8 @@ def _rng_state() -> Dict[str, Any]:
 def _set_rng_state(st: Dict[str, Any]) -> None:
     py = st["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-    np.random.set_state(("MT19937", np.array(st["numpy"], dtype=np.uint32), st["numpy_pos"], 0, 0.0))
+    name, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -269,21 +286,14 @@ def _atomic_torch_save(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _param_groups(model: torch.nn.Module, lr: float, weight_decay: float):
-    """AdamW groups from the core package's ``param_groups`` (no fast-weight initial tables)."""
-    from . import param_groups as core_param_groups
+def _param_groups(model: torch.nn.Module, lr: float, weight_decay: float,
+                  pkm_value_lr_scale: float = 1.0):
+    """AdamW groups from the core package's ``param_groups`` (no fast-weight initial tables;
+    no weight decay on 1-D parameters; PKM value tables at ``lr * pkm_value_lr_scale``)."""
+    from .layers import param_groups
 
-    sig = inspect.signature(core_param_groups).parameters
-    kw: Dict[str, Any] = {}
-    if "weight_decay" in sig:
-        kw["weight_decay"] = weight_decay
-    if "lr" in sig:
-        kw["lr"] = lr
-    groups = list(core_param_groups(model, **kw))
-    for g in groups:
-        if isinstance(g, dict):
-            g["params"] = [p for p in g["params"] if p.requires_grad]
-    return [g for g in groups if not isinstance(g, dict) or g["params"]]
+    return param_groups(model, weight_decay=weight_decay, lr=lr,
+                        pkm_value_lr_scale=pkm_value_lr_scale)
 
 
 def evaluate(model: torch.nn.Module, data, indices: List[int], batch_size: int,
@@ -359,6 +369,9 @@ def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, spli
     state_path = os.path.join(out, STATE_FILE)
     if args.resume and not os.path.isfile(state_path):
         raise FileNotFoundError(f"--resume: no checkpoint to resume in {out} ({STATE_FILE} missing)")
+    if not args.resume and os.path.isfile(state_path):
+        raise ValueError(f"{out} already holds a training run ({STATE_FILE}): pass --resume to "
+                         f"continue it, or choose another --out")
     if dist.main:
         os.makedirs(out, exist_ok=True)
     dist.barrier()
@@ -375,9 +388,12 @@ def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, spli
 
     # ---- corpus and tokenizer ---------------------------------------------------------------
     corpus = resolve_corpus(args.corpus)
-    with warnings.catch_warnings():
-        warnings.simplefilter("always" if dist.main else "ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         docs = read_corpus(corpus, args.encoding_errors)
+    if dist.main:
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
     tok_out = os.path.join(out, TOKENIZER_FILE)
     if args.tokenizer:
         tok = Tokenizer.load(args.tokenizer)
@@ -409,12 +425,15 @@ def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, spli
 
     # ---- data -------------------------------------------------------------------------------
     cache_dir = os.path.join(out, "cache")
+    seq_len = args.seq_len or (4096 if device.type == "cuda" else 1024)
+    if seq_len < 2:
+        raise ValueError(f"--seq-len must be at least 2, got {seq_len}")
     if dist.main:
-        ds = build_datasets(corpus, tok, args.seq_len, seed=args.seed,
+        ds = build_datasets(corpus, tok, seq_len, seed=args.seed,
                             val_fraction=args.val_fraction, cache_dir=cache_dir, docs=docs)
     dist.barrier()
     if not dist.main:
-        ds = build_datasets(corpus, tok, args.seq_len, seed=args.seed,
+        ds = build_datasets(corpus, tok, seq_len, seed=args.seed,
                             val_fraction=args.val_fraction, cache_dir=cache_dir, docs=docs)
     del docs
     train_data, val_data = ds.train, ds.val
@@ -431,7 +450,7 @@ def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, spli
         amp_dtype = None if args.dtype == "float32" else torch.bfloat16
     warmup = args.warmup if args.warmup is not None else min(1000, max(1, args.steps // 20))
 
-    groups = _param_groups(model, args.lr, args.weight_decay)
+    groups = _param_groups(model, args.lr, args.weight_decay, args.pkm_value_lr_scale)
     opt_kw: Dict[str, Any] = dict(lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     if device.type == "cuda":
         opt_kw["fused"] = True
@@ -443,11 +462,17 @@ def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, spli
     samples_seen = 0
     if args.resume:
         model.load_weights(os.path.join(out, "model.safetensors"), map_location=str(device))
-        st = torch.load(state_path, map_location=device, weights_only=False)
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        if st.get("tokenizer_sha") not in (None, tok.fingerprint()):
+            raise ValueError(f"the checkpoint in {out} was trained with another tokenizer than "
+                             f"{args.tokenizer or tok_out}")
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
         step = int(st["step"])
         samples_seen = int(st["samples_seen"])
+        if st.get("seq_len", train_data.seq_len) != train_data.seq_len:
+            _log(dist, f"warning: resuming a run trained with --seq-len {st.get('seq_len')} "
+                       f"with {train_data.seq_len}: the data order is not the uninterrupted one")
         if st.get("world_size", 1) != dist.world:
             _log(dist, f"warning: resuming a {st.get('world_size')}-process run with "
                        f"{dist.world} processes: the data order is not the uninterrupted one")
@@ -462,7 +487,10 @@ def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, spli
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # The FwPKM initial tables are constant buffers (the same on every rank after DDP's
+        # initial broadcast): do not re-broadcast them (up to 512 MB each) every forward.
+        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                        broadcast_buffers=False)
 
     global_batch = batch_size * args.grad_accum * dist.world
     tokens_per_step = global_batch * train_data.seq_len
@@ -501,6 +529,7 @@ def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, spli
         tok.save(os.path.join(out, TOKENIZER_FILE))
         _atomic_torch_save({
             "step": step_now, "samples_seen": samples_seen, "world_size": dist.world,
+            "seq_len": train_data.seq_len, "batch_size": batch_size,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": rngs, "args": {k: v for k, v in vars(args).items() if k != "func"},
             "config": cfg.to_dict(), "tokenizer_sha": tok.fingerprint(),
@@ -586,7 +615,7 @@ def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, spli
         bar.close()
     final_tps = tok_count / max(train_time, 1e-9) if tok_count else 0.0
 
-    if step >= args.steps and (last_val is None or step > 0):
+    if step >= args.steps:
         last_val = validate(step)
     save(step)
     if dist.main:
