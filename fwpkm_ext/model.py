@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layers import RMSNorm
+
 __all__ = ["LMConfig", "LM", "LMCache", "RMSNorm", "PRESETS"]
 
 
@@ -169,21 +171,6 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 # --------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------
-class RMSNorm(nn.Module):
-    """``x * rsqrt(mean(x^2) + eps) * (1 + w)``, ``w`` initialised to 0 (SPEC convention)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dt = x.dtype
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.weight.float())).to(dt)
-
-
 def _rope(x: torch.Tensor, pos0: int, theta: float) -> torch.Tensor:
     """Rotary embedding (rotate-half form) of ``x`` (B, H, T, D) at positions pos0..pos0+T-1."""
     T, D = x.shape[-2], x.shape[-1]
@@ -276,7 +263,7 @@ class Block(nn.Module):
         self.idx = idx
         self.fwpkm: Optional[nn.Module] = None
         if idx in cfg.fwpkm_layers:
-            from .layers import FwPKM  # lazy: the core package may be built separately
+            from .layers import FwPKM
             self.fwpkm = FwPKM(
                 cfg.dim, n_subkeys=cfg.fwpkm_n_subkeys, mem_k_dim=cfg.fwpkm_k_dim,
                 mem_v_dim=cfg.fwpkm_v_dim, heads=cfg.fwpkm_heads, topk=cfg.fwpkm_topk,
