@@ -1,5 +1,5 @@
-"""The `fwpkm` command line: `fwpkm demo`, `fwpkm info`, and (when the LM extras are installed)
-`fwpkm train` / `fwpkm tokenizer`."""
+"""The `fwpkm` command line: `demo` (the main job), `info`, `stream`, `eval ppl|memory`, `niah`,
+and (with the LM extras installed) `train` / `tokenizer`."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_parser(name, help="(needs pip install 'fwpkm_ext[lm]')").set_defaults(func=_needs_extras)
     else:
         add_train_subcommands(sub)
+    from .evaluate import add_eval_subcommands
+    from .niah import add_niah_subcommands
+    from .stream import add_stream_subcommands
+
+    add_stream_subcommands(sub)
+    add_eval_subcommands(sub)
+    add_niah_subcommands(sub)
     return parser
 
 
