@@ -281,10 +281,11 @@ class Block(nn.Module):
             self.mlp = SwiGLU(cfg.dim, cfg.hidden_dim)
             self.is_pkm = False
 
-    def forward(self, h, pos0, kv, mem_state, want_cache: bool):
+    def forward(self, h, pos0, kv, mem_state, want_cache: bool, inplace_memory: bool = False):
         new_state = None
         if self.fwpkm is not None:
-            y, new_state = self.fwpkm(h, state=mem_state, flush=not want_cache)
+            inplace = inplace_memory and mem_state is not None and not torch.is_grad_enabled()
+            y, new_state = self.fwpkm(h, state=mem_state, flush=not want_cache, inplace=inplace)
             h = h + y
         a, new_kv = self.attn(self.attn_norm(h), pos0, kv, want_cache)
         h = h + a
@@ -340,12 +341,15 @@ class LM(nn.Module):
         return cache
 
     def forward(self, tokens: torch.Tensor, cache: Optional[LMCache] = None,
-                use_cache: bool = True) -> Tuple[torch.Tensor, Optional[LMCache]]:
+                use_cache: bool = True,
+                inplace_memory: bool = False) -> Tuple[torch.Tensor, Optional[LMCache]]:
         """tokens (B, T) int64 -> (logits (B, T, vocab) float32, cache).
 
         ``cache=None`` starts a new stream (fresh FwPKM memory shared by the batch).
         ``use_cache=False`` is the training call: FwPKM windows are flushed at the end (one
         call is one document/sequence), no cache is built, and ``None`` is returned for it.
+        ``inplace_memory=True`` (inference without autograd) writes the cache's FwPKM tables in
+        place instead of copying them; the given cache must not be used again.
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
@@ -357,7 +361,7 @@ class LM(nn.Module):
         for i, b in enumerate(self.blocks):
             kv = cache.kv[i] if cache is not None and i < len(cache.kv) else None
             st = cache.mem.get(i) if cache is not None else None
-            h, new_kv, new_st = b(h, pos0, kv, st, use_cache)
+            h, new_kv, new_st = b(h, pos0, kv, st, use_cache, inplace_memory)
             if new_cache is not None:
                 new_cache.kv.append(new_kv)
                 if b.fwpkm is not None:

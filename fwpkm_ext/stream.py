@@ -634,7 +634,8 @@ class StreamingReader:
                 for b in range(B):
                     x[b, :lens[b]] = parts[b]
                 xt = torch.from_numpy(x).to(self.device)
-                logits, sess.cache = model(xt, sess.cache)
+                # the reader owns its cache: write the fast weights in place (no table copy)
+                logits, sess.cache = model(xt, sess.cache, inplace_memory=True)
                 self._score(sess, xt, logits, lens)
                 if on_segment is not None:
                     on_segment(sess.pos, xt, logits)
