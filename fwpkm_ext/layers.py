@@ -204,10 +204,11 @@ class PKM(nn.Module):
         with torch.no_grad():
             idx, _, _, _ = ops.topk(q.detach().contiguous(), keys5.detach().contiguous(), k, "dot", 1e-3)
         grp = torch.zeros(B, dtype=torch.long, device=x.device)
-        kid = _memory.read_kid(idx, grp, H, n)
-        s, _, _ = _memory.sub_scores(q.reshape(B, T, H, 2, self.k_dim // 2), keys5.reshape(-1, self.k_dim // 2),
-                                     kid, "dot", 1e-3)
-        w = torch.softmax(s.sum(3), dim=-1)  # per head
+        kid = _memory.read_kid(idx, grp, H, n).reshape(-1, k)
+        d2 = self.k_dim // 2
+        # exact scores of the selected pairs on the native kernels (no per-pair key copies)
+        s = ops.pair_scores(q.reshape(-1, d2), self.keys.reshape(-1, d2), kid, "dot", 1e-3)
+        w = torch.softmax(s.view(B, T, H, 2, k).sum(3), dim=-1)  # per head
         out = ops.gather(self.values, idx.reshape(B * T, H * k).contiguous(),
                          w.reshape(B * T, H * k).contiguous())
         return self.to_out(out.view(B, T, self.v_dim).to(x.dtype))

@@ -186,3 +186,53 @@ def _memory_bwd(ctx, gvhat, gkeys, gvalues, *_):
 
 
 memory.register_autograd(_memory_bwd, setup_context=_memory_setup)
+
+
+# ------------------------------------------------------------------------------------------------
+# exact sub-scores of selected (query half, sub-key row) pairs, differentiable
+
+
+@torch.library.custom_op(f"{_NS}::pair_scores", mutates_args=())
+def pair_scores(x: Tensor, kflat: Tensor, rows: Tensor, score: str, eps: float) -> Tensor:
+    """s[m, j] = sub-score of query half x[m] (M2, d2) against key row kflat[rows[m, j]]."""
+    return _pairs(x, kflat, rows, score, eps).s.contiguous()
+
+
+def _pairs(x, kflat, rows, score, eps):
+    x, kflat, rows = x.contiguous(), kflat.contiguous(), rows.contiguous()
+    kn = (kflat * kflat).sum(-1) if score == "idw" else None
+    xn = (x * x).sum(-1) if score == "idw" else None
+    return _memory.Pairs(kflat, kn, x, xn, rows, score, eps)
+
+
+@pair_scores.register_fake
+def _(x, kflat, rows, score, eps):
+    return x.new_empty(rows.shape)
+
+
+@torch.library.custom_op(f"{_NS}::pair_scores_backward", mutates_args=())
+def pair_scores_backward(gs: Tensor, x: Tensor, kflat: Tensor, rows: Tensor, score: str,
+                         eps: float) -> Tuple[Tensor, Tensor]:
+    gk = torch.zeros_like(kflat)
+    gx = _pairs(x, kflat, rows, score, eps).vjp(gs.contiguous(), gk)
+    return gx, gk
+
+
+@pair_scores_backward.register_fake
+def _(gs, x, kflat, rows, score, eps):
+    return x.new_empty(x.shape), kflat.new_empty(kflat.shape)
+
+
+def _pair_setup(ctx, inputs, output):
+    x, kflat, rows, score, eps = inputs
+    ctx.save_for_backward(x, kflat, rows)
+    ctx.score, ctx.eps = score, eps
+
+
+def _pair_bwd(ctx, gs):
+    x, kflat, rows = ctx.saved_tensors
+    gx, gk = pair_scores_backward(gs, x, kflat, rows, ctx.score, ctx.eps)
+    return gx, gk, None, None, None
+
+
+pair_scores.register_autograd(_pair_bwd, setup_context=_pair_setup)
