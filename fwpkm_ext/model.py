@@ -168,6 +168,27 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
+def config_overrides(spec: Optional[str]) -> Dict[str, Any]:
+    """LMConfig overrides from a `--config` value: inline JSON object or a JSON file path."""
+    if not spec:
+        return {}
+    s = spec.strip()
+    if s.startswith("{"):
+        try:
+            d = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config is not valid JSON: {e}") from None
+    else:
+        if not os.path.isfile(s):
+            raise FileNotFoundError(f"--config file not found: {s}")
+        with open(s, "r", encoding="utf-8") as f:
+            d = json.load(f)
+    if not isinstance(d, dict):
+        raise ValueError("--config must be a JSON object")
+    return d
+
+
+
 # --------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .model import LM, LMCache, LMConfig, PRESETS
+from .model import LM, LMCache, LMConfig, PRESETS, config_overrides
 
 __all__ = [
     "StreamingReader", "StreamReport", "Bucket", "ByteTokenizer", "SyntheticTokens",
@@ -886,25 +886,6 @@ def load_checkpoint(ckpt_dir: str, map_location: str = "cpu"):
     return model.eval(), tok
 
 
-def _config_overrides(spec: Optional[str]) -> Dict[str, Any]:
-    if not spec:
-        return {}
-    s = spec.strip()
-    if s.startswith("{"):
-        try:
-            d = json.loads(s)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--config is not valid JSON: {exc}") from None
-    else:
-        if not os.path.isfile(s):
-            raise FileNotFoundError(f"--config file not found: {s}")
-        with open(s, "r", encoding="utf-8") as f:
-            d = json.load(f)
-    if not isinstance(d, dict):
-        raise ValueError("--config must be a JSON object")
-    return d
-
-
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
@@ -946,7 +927,7 @@ def load_model_from_args(args: argparse.Namespace, seed: int = 0):
         if not (args.preset and args.random_init):
             raise ValueError("pass --model CKPT, or --preset NAME --random-init for an untrained "
                              "model")
-        cfg = LMConfig.preset(args.preset, **_config_overrides(args.config))
+        cfg = LMConfig.preset(args.preset, **config_overrides(args.config))
         if args.tokenizer:
             from .tokenizer import Tokenizer
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import LM, LMConfig, PRESETS
+from .model import LM, LMConfig, PRESETS, config_overrides
 
 __all__ = ["add_train_subcommands", "main", "train", "train_tokenizer_cmd", "lr_lambda",
            "evaluate"]
@@ -180,25 +180,6 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return 1.0
     p = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
-
-
-def _load_config_overrides(spec: Optional[str]) -> Dict[str, Any]:
-    if not spec:
-        return {}
-    s = spec.strip()
-    if s.startswith("{"):
-        try:
-            d = json.loads(s)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--config is not valid JSON: {e}") from None
-    else:
-        if not os.path.isfile(s):
-            raise FileNotFoundError(f"--config file not found: {s}")
-        with open(s, "r", encoding="utf-8") as f:
-            d = json.load(f)
-    if not isinstance(d, dict):
-        raise ValueError("--config must be a JSON object")
-    return d
 
 
 def _config_diff(a: LMConfig, b: LMConfig) -> List[str]:
@@ -377,7 +358,7 @@ def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, spli
     dist.barrier()
 
     # ---- model config (before anything slow, so config errors come first) -----------------
-    overrides = _load_config_overrides(args.config)
+    overrides = config_overrides(args.config)
     cfg = LMConfig.preset(args.preset, **overrides)
     ckpt_cfg = None
     if args.resume:
