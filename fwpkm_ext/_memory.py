@@ -78,17 +78,6 @@ def key_rows(half_rows: Tensor, grp: Tensor, H: int, n: int) -> Tensor:
     return ((grp.view(B, 1, 1, 1, 1) * H + h) * 2 + c) * n + half_rows
 
 
-def sub_scores(qh: Tensor, kflat: Tensor, kid: Tensor, score: str, eps: float):
-    """Sub-scores of selected sub-keys by direct differences (used by the PKM layer's autograd
-    path). qh (B,L,H,2,d2), kid (B,L,H,2,j) -> (s (B,L,H,2,j), e, inv)."""
-    kg = kflat[kid]  # (B, L, H, 2, j, d2)
-    if score == "idw":
-        e = qh.unsqueeze(4) - kg
-        inv = 1.0 / (eps + (e * e).sum(-1))
-        return torch.log(inv), e, inv  # -log(eps + d)
-    return (qh.unsqueeze(4) * kg).sum(-1), kg, None
-
-
 def read_kid(idx: Tensor, grp: Tensor, H: int, n: int) -> Tensor:
     """Both halves' sub-key rows of selected slots idx (B,L,H,k) -> (B,L,H,2,k)."""
     return key_rows(torch.stack((idx // n, idx % n), dim=3), grp, H, n)

@@ -10,7 +10,6 @@ projection than to any other of the `pairs` value tokens (chance: 1 / pairs).
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Dict, List, Optional
 

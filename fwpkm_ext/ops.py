@@ -34,11 +34,10 @@ def _cfg(topk, chunk_size, lookahead, lr, addr_loss_weight, score, eps, flush) -
 def topk(q: Tensor, keys: Tensor, topk: int, score: str, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """q (B,T,H,dk), keys (S,H,2,n,dk/2) -> idx, scores (B,T,H,k), half_idx, half_scores (B,T,H,2,k).
 
-    Scores are recomputed exactly from the selected sub-keys (q - K form for IDW), the same values
-    the differentiable read path uses.
+    Scores are recomputed for the selected pairs exactly as the memory's read path computes them.
     """
     B, T, H, dk = q.shape
-    d2, n = dk // 2, keys.shape[3]
+    d2 = dk // 2
     cfg = _cfg(topk, 1, 1, 0.0, 0.0, score, eps, True)
     qh = q.reshape(B, T, H, 2, d2).contiguous()
     idx, half = _memory.search(qh, keys, keys.shape[0] > 1, cfg)

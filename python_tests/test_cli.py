@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from fwpkm_ext import cli
 from fwpkm_ext.demo import run_demo
