@@ -100,6 +100,8 @@ def _has_ninja_module() -> bool:
 
 setup(
     packages=["fwpkm_ext"],
+    # the bundled default model (docs/RESULTS.md), under 20 MB
+    package_data={"fwpkm_ext": ["default_model/*"]},
     ext_modules=[CMakeExtension("fwpkm_ext._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

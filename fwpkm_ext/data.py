@@ -254,18 +254,26 @@ class PackedData:
             self._perm_cache = (epoch, rng.permutation(self.n))
         return self._perm_cache[1]
 
-    def sample(self, i: int, tok: Optional["Tokenizer"] = None, needle_rate: float = 0.0
-               ) -> np.ndarray:
+    def sample(self, i: int, tok: Optional["Tokenizer"] = None, needle_rate: float = 0.0,
+               needles: int = 1, answers: Optional[List[int]] = None) -> np.ndarray:
         epoch, r = divmod(int(i), self.n)
         seq = self.sequence(int(self._perm(epoch)[r]))
         if needle_rate > 0 and tok is not None:
             seq = insert_needles(seq, tok, random.Random(f"fwpkm-needle-{self.seed}-{i}"),
-                                 needle_rate)
+                                 needle_rate, needles, answers)
         return seq
 
-    def batch(self, start: int, batch_size: int, tok=None, needle_rate: float = 0.0) -> np.ndarray:
-        """Samples ``start .. start + batch_size - 1`` stacked: (batch_size, seq_len + 1)."""
-        return np.stack([self.sample(start + b, tok, needle_rate) for b in range(batch_size)])
+    def batch(self, start: int, batch_size: int, tok=None, needle_rate: float = 0.0,
+              needles: int = 1, answers: Optional[List[Tuple[int, int]]] = None) -> np.ndarray:
+        """Samples ``start .. start + batch_size - 1`` stacked: (batch_size, seq_len + 1).
+        ``answers`` receives ``(row, position)`` of every needle answer token."""
+        rows = []
+        for b in range(batch_size):
+            pos: List[int] = []
+            rows.append(self.sample(start + b, tok, needle_rate, needles, pos))
+            if answers is not None:
+                answers.extend((b, p) for p in pos)
+        return np.stack(rows)
 
     def eval_sequences(self, count: int) -> List[int]:
         """``count`` sequence indices spread evenly over the split (deterministic)."""
@@ -273,25 +281,52 @@ class PackedData:
         return sorted(set(np.linspace(0, self.n - 1, count).round().astype(int).tolist()))
 
 
-def insert_needles(seq: np.ndarray, tok: "Tokenizer", rng: random.Random, rate: float
-                   ) -> np.ndarray:
-    """With probability ``rate``: insert a needle sentence in the first quarter of ``seq`` and
-    the same sentence (query + answer) in the second half; the length is kept."""
+def insert_needles(seq: np.ndarray, tok: "Tokenizer", rng: random.Random, rate: float,
+                   count: int = 1, answers: Optional[List[int]] = None) -> np.ndarray:
+    """With probability ``rate``: insert ``count`` needle sentences (distinct IDs) in the first
+    quarter of ``seq`` and the same sentences again (query + answer, shuffled) in the second
+    half, so every query is at least a quarter of the sequence after its fact (beyond a sliding
+    attention window of that size); the length is kept. ``answers``, when given, receives the
+    positions of the answer tokens of the queries (the digits after "... is ")."""
+    if count < 1:
+        raise ValueError(f"count: expected a positive number of needles, got {count}")
     if rng.random() >= rate:
         return seq
     L = len(seq)
-    key, number = make_needle(rng)
     nl = [tok.newline_id] if tok.newline_id is not None and tok.newline_id > 0 else []
-    fact = nl + tok.encode(needle_sentence(key, number)) + nl
-    m = len(fact)
-    if 4 * m > L:  # too short to hold a fact and its query meaningfully
+    keys: List[str] = []
+    needles = []
+    while len(needles) < count:
+        key, number = make_needle(rng)
+        if key not in keys:
+            keys.append(key)
+            needles.append((key, number))
+    sents = [tok.encode(needle_sentence(k, v)) for k, v in needles]
+    pieces = [nl + s + nl for s in sents]
+    m = sum(len(p) for p in pieces)
+    if 4 * m > L:  # too short to hold the facts and their queries meaningfully
         return seq
-    p1 = rng.randrange(0, max(1, L // 4 - m))
-    p2 = rng.randrange(max(p1 + m, L // 2), L - m + 1)
-    # output: seq[:p1] fact seq[p1 : p1 + (p2 - p1 - m)] fact ... truncated to L
-    mid = p2 - p1 - m
-    out = np.concatenate([seq[:p1], fact, seq[p1: p1 + mid], fact, seq[p1 + mid:]])[:L]
-    return out.astype(seq.dtype)
+    # cut points in the original sequence: facts in [0, L/4 - m], queries in [L/2 - m, L - 2m]
+    fact_cuts = sorted(rng.randrange(0, max(1, L // 4 - m + 1)) for _ in needles)
+    query_cuts = sorted(rng.randrange(L // 2 - m, L - 2 * m + 1) for _ in needles)
+    query_order = list(range(count))
+    rng.shuffle(query_order)
+    inserts = [(c, i, False) for i, c in enumerate(fact_cuts)]
+    inserts += [(c, query_order[j], True) for j, c in enumerate(query_cuts)]
+    parts, prev, pos = [], 0, 0
+    for cut, i, is_query in inserts:  # already in order of cut
+        parts.append(seq[prev:cut])
+        pos += cut - prev
+        prev = cut
+        if is_query and answers is not None:
+            q = tok.encode(needle_query(needles[i][0]))
+            start = len(q) if sents[i][:len(q)] == q else len(sents[i]) - 7
+            answers.extend(p for p in range(pos + len(nl) + start, pos + len(nl) + len(sents[i]))
+                           if p < L)
+        parts.append(np.asarray(pieces[i], dtype=seq.dtype))
+        pos += len(pieces[i])
+    parts.append(seq[prev:])
+    return np.concatenate(parts)[:L].astype(seq.dtype)
 
 
 @dataclass

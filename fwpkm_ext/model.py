@@ -59,6 +59,9 @@ class LMConfig:
     fwpkm_lookahead: int = 1
     fwpkm_lr: float = 1.0
     fwpkm_addr_loss_weight: float = 1.0
+    # initial fast-weight tables are drawn from this seed (not from the global RNG), so a
+    # checkpoint need not store them: they are regenerated exactly on load
+    fwpkm_init_seed: int = 0
     # static PKM replacing the MLP of these layers
     pkm_layers: List[int] = field(default_factory=list)
     pkm_n_subkeys: int = 512
@@ -350,6 +353,24 @@ class LM(nn.Module):
             if not b.is_pkm:
                 nn.init.normal_(b.mlp.gate_up.weight, std=std)
                 nn.init.normal_(b.mlp.down.weight, std=out_std)
+        for i, t in self.seeded_fast_weight_tables().items():
+            self.state_dict()[i].copy_(t)
+
+    def seeded_fast_weight_tables(self) -> Dict[str, torch.Tensor]:
+        """The initial FwPKM tables (SPEC init) drawn on the CPU from ``cfg.fwpkm_init_seed``
+        and the layer index: the same on every device and run, so checkpoints can omit them."""
+        out: Dict[str, torch.Tensor] = {}
+        for i, b in enumerate(self.blocks):
+            if b.fwpkm is None:
+                continue
+            c = b.fwpkm.config
+            g = torch.Generator().manual_seed(int(self.cfg.fwpkm_init_seed) * 1_000_003 + i)
+            bound = 1.0 / math.sqrt(c.key_dim)
+            keys = torch.rand(tuple(b.fwpkm.init_keys.shape), generator=g, dtype=torch.float64)
+            out[f"blocks.{i}.fwpkm.init_keys"] = (keys * 2 - 1).mul_(bound).float()
+            out[f"blocks.{i}.fwpkm.init_values"] = torch.randn(
+                tuple(b.fwpkm.init_values.shape), generator=g) / math.sqrt(c.value_dim)
+        return out
 
     def init_cache(self, batch_size: Optional[int] = None) -> LMCache:
         """An empty cache. ``batch_size=None``: FwPKM layers use one memory shared by the batch
@@ -421,12 +442,28 @@ class LM(nn.Module):
         return gen, cache
 
     # -- checkpoints ----------------------------------------------------------------------
-    def save_pretrained(self, out_dir: str) -> None:
-        """Writes ``model.safetensors`` and ``config.json`` into ``out_dir``."""
+    def save_pretrained(self, out_dir: str, dtype: Optional[torch.dtype] = None) -> None:
+        """Writes ``model.safetensors`` and ``config.json`` into ``out_dir``.
+
+        Initial fast-weight tables that equal the seeded ones (``cfg.fwpkm_init_seed``) are not
+        written (they are most of the bytes and are regenerated on load). ``dtype`` (e.g.
+        ``torch.float16``) stores the trained weights in that precision, for a smaller file;
+        loading casts them back to the model's dtype."""
         from safetensors.torch import save_file
 
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
         os.makedirs(out_dir, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        seeded = self.seeded_fast_weight_tables()
+        state = {}
+        for k, v in self.state_dict().items():
+            v = v.detach().cpu()
+            if k in seeded:
+                if torch.equal(v, seeded[k]):
+                    continue
+            elif dtype is not None and v.is_floating_point():
+                v = v.to(dtype)
+            state[k] = v.contiguous()
         # tied embeddings: one tensor only. Write then rename, so an interrupted save never
         # leaves a truncated checkpoint.
         path = os.path.join(out_dir, "model.safetensors")
@@ -448,6 +485,9 @@ class LM(nn.Module):
 
         state = load_file(path, device=map_location)
         own = self.state_dict()
+        # absent initial tables are the seeded ones (see save_pretrained)
+        seeded = {k: v for k, v in self.seeded_fast_weight_tables().items() if k not in state}
+        state.update({k: v.to(map_location) for k, v in seeded.items()})
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         bad = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]

@@ -894,7 +894,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="CKPT", default=None,
                    help="checkpoint directory written by `fwpkm train` (config.json, "
-                        "model.safetensors, tokenizer.model)")
+                        "model.safetensors, tokenizer.model); default: the model bundled with "
+                        "the package (docs/RESULTS.md)")
     g.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="with --random-init: an untrained model of this preset")
     g.add_argument("--config", default=None,
@@ -923,10 +924,16 @@ def load_model_from_args(args: argparse.Namespace, seed: int = 0):
             raise ValueError("--model loads a checkpoint: --preset/--config/--random-init are for "
                              "an untrained model instead")
         model, tok = load_checkpoint(args.model)
+    elif not (args.preset or args.random_init or args.config):
+        from .pretrained import default_model_dir
+
+        args.model = default_model_dir()
+        print(f"model: the bundled default ({args.model})", file=sys.stderr, flush=True)
+        model, tok = load_checkpoint(args.model)
     else:
         if not (args.preset and args.random_init):
             raise ValueError("pass --model CKPT, or --preset NAME --random-init for an untrained "
-                             "model")
+                             "model (or neither, for the bundled default model)")
         cfg = LMConfig.preset(args.preset, **config_overrides(args.config))
         if args.tokenizer:
             from .tokenizer import Tokenizer

@@ -22,7 +22,7 @@ import random
 import sys
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -59,7 +59,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of documents held out for validation (default 0.1)")
     g.add_argument("--needle-rate", type=float, default=0.0,
-                   help="probability that a training sequence gets a synthetic needle pair")
+                   help="probability that a training sequence gets synthetic needles")
+    g.add_argument("--needles-per-seq", type=int, default=1,
+                   help="needle facts (and later queries) in a sequence that gets needles "
+                        "(default 1); the loss on their answers is logged as needle_loss")
     g.add_argument("--encoding-errors", default="latin1", choices=["strict", "latin1", "replace"],
                    help="files that are not valid UTF-8: fail (strict), decode as Latin-1 with a "
                         "warning (default), or replace bad bytes")
@@ -323,6 +326,8 @@ def train(args: argparse.Namespace) -> int:
         raise ValueError(f"--grad-accum must be positive, got {args.grad_accum}")
     if not 0.0 <= args.needle_rate <= 1.0:
         raise ValueError(f"--needle-rate must be in [0, 1], got {args.needle_rate}")
+    if getattr(args, "needles_per_seq", 1) < 1:
+        raise ValueError(f"--needles-per-seq must be positive, got {args.needles_per_seq}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -542,22 +547,36 @@ def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, spli
     tok_count = 0
     ema_loss = None
     train_loss = float("nan")
+    needles_per_seq = getattr(args, "needles_per_seq", 1)
+    needle_stats = [0.0, 0.0, 0]  # answer-token loss sum, correct argmax, count (since last log)
     while step < stop_at:
         t_step = time.time()
         loss_sum = 0.0
         for a in range(args.grad_accum):
             start = samples_seen + (a * dist.world + dist.rank) * batch_size
-            batch = train_data.batch(start, batch_size, tok, args.needle_rate)
+            answers: List[Tuple[int, int]] = []
+            batch = train_data.batch(start, batch_size, tok, args.needle_rate, needles_per_seq,
+                                     answers)
             x = torch.from_numpy(batch).to(device, non_blocking=True)
             sync = (a == args.grad_accum - 1) or not dist.enabled
             ctx = contextlib.nullcontext() if sync else ddp_model.no_sync()
             with ctx:
                 with _autocast(device, amp_dtype):
                     logits, _ = ddp_model(x[:, :-1], use_cache=False)
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                       x[:, 1:].reshape(-1))
+                tok_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                           x[:, 1:].reshape(-1), reduction="none")
+                loss = tok_loss.mean()
                 (loss / args.grad_accum).backward()
             loss_sum += float(loss.detach())
+            if answers:
+                rows = torch.tensor([r for r, _ in answers], device=device)
+                cols = torch.tensor([p - 1 for _, p in answers], device=device)
+                with torch.no_grad():
+                    tl = tok_loss.detach().view(x.shape[0], -1)[rows, cols]
+                    hit = logits.detach()[rows, cols].argmax(-1) == x[rows, cols + 1]
+                needle_stats[0] += float(tl.sum())
+                needle_stats[1] += float(hit.sum())
+                needle_stats[2] += len(answers)
         if args.clip and args.clip > 0:
             gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
         else:
@@ -579,8 +598,14 @@ def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, spli
                             lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
             bar.update(1)
         if step % 10 == 0 or step == stop_at:
-            log_metrics({"step": step, "loss": train_loss, "lr": scheduler.get_last_lr()[0],
-                         "grad_norm": gnorm, "tokens_per_s": tps})
+            rec = {"step": step, "loss": train_loss, "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": gnorm, "tokens_per_s": tps}
+            if needle_stats[2]:
+                # answer tokens of the needle queries: loss and argmax accuracy (this process)
+                rec["needle_loss"] = needle_stats[0] / needle_stats[2]
+                rec["needle_acc"] = needle_stats[1] / needle_stats[2]
+                needle_stats = [0.0, 0.0, 0]
+            log_metrics(rec)
         if not math.isfinite(train_loss):
             if bar is not None:
                 bar.close()

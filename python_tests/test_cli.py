@@ -33,7 +33,7 @@ def test_demo_rejects_bad_arguments():
 
 
 def test_cli_demo_and_info(capsys):
-    assert cli.main(["demo", "--distractors", "512", "--pairs", "16", "--n-subkeys", "32",
+    assert cli.main(["demo", "--synthetic", "--distractors", "512", "--pairs", "16", "--n-subkeys", "32",
                      "--key-dim", "32", "--value-dim", "32", "--dim", "32", "--chunk-size", "64",
                      "--no-progress"]) == 0
     out = capsys.readouterr().out

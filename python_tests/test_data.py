@@ -194,3 +194,40 @@ def test_gutenberg_corpus():
     assert len(docs) == len(files)
     tr, va = split_documents([p for p, _ in docs], 0.1, seed=0)
     assert len(va) == 2 and not set(tr) & set(va)
+
+
+def test_insert_many_needles_positions_and_distance():
+    import random as _random
+
+    import numpy as _np
+
+    from fwpkm_ext.data import insert_needles, needle_query
+
+    class Tok:
+        newline_id = 1
+
+        def encode(self, s):
+            return [ord(c) for c in s]
+
+    tok = Tok()
+    seq = _np.arange(5000, 9097, dtype=_np.int64)  # 4097 tokens, none collide with text
+    for seed in range(5):
+        answers = []
+        out = insert_needles(seq, tok, _random.Random(seed), 1.0, count=4, answers=answers)
+        assert len(out) == len(seq) and out.dtype == seq.dtype
+        text = "".join(chr(t) if t < 5000 else "#" for t in out.tolist())
+        facts = [i for i in range(len(text)) if text.startswith("The secret number for ID-", i)]
+        assert len(facts) == 8
+        first, second = facts[:4], facts[4:]
+        assert max(first) < len(seq) // 4 and min(second) >= len(seq) // 2
+        keys = [text[i + 25: i + 29] for i in facts]
+        assert sorted(keys[:4]) == sorted(keys[4:]) and len(set(keys[:4])) == 4
+        # answers: the 6 digits and the period of each query
+        assert len(answers) == 4 * 7
+        got = "".join(chr(out[p]) for p in sorted(answers))
+        assert all(c.isdigit() or c == "." for c in got)
+        for i in second:
+            q = len(needle_query(text[i + 25: i + 29]))
+            assert i + q in answers
+    # rate 0 leaves the sequence alone
+    assert insert_needles(seq, tok, _random.Random(0), 0.0, count=4) is seq

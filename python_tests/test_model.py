@@ -235,3 +235,37 @@ def test_pkm_model():
         full, _ = model(x)
         inc, _ = _pieces(x, [3, 9, 8], model)
     torch.testing.assert_close(inc, full)
+
+
+def test_checkpoint_omits_seeded_tables_and_half_precision_roundtrip(tmp_path):
+    cfg = LMConfig.preset("tiny", dim=32, n_layers=2, n_heads=2, vocab_size=300, window=16,
+                          fwpkm_layers=[1], fwpkm_n_subkeys=8, fwpkm_k_dim=8, fwpkm_v_dim=16,
+                          fwpkm_chunk_size=8)
+    torch.manual_seed(0)
+    m = LM(cfg)
+    torch.manual_seed(1)
+    m2 = LM(cfg)  # the tables do not depend on the global RNG
+    assert torch.equal(m.blocks[1].fwpkm.init_values, m2.blocks[1].fwpkm.init_values)
+    assert not torch.equal(m.embed.weight, m2.embed.weight)
+    other = LM(cfg.replace(fwpkm_init_seed=3))
+    assert not torch.equal(m.blocks[1].fwpkm.init_values, other.blocks[1].fwpkm.init_values)
+    from safetensors.torch import load_file
+
+    m.save_pretrained(str(tmp_path / "a"))
+    assert not any("init_" in k for k in load_file(str(tmp_path / "a" / "model.safetensors")))
+    back = LM.from_pretrained(str(tmp_path / "a"))
+    for (k, v), (k2, v2) in zip(m.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    # tables that differ from the seeded ones are stored
+    with torch.no_grad():
+        m.blocks[1].fwpkm.init_values.add_(1.0)
+    m.save_pretrained(str(tmp_path / "b"), dtype=torch.float16)
+    sd = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert sd["blocks.1.fwpkm.init_values"].dtype == torch.float32
+    assert sd["embed.weight"].dtype == torch.float16
+    back = LM.from_pretrained(str(tmp_path / "b"))
+    assert back.embed.weight.dtype == torch.float32
+    assert torch.equal(back.blocks[1].fwpkm.init_values, m.blocks[1].fwpkm.init_values)
+    assert torch.allclose(back.embed.weight, m.embed.weight, atol=1e-3, rtol=1e-3)
+    with pytest.raises(TypeError, match="dtype"):
+        m.save_pretrained(str(tmp_path / "c"), dtype=torch.int8)
