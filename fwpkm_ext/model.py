@@ -62,6 +62,10 @@ class LMConfig:
     # initial fast-weight tables are drawn from this seed (not from the global RNG), so a
     # checkpoint need not store them: they are regenerated exactly on load
     fwpkm_init_seed: int = 0
+    # width of a depthwise causal convolution over the hidden states feeding each FwPKM
+    # sublayer (input = h + conv(h)); 0 = off (the paper). With it, the memory's query at a
+    # token sees the few tokens before it (e.g. a needle's ID before "is"). See docs/RESULTS.md.
+    fwpkm_short_conv: int = 0
     # static PKM replacing the MLP of these layers
     pkm_layers: List[int] = field(default_factory=list)
     pkm_n_subkeys: int = 512
@@ -89,6 +93,8 @@ class LMConfig:
              f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         need((self.dim // self.n_heads) % 2 == 0, "head dim must be even (RoPE)")
         need(self.window is None or self.window > 0, f"window must be positive or None, got {self.window}")
+        need(self.fwpkm_short_conv >= 0,
+             f"fwpkm_short_conv must be >= 0 (0 = off), got {self.fwpkm_short_conv}")
         for name in ("fwpkm_layers", "pkm_layers"):
             layers = getattr(self, name)
             need(len(set(layers)) == len(layers), f"{name} has duplicates: {layers}")
@@ -293,6 +299,10 @@ class Block(nn.Module):
                 mem_v_dim=cfg.fwpkm_v_dim, heads=cfg.fwpkm_heads, topk=cfg.fwpkm_topk,
                 chunk_size=cfg.fwpkm_chunk_size, lookahead=cfg.fwpkm_lookahead,
                 lr=cfg.fwpkm_lr, addr_loss_weight=cfg.fwpkm_addr_loss_weight)
+        self.mem_conv: Optional[nn.Conv1d] = None
+        if self.fwpkm is not None and cfg.fwpkm_short_conv > 0:
+            self.mem_conv = nn.Conv1d(cfg.dim, cfg.dim, cfg.fwpkm_short_conv, groups=cfg.dim,
+                                      bias=False)
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -305,16 +315,30 @@ class Block(nn.Module):
             self.mlp = SwiGLU(cfg.dim, cfg.hidden_dim)
             self.is_pkm = False
 
-    def forward(self, h, pos0, kv, mem_state, want_cache: bool, inplace_memory: bool = False):
-        new_state = None
+    def forward(self, h, pos0, kv, mem_state, want_cache: bool, inplace_memory: bool = False,
+                conv_tail: Optional[torch.Tensor] = None):
+        new_state = new_tail = None
         if self.fwpkm is not None:
+            x = h
+            if self.mem_conv is not None:
+                x, new_tail = self._short_conv(h, conv_tail)
             inplace = inplace_memory and mem_state is not None and not torch.is_grad_enabled()
-            y, new_state = self.fwpkm(h, state=mem_state, flush=not want_cache, inplace=inplace)
+            y, new_state = self.fwpkm(x, state=mem_state, flush=not want_cache, inplace=inplace)
             h = h + y
         a, new_kv = self.attn(self.attn_norm(h), pos0, kv, want_cache)
         h = h + a
         h = h + self.mlp(self.mlp_norm(h))
-        return h, new_kv, new_state
+        return h, new_kv, new_state, new_tail
+
+    def _short_conv(self, h: torch.Tensor, tail: Optional[torch.Tensor]):
+        """h + causal depthwise conv(h); ``tail``: the previous call's last width-1 inputs (zeros
+        at the start of a stream). Returns the input of the memory and the new tail."""
+        w = self.mem_conv.kernel_size[0]
+        if tail is None:
+            tail = h.new_zeros(h.shape[0], w - 1, h.shape[2])
+        full = torch.cat([tail.to(h.dtype), h], dim=1)
+        y = self.mem_conv(full.transpose(1, 2)).transpose(1, 2)
+        return h + y, full[:, full.shape[1] - (w - 1):]
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,6 +352,8 @@ class LMCache:
     pos: int = 0
     kv: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
     mem: Dict[int, Any] = field(default_factory=dict)
+    # per FwPKM layer with a short convolution: its last width-1 inputs, (B, width-1, dim)
+    conv: Dict[int, torch.Tensor] = field(default_factory=dict)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for p in self.kv if p is not None for t in p)
@@ -403,11 +429,14 @@ class LM(nn.Module):
         for i, b in enumerate(self.blocks):
             kv = cache.kv[i] if cache is not None and i < len(cache.kv) else None
             st = cache.mem.get(i) if cache is not None else None
-            h, new_kv, new_st = b(h, pos0, kv, st, use_cache, inplace_memory)
+            tail = cache.conv.get(i) if cache is not None else None
+            h, new_kv, new_st, new_tail = b(h, pos0, kv, st, use_cache, inplace_memory, tail)
             if new_cache is not None:
                 new_cache.kv.append(new_kv)
                 if b.fwpkm is not None:
                     new_cache.mem[i] = new_st
+                if new_tail is not None:
+                    new_cache.conv[i] = new_tail
         h = self.norm(h)
         logits = F.linear(h, self.embed.weight).float()
         return logits, new_cache

@@ -215,7 +215,8 @@ def _slice_cache(cache: LMCache, b: int) -> LMCache:
                 t = t[b: b + 1]
             d[f] = t
         mem[i] = st.with_(**d)
-    return LMCache(pos=cache.pos, kv=kv, mem=mem)
+    conv = {i: t[b: b + 1] for i, t in cache.conv.items()}
+    return LMCache(pos=cache.pos, kv=kv, mem=mem, conv=conv)
 
 
 def _fresh_cache(model: LM, mem: Dict[int, Any]) -> LMCache:

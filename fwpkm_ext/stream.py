@@ -762,6 +762,7 @@ class StreamingReader:
             "segments": int(sess.segments),
             "kv": [None if p is None else [p[0].detach().cpu(), p[1].detach().cpu()] for p in c.kv],
             "mem": {int(i): _state_payload(st) for i, st in c.mem.items()},
+            "conv": {int(i): t.detach().cpu() for i, t in c.conv.items()},
             "stats": {"first": sess.stats[0].first, "sums": list(sess.stats[0].sums),
                       "counts": list(sess.stats[0].counts)},
             "prev_row": None if sess.prev_row is None else sess.prev_row.detach().cpu(),
@@ -812,7 +813,13 @@ class StreamingReader:
         st = payload["stats"]
         prev = payload["prev_row"]
         tn = payload["token_nll"]
-        sess = _Session(cache=LMCache(pos=int(payload["cache_pos"]), kv=kv, mem=mem),
+        conv = {int(i): t.to(dev) for i, t in (payload.get("conv") or {}).items()}
+        want = sorted(i for i in cfg.fwpkm_layers if cfg.fwpkm_short_conv) if c_pos_started(
+            payload) else []
+        if sorted(conv) != want:
+            raise ValueError(f"{where}: short-convolution tails for layers {sorted(conv)}, the "
+                             f"model needs {want}")
+        sess = _Session(cache=LMCache(pos=int(payload["cache_pos"]), kv=kv, mem=mem, conv=conv),
                         pos=int(payload["pos"]), stats=[_Stats(int(st["first"]), st["sums"], st["counts"])],
                         prev_row=None if prev is None else prev.to(dev), digest=str(payload["digest"]),
                         segments=int(payload["segments"]),
@@ -869,6 +876,11 @@ def _merge_reports(reports: List[StreamReport], reader: StreamingReader) -> Stre
 # --------------------------------------------------------------------------------------------
 # Model loading (shared by the stream / eval / niah commands)
 # --------------------------------------------------------------------------------------------
+def c_pos_started(payload: Dict[str, Any]) -> bool:
+    """Whether a snapshot's cache has read anything (conv tails exist only then)."""
+    return int(payload.get("cache_pos", 0)) > 0
+
+
 def load_checkpoint(ckpt_dir: str, map_location: str = "cpu"):
     """(model, tokenizer or None) of a ``fwpkm train`` output directory."""
     if not os.path.isdir(ckpt_dir):

@@ -269,3 +269,38 @@ def test_checkpoint_omits_seeded_tables_and_half_precision_roundtrip(tmp_path):
     assert torch.allclose(back.embed.weight, m.embed.weight, atol=1e-3, rtol=1e-3)
     with pytest.raises(TypeError, match="dtype"):
         m.save_pretrained(str(tmp_path / "c"), dtype=torch.int8)
+
+
+@pytest.mark.parametrize("width", [2, 4])
+def test_short_conv_streams_like_one_call_and_sees_previous_tokens(width):
+    cfg = LMConfig.preset("tiny", dim=32, n_layers=2, n_heads=2, vocab_size=300, window=16,
+                          fwpkm_layers=[1], fwpkm_n_subkeys=8, fwpkm_k_dim=8, fwpkm_v_dim=16,
+                          fwpkm_chunk_size=8, fwpkm_short_conv=width)
+    torch.manual_seed(0)
+    m = LM(cfg).double()
+    assert m.blocks[1].mem_conv is not None and m.blocks[0].mem_conv is None
+    x = torch.randint(0, 300, (2, 37))
+    with torch.no_grad():
+        full, _ = m(x, m.init_cache(batch_size=2))
+        cache = m.init_cache(batch_size=2)
+        outs = []
+        for a, b in ((0, 1), (1, 6), (6, 7), (7, 20), (20, 37)):
+            o, cache = m(x[:, a:b], cache)
+            outs.append(o)
+        assert cache.conv[1].shape == (2, width - 1, 32)
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-9, atol=1e-9)
+    # the memory input at a token depends on the previous width-1 tokens, not further back
+    blk = m.blocks[1]
+    h = torch.randn(1, 10, 32, dtype=torch.float64)
+    h2 = h.clone()
+    h2[0, 3] += 1.0
+    y1, _ = blk._short_conv(h, None)
+    y2, _ = blk._short_conv(h2, None)
+    changed = (y1 - y2).abs().sum(-1)[0] > 0
+    assert changed.tolist() == [i in range(3, 3 + width) for i in range(10)]
+    # trains: gradients reach the convolution
+    loss = m.loss(x[:, :-1], x[:, 1:])
+    loss.backward()
+    assert blk.mem_conv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="fwpkm_short_conv"):
+        cfg.replace(fwpkm_short_conv=-1)

@@ -129,6 +129,19 @@ def test_update_chunk_override(model, tokens):
 # snapshot / resume
 # ------------------------------------------------------------------------------------------
 def test_snapshot_resume_identical(model, tokens, tmp_path):
+    _check_snapshot_resume(model, tokens, tmp_path)
+
+
+def test_snapshot_resume_identical_with_short_conv(tokens, tmp_path):
+    m = small_model(fwpkm_short_conv=3)
+    _check_snapshot_resume(m, tokens, tmp_path)
+    # and streamed equals one shot
+    rep, lg = streamed_logits(reader(m), tokens)
+    ref, nll = one_shot_nll(m, tokens)
+    torch.testing.assert_close(lg, ref, rtol=1e-4, atol=1e-4)
+
+
+def _check_snapshot_resume(model, tokens, tmp_path):
     full_rd = reader(model, keep_token_nll=True)
     full = full_rd.read(tokens)
 
