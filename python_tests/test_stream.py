@@ -110,7 +110,7 @@ def test_full_read_mode_equals_one_update_per_document(model, tokens):
     with torch.no_grad():
         h = model.embed(tokens[None])
         blk0 = model.blocks[0]
-        h, _, _ = blk0(h, 0, None, None, False)
+        h, _, _, _ = blk0(h, 0, None, None, False)
         _, ref_state = big.blocks[1].fwpkm(h, state=big.blocks[1].fwpkm.init_state(1))
     torch.testing.assert_close(st.values, ref_state.values, rtol=1e-4, atol=1e-5)
 
@@ -327,7 +327,8 @@ def test_stream_cli_text_snapshot_resume(tmp_path, capsys):
 
 
 def test_stream_cli_errors(tmp_path, capsys):
-    assert main(["--synthetic-tokens", "10", "--no-progress"]) == 2
+    # no model arguments: the bundled default model; half a random-init spec is an error
+    assert main(["--preset", "tiny", "--synthetic-tokens", "10", "--no-progress"]) == 2
     assert "--model CKPT" in capsys.readouterr().err
     assert main(CLI_MODEL + ["--no-progress"]) == 2
     assert "PATH or --synthetic-tokens" in capsys.readouterr().err
