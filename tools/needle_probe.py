@@ -75,6 +75,41 @@ def probe(model, tok, text_ids: np.ndarray, needles: int, samples: int, seq_len:
             for i, st in stats.items()}
 
 
+@torch.no_grad()
+def collapse(model, text_ids: np.ndarray, n_tokens: int):
+    """Query spread and slot usage of each FwPKM layer over one read of ``n_tokens`` tokens."""
+    import dataclasses
+
+    x_ids = torch.from_numpy(np.asarray(text_ids[:n_tokens], dtype=np.int64))[None]
+    blocks = [(i, b) for i, b in enumerate(model.blocks) if b.fwpkm is not None]
+    cap = {}
+    hooks = [b.fwpkm.register_forward_hook(
+        lambda m, inp, out, i=i: cap.__setitem__(i, inp[0])) for i, b in blocks]
+    model(x_ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    out = {}
+    for i, b in blocks:
+        q, _, _ = b.fwpkm.project(cap[i])
+        qq = q[0].reshape(q.shape[1], -1).double()
+        qc = qq - qq.mean(0)
+        ev = torch.linalg.eigvalsh(qc.T @ qc / qc.shape[0])
+        r = {"q_norm": float(qq.norm(dim=-1).mean()), "mean_q_norm": float(qq.mean(0).norm()),
+             "participation": float(ev.sum() ** 2 / (ev ** 2).sum()), "dims": qq.shape[1]}
+        base = b.fwpkm.config
+        try:
+            for name, over in (("normal", {}), ("keys frozen", {"addr_loss_weight": 0.0}),
+                               ("no updates", {"lr": 0.0})):
+                b.fwpkm.config = dataclasses.replace(base, **over)
+                _, st = b.fwpkm(cap[i], state=b.fwpkm.init_state(1), flush=True)
+                t = st.telemetry()
+                r[name] = (t["coverage"], t["collision_rate"])
+        finally:
+            b.fwpkm.config = base
+        out[i] = r
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("ckpt")
@@ -82,6 +117,7 @@ def main() -> int:
     ap.add_argument("--needles", type=int, default=6)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--collapse-tokens", type=int, default=8192)
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -94,6 +130,15 @@ def main() -> int:
     for i, r in res.items():
         print(f"{i:>5} {r['own']:>12.3f} {r['other']:>15.3f} {r['random']:>10.3f} "
               f"{r['top1']:>16.1%} {r['gate']:>13.3f}")
+    first = np.asarray(tok.encode(docs[0][1]), dtype=np.int64)
+    print(f"\nquery spread and slot usage over {min(a.collapse_tokens, len(first))} tokens of "
+          f"{os.path.basename(docs[0][0])}:")
+    for i, r in collapse(model, first, a.collapse_tokens).items():
+        print(f"layer {i}: |q| {r['q_norm']:.1f}, |mean q| {r['mean_q_norm']:.1f}, "
+              f"participation ratio {r['participation']:.1f} of {r['dims']} dims")
+        for name in ("normal", "keys frozen", "no updates"):
+            cov, col = r[name]
+            print(f"  {name:>12}: coverage {cov:.4%}, collision rate {col:.4f}")
     return 0
 
 

@@ -83,6 +83,29 @@ def niah_table(runs: List[Tuple[str, str]]) -> str:
     return "\n".join(rows)
 
 
+def digit_table(runs: List[Tuple[str, str]]) -> str:
+    """A finer view than exact match: share of the 6 digits right at their position."""
+    data = [(label, _load(os.path.join(run, "niah.json"))) for label, run in runs]
+    data = [(label, d) for label, d in data if d]
+    if not data:
+        return "(no niah.json)"
+    cols = [(L, n) for L in data[0][1]["lengths"] for n in data[0][1]["iters"]]
+    rows = ["| run | " + " | ".join(f"{_tokens(L)} {n}-iter" for L, n in cols) +
+            " | most common answer |", "|---|" + "---|" * (len(cols) + 1)]
+    for label, d in data:
+        cells = []
+        for L, n in cols:
+            rs = [r for r in d["records"] if r["length"] == L and r["iters"] == n]
+            right = sum(sum(a == b for a, b in zip(r["answer"].strip()[:6], r["number"]))
+                        for r in rs)
+            cells.append(f"{right / max(1, 6 * len(rs)):.1%}")
+        answers = [r["answer"].strip().split("\n")[0] for r in d["records"]]
+        top = max(set(answers), key=answers.count) if answers else ""
+        rows.append(f"| {label} | " + " | ".join(cells) +
+                    f" | `{top}` ({answers.count(top)}/{len(answers)}) |")
+    return "\n".join(rows)
+
+
 def plots(runs: List[Tuple[str, str]], out_dir: str) -> List[str]:
     try:
         import matplotlib
@@ -169,6 +192,7 @@ def main() -> int:
     print("## Training\n\n" + training_table(runs))
     print("\n## Streamed perplexity (held-out books)\n\n" + ppl_table(runs))
     print("\n## Needle in a haystack\n\n" + niah_table(runs))
+    print("\n### Digits right at their position (chance 10%)\n\n" + digit_table(runs))
     if a.plots:
         for p in plots(runs, a.plots):
             print(f"\nwrote {p}")
