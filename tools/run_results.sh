@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The experiment of docs/RESULTS.md, end to end: train (a) sliding-window attention only,
-# (b) + FwPKM, optionally (c) + static PKM, on the same tokens, steps and seed; then streamed
-# perplexity and NIAH on the held-out books; then the tables and plots.
+# (b) + FwPKM, (b') + FwPKM reading through a short convolution, optionally (c) + static PKM,
+# on the same tokens, steps and seed; then streamed perplexity and NIAH on the held-out books;
+# then the tables and plots. (a) and (b) train side by side, then (b').
 #
 #   bash tools/run_results.sh [RUNS_DIR]        (default runs/results)
 #
@@ -37,6 +38,7 @@ train() {  # name preset [config]
 train a tiny-nomem &
 train b tiny '{"fwpkm_n_subkeys": 512}' &
 wait
+train b3 tiny '{"fwpkm_n_subkeys": 512, "fwpkm_short_conv": 4}'
 if [ "${WITH_PKM:-0}" = 1 ]; then
   train c tiny-nomem '{"pkm_layers": [1], "pkm_n_subkeys": 128, "pkm_k_dim": 128}'
 fi
@@ -52,8 +54,10 @@ evaluate() {  # name
 evaluate a &
 evaluate b &
 wait
+evaluate b3
 [ -d "$RUNS/c" ] && evaluate c
 
-labels=(--run "(a) SWA only=$RUNS/a" --run "(b) SWA + FwPKM=$RUNS/b")
+labels=(--run "(a) SWA only=$RUNS/a" --run "(b) SWA + FwPKM=$RUNS/b"
+        --run "(b') + short conv=$RUNS/b3")
 [ -d "$RUNS/c" ] && labels+=(--run "(c) SWA + PKM=$RUNS/c")
 python tools/results_report.py "${labels[@]}" --plots "$RUNS/plots"
