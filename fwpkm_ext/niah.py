@@ -431,8 +431,12 @@ def niah_cmd(args: argparse.Namespace) -> int:
         docs = [(p, read_document(p, args.encoding_errors)) for p in args.haystack]
         corpus, split = None, {"files": list(args.haystack)}
     else:
-        corpus, docs, split = held_out_documents(args.corpus, args.model, args.val_fraction,
-                                                 args.split_seed, args.encoding_errors)
+        try:
+            corpus, docs, split = held_out_documents(args.corpus, args.model, args.val_fraction,
+                                                     args.split_seed, args.encoding_errors)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{exc}; or hide the needles in your own text with "
+                                    f"--haystack PATH [PATH ...]") from None
         if not docs:
             raise ValueError(f"no held-out documents in {corpus}")
     hay = haystack_tokens(docs, tok)
