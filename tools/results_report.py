@@ -148,6 +148,9 @@ def plots(runs: List[Tuple[str, str]], out_dir: str) -> List[str]:
         ax.set_xticks([j + 0.4 - w / 2 for j in range(len(cols))])
         ax.set_xticklabels([f"{_tokens(L)}\n{n}-iter" for L, n in cols], fontsize=7)
         ax.set_ylim(0, 1)
+        if all(r["accuracy"] == 0 for _, d in ok for r in d["results"]):
+            ax.text(len(cols) / 2 - 0.5, 0.5, "0 correct in every cell", ha="center",
+                    va="center", fontsize=10, color="0.4")
         ax.set_ylabel("exact-match accuracy")
         ax.legend(fontsize=8)
         ax.set_title("needle in a haystack (5 needles per sample)", fontsize=9)
