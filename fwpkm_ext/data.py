@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "DEFAULT_CORPUS", "resolve_corpus", "list_corpus_files", "read_document", "iter_documents",
-    "split_documents", "make_needle", "needle_sentence", "needle_query", "PackedData",
+    "split_documents", "make_needle", "make_needles", "needle_sentence", "needle_query", "PackedData",
     "tokenize_documents", "read_corpus", "build_datasets", "Datasets", "insert_needles",
 ]
 
@@ -145,6 +145,19 @@ def make_needle(rng: random.Random) -> Tuple[str, str]:
     key = "".join(rng.choice("0123456789abcdef") for _ in range(4))
     number = "".join(rng.choice("0123456789") for _ in range(6))
     return key, number
+
+
+def make_needles(rng: random.Random, count: int) -> List[Tuple[str, str]]:
+    """``count`` (key, number) pairs with distinct keys (repeats are drawn again)."""
+    if count > 16 ** 4:
+        raise ValueError(f"count: at most {16 ** 4} distinct keys, got {count}")
+    out, keys = [], set()
+    while len(out) < count:
+        key, number = make_needle(rng)
+        if key not in keys:
+            keys.add(key)
+            out.append((key, number))
+    return out
 
 
 def needle_sentence(key: str, number: str) -> str:
@@ -294,13 +307,7 @@ def insert_needles(seq: np.ndarray, tok: "Tokenizer", rng: random.Random, rate: 
         return seq
     L = len(seq)
     nl = [tok.newline_id] if tok.newline_id is not None and tok.newline_id > 0 else []
-    keys: List[str] = []
-    needles = []
-    while len(needles) < count:
-        key, number = make_needle(rng)
-        if key not in keys:
-            keys.append(key)
-            needles.append((key, number))
+    needles = make_needles(rng, count)
     sents = [tok.encode(needle_sentence(k, v)) for k, v in needles]
     pieces = [nl + s + nl for s in sents]
     m = sum(len(p) for p in pieces)

@@ -379,8 +379,9 @@ class LM(nn.Module):
             if not b.is_pkm:
                 nn.init.normal_(b.mlp.gate_up.weight, std=std)
                 nn.init.normal_(b.mlp.down.weight, std=out_std)
-        for i, t in self.seeded_fast_weight_tables().items():
-            self.state_dict()[i].copy_(t)
+        own = self.state_dict()
+        for k, t in self.seeded_fast_weight_tables().items():
+            own[k].copy_(t)
 
     def seeded_fast_weight_tables(self) -> Dict[str, torch.Tensor]:
         """The initial FwPKM tables (SPEC init) drawn on the CPU from ``cfg.fwpkm_init_seed``
@@ -506,17 +507,22 @@ class LM(nn.Module):
     def from_pretrained(cls, ckpt_dir: str, map_location: str = "cpu") -> "LM":
         cfg = LMConfig.load(os.path.join(ckpt_dir, "config.json"))
         model = cls(cfg)
-        model.load_weights(os.path.join(ckpt_dir, "model.safetensors"), map_location)
+        # a fresh model already holds the seeded tables: no need to draw them again
+        model.load_weights(os.path.join(ckpt_dir, "model.safetensors"), map_location,
+                           _tables_seeded=True)
         return model
 
-    def load_weights(self, path: str, map_location: str = "cpu") -> None:
+    def load_weights(self, path: str, map_location: str = "cpu", *,
+                     _tables_seeded: bool = False) -> None:
         from safetensors.torch import load_file
 
         state = load_file(path, device=map_location)
         own = self.state_dict()
         # absent initial tables are the seeded ones (see save_pretrained)
-        seeded = {k: v for k, v in self.seeded_fast_weight_tables().items() if k not in state}
-        state.update({k: v.to(map_location) for k, v in seeded.items()})
+        if any(k.endswith((".init_keys", ".init_values")) and k not in state for k in own):
+            seeded = (({k: own[k] for k in own if k.endswith((".init_keys", ".init_values"))})
+                      if _tables_seeded else self.seeded_fast_weight_tables())
+            state.update({k: v.to(map_location) for k, v in seeded.items() if k not in state})
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         bad = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]

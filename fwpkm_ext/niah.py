@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .data import make_needles
 from .model import LM, LMCache
 from .stream import (
     FULL_READ_CHUNK, add_model_args, byte_fallback, cli_errors, format_tokens, load_model_from_args,
@@ -69,21 +70,6 @@ class NiahSample:
 # --------------------------------------------------------------------------------------------
 # Needles and samples
 # --------------------------------------------------------------------------------------------
-def make_needles(rng: random.Random, count: int = NEEDLES) -> List[Tuple[str, str]]:
-    """``count`` (key, number) pairs with distinct keys (``fwpkm_ext.data.make_needle``)."""
-    from .data import make_needle
-
-    if count > 16 ** 4:
-        raise ValueError(f"count: at most {16 ** 4} distinct keys, got {count}")
-    out, keys = [], set()
-    while len(out) < count:
-        key, number = make_needle(rng)
-        if key not in keys:
-            keys.add(key)
-            out.append((key, number))
-    return out
-
-
 def _nl(tok) -> List[int]:
     nl = getattr(tok, "newline_id", None)
     return [int(nl)] if nl is not None and nl >= 0 else []

@@ -814,8 +814,9 @@ class StreamingReader:
         prev = payload["prev_row"]
         tn = payload["token_nll"]
         conv = {int(i): t.to(dev) for i, t in (payload.get("conv") or {}).items()}
-        want = sorted(i for i in cfg.fwpkm_layers if cfg.fwpkm_short_conv) if c_pos_started(
-            payload) else []
+        # a cache that has read something holds one tail per FwPKM layer with a convolution
+        started = int(payload["cache_pos"]) > 0
+        want = list(cfg.fwpkm_layers) if cfg.fwpkm_short_conv and started else []
         if sorted(conv) != want:
             raise ValueError(f"{where}: short-convolution tails for layers {sorted(conv)}, the "
                              f"model needs {want}")
@@ -876,11 +877,6 @@ def _merge_reports(reports: List[StreamReport], reader: StreamingReader) -> Stre
 # --------------------------------------------------------------------------------------------
 # Model loading (shared by the stream / eval / niah commands)
 # --------------------------------------------------------------------------------------------
-def c_pos_started(payload: Dict[str, Any]) -> bool:
-    """Whether a snapshot's cache has read anything (conv tails exist only then)."""
-    return int(payload.get("cache_pos", 0)) > 0
-
-
 def load_checkpoint(ckpt_dir: str, map_location: str = "cpu"):
     """(model, tokenizer or None) of a ``fwpkm train`` output directory."""
     if not os.path.isdir(ckpt_dir):

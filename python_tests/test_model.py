@@ -9,15 +9,6 @@ import torch.nn.functional as F
 from fwpkm_ext.model import LM, LMCache, LMConfig, windowed_attention
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny shapes: one intra-op thread avoids OpenMP spin-waiting on a small, busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _has_layers() -> bool:
     try:
         from fwpkm_ext.layers import FwPKM, PKM  # noqa: F401

@@ -19,14 +19,6 @@ from fwpkm_ext.train import add_train_subcommands, lr_lambda, main  # noqa: E402
 from test_data import write_corpus  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny shapes: one intra-op thread avoids OpenMP spin-waiting on a small, busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 SMALL = {"dim": 64, "n_layers": 2, "n_heads": 2, "window": 32, "vocab_size": 512,
          "fwpkm_layers": []}
 COMMON = ["--seq-len", "64", "--batch-size", "4", "--val-fraction", "0.25", "--val-batches", "2",
