@@ -34,6 +34,10 @@ def zscore(x: Tensor, eps: float = 1e-6) -> Tensor:
     return (x - mu) / torch.sqrt(var + eps)
 
 
+QUERY_NORMS = ("none", "batch", "zscore", "l2")
+INIT_VALUES = ("random", "zero")
+
+
 def _positive_int(name: str, val) -> int:
     if isinstance(val, bool) or not isinstance(val, int) or val < 1:
         raise ValueError(f"{name}: expected a positive int, got {val!r}")
@@ -55,8 +59,23 @@ class FwPKM(nn.Module):
 
     def __init__(self, dim: int, *, n_subkeys: int = 512, mem_k_dim: int = 512, mem_v_dim: int = 512,
                  heads: int = 1, topk: int = 8, chunk_size: int = 512, lookahead: int = 1,
-                 lr: float = 1.0, addr_loss_weight: float = 1.0, score: str = "idw", eps: float = 1e-3):
+                 lr: float = 1.0, addr_loss_weight: float = 1.0, score: str = "idw", eps: float = 1e-3,
+                 query_norm: str = "none", init_values: str = "random", learn_init_keys: bool = False,
+                 carry_keys: bool = False, gate_bias: Optional[float] = None):
         super().__init__()
+        if query_norm not in QUERY_NORMS:
+            raise ValueError(f"query_norm: expected one of {QUERY_NORMS}, got {query_norm!r}")
+        if init_values not in INIT_VALUES:
+            raise ValueError(f"init_values: expected one of {INIT_VALUES}, got {init_values!r}")
+        for name, val in (("learn_init_keys", learn_init_keys), ("carry_keys", carry_keys)):
+            if not isinstance(val, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(val).__name__}")
+        if learn_init_keys and carry_keys:
+            raise ValueError("carry_keys: cannot be combined with learn_init_keys (the initial keys are "
+                             "either trained by the outer optimizer or carried from the last step)")
+        if gate_bias is not None and (isinstance(gate_bias, bool) or not isinstance(gate_bias, (int, float))
+                                      or not math.isfinite(gate_bias)):
+            raise ValueError(f"gate_bias: must be a finite number or None, got {gate_bias!r}")
         for name, val in (("dim", dim), ("n_subkeys", n_subkeys), ("mem_k_dim", mem_k_dim),
                           ("mem_v_dim", mem_v_dim), ("heads", heads), ("topk", topk),
                           ("chunk_size", chunk_size)):
@@ -69,25 +88,44 @@ class FwPKM(nn.Module):
                                    heads=heads, topk=topk, chunk_size=chunk_size, lookahead=lookahead,
                                    lr=float(lr), addr_loss_weight=float(addr_loss_weight), score=score,
                                    eps=float(eps))
+        # extensions beyond the paper (SPEC "Extensions"); the defaults are the paper's layer
+        self.query_norm, self.init_values_mode = query_norm, init_values
+        self.learn_init_keys, self.carry_keys = learn_init_keys, carry_keys
         self.norm_in = RMSNorm(dim)
         self.to_q = nn.Linear(dim, heads * mem_k_dim, bias=True)
+        # per-dimension batch normalisation of the queries (Lample et al.): running statistics at
+        # inference. No affine part: a learned shift could rebuild the common component.
+        self.q_bn = nn.BatchNorm1d(heads * mem_k_dim, affine=False, momentum=0.01) \
+            if query_norm == "batch" else None
         self.to_v = nn.Linear(dim, mem_v_dim, bias=True)
         self.to_g = nn.Linear(dim, 1, bias=True)
+        if gate_bias is not None:
+            with torch.no_grad():
+                self.to_g.bias.fill_(float(gate_bias))
         self.norm_out = RMSNorm(mem_v_dim)
         self.to_out = nn.Linear(mem_v_dim, dim, bias=True)
         bound = 1.0 / math.sqrt(mem_k_dim)
-        self.register_buffer("init_keys", torch.empty(heads, 2, n_subkeys, mem_k_dim // 2).uniform_(-bound, bound))
-        self.register_buffer("init_values", torch.randn(n_subkeys * n_subkeys, mem_v_dim) / math.sqrt(mem_v_dim))
+        keys = torch.empty(heads, 2, n_subkeys, mem_k_dim // 2).uniform_(-bound, bound)
+        if learn_init_keys:
+            self.init_keys = nn.Parameter(keys)
+        else:
+            self.register_buffer("init_keys", keys)
+        values = torch.zeros(n_subkeys * n_subkeys, mem_v_dim) if init_values == "zero" else \
+            torch.randn(n_subkeys * n_subkeys, mem_v_dim) / math.sqrt(mem_v_dim)
+        self.register_buffer("init_values", values)
 
     def _apply(self, fn, recurse=True):
         # Fast weights stay float32 (or float64) whatever dtype the model is cast to: keep the
         # device move of `fn`, undo its cast to a reduced precision.
-        old = {name: self._buffers[name] for name in ("init_keys", "init_values")}
+        old = {name: getattr(self, name) for name in ("init_keys", "init_values")}
         out = super()._apply(fn, recurse)
         for name, t in old.items():
-            new = self._buffers[name]
+            new = getattr(self, name)
             if new.dtype not in (torch.float32, torch.float64):
-                self._buffers[name] = t.to(device=new.device)
+                if isinstance(new, nn.Parameter):  # learned initial keys
+                    new.data = t.data.to(device=new.device)
+                else:
+                    self._buffers[name] = t.to(device=new.device)
         return out
 
     # ---------------------------------------------------------------------------------------------
@@ -135,10 +173,31 @@ class FwPKM(nn.Module):
             raise ValueError(f"x: expected shape (B, T, {self.dim}), got {tuple(getattr(x, 'shape', ()))}")
         h = self.norm_in(x)
         B, T, _ = x.shape
-        q = self.to_q(h).view(B, T, self.config.heads, self.config.key_dim)
+        q = self._normalize_queries(self.to_q(h)).view(B, T, self.config.heads, self.config.key_dim)
         v = zscore(self.to_v(h))
         g = torch.sigmoid(self.to_g(h)).squeeze(-1)
         return q, v, g
+
+    def _normalize_queries(self, q: Tensor) -> Tensor:
+        """SPEC "Extensions": query normalisation per head (batch) or per query half (zscore, l2)."""
+        if self.query_norm == "none":
+            return q
+        if self.query_norm == "batch":
+            # statistics over every token of the call in training, running ones in eval mode
+            flat = q.reshape(-1, q.shape[-1])
+            if flat.shape[0] == 0 or (self.training and flat.shape[0] == 1):
+                # nothing (or a single token) to take batch statistics of: use the running ones
+                return torch.nn.functional.batch_norm(
+                    flat, self.q_bn.running_mean, self.q_bn.running_var, training=False,
+                    eps=self.q_bn.eps).view_as(q)
+            return self.q_bn(flat).view_as(q)
+        c = self.config
+        halves = q.reshape(*q.shape[:-1], c.heads, 2, c.key_dim // 2)
+        if self.query_norm == "zscore":
+            halves = zscore(halves)
+        else:  # l2: unit norm per half
+            halves = halves * torch.rsqrt(halves.pow(2).sum(-1, keepdim=True) + 1e-12)
+        return halves.reshape(q.shape)
 
     def forward(self, x: Tensor, state: Optional[MemoryState] = None, flush: bool = True,
                 mask: Optional[Tensor] = None, inplace: bool = False) -> Tuple[Tensor, MemoryState]:
@@ -154,9 +213,16 @@ class FwPKM(nn.Module):
             # whole document from the initial tables; the op never modifies its inputs
             state = MemoryState(config=self.config, keys=self.init_keys.unsqueeze(0),
                                 values=self.init_values.unsqueeze(0), per_sequence=False)
+            fresh = True
         else:
             self._check_state(state)
+            fresh = False
         vhat, state = functional.memory_step(q, v, g, state, mask=mask, flush=flush, inplace=inplace)
+        if fresh and self.carry_keys and self.training:
+            # carried memory (SPEC "Extensions"): the detached final keys of this training call
+            # become the initial keys of the next, so they fit the query distribution over time
+            with torch.no_grad():
+                self.init_keys.copy_(state.keys.detach().mean(0).to(self.init_keys.dtype))
         gt = g.unsqueeze(-1)
         o = gt * vhat.to(v.dtype) + (1 - gt) * v
         return self.to_out(self.norm_out(o)), state
@@ -218,7 +284,8 @@ def param_groups(model: nn.Module, weight_decay: float = 0.1, lr: Optional[float
     """AdamW parameter groups for a model holding FwPKM/PKM layers.
 
     Excludes the fast-weight initial tables of every FwPKM layer (they are buffers, and any
-    parameter a subclass registers under those names is skipped too), puts 1-D parameters
+    parameter a subclass registers under those names is skipped too; the one exception is the
+    initial keys of a layer built with `learn_init_keys=True`), puts 1-D parameters
     (biases, norms) in a group without weight decay, and PKM value tables in their own group
     without weight decay and with lr * pkm_value_lr_scale when `lr` is given.
     """
@@ -228,7 +295,9 @@ def param_groups(model: nn.Module, weight_decay: float = 0.1, lr: Optional[float
         if isinstance(mod, FwPKM):
             for name in ("init_keys", "init_values"):
                 t = getattr(mod, name, None)
-                if isinstance(t, nn.Parameter):
+                # learned initial keys (SPEC "Extensions") are trained, without weight decay
+                learned = name == "init_keys" and getattr(mod, "learn_init_keys", False)
+                if isinstance(t, nn.Parameter) and not learned:
                     fast.add(id(t))
         if isinstance(mod, PKM):
             pkm_values.append(mod.values)

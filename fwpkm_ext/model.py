@@ -66,6 +66,13 @@ class LMConfig:
     # sublayer (input = h + conv(h)); 0 = off (the paper). With it, the memory's query at a
     # token sees the few tokens before it (e.g. a needle's ID before "is"). See docs/RESULTS.md.
     fwpkm_short_conv: int = 0
+    # SPEC "Extensions beyond the paper" (defaults = the paper's layer); see FwPKM and
+    # docs/RESULTS.md for what each one does to retrieval
+    fwpkm_query_norm: str = "none"          # none | batch | zscore | l2
+    fwpkm_init_values: str = "random"       # random (paper) | zero
+    fwpkm_learn_init_keys: bool = False     # initial keys trained by the outer optimizer
+    fwpkm_carry_keys: bool = False          # final keys of a training step start the next
+    fwpkm_gate_bias: Optional[float] = None  # initial bias of the gate projection
     # static PKM replacing the MLP of these layers
     pkm_layers: List[int] = field(default_factory=list)
     pkm_n_subkeys: int = 512
@@ -95,6 +102,12 @@ class LMConfig:
         need(self.window is None or self.window > 0, f"window must be positive or None, got {self.window}")
         need(self.fwpkm_short_conv >= 0,
              f"fwpkm_short_conv must be >= 0 (0 = off), got {self.fwpkm_short_conv}")
+        need(self.fwpkm_query_norm in ("none", "batch", "zscore", "l2"),
+             f"fwpkm_query_norm must be none, batch, zscore or l2, got {self.fwpkm_query_norm!r}")
+        need(self.fwpkm_init_values in ("random", "zero"),
+             f"fwpkm_init_values must be random or zero, got {self.fwpkm_init_values!r}")
+        need(not (self.fwpkm_learn_init_keys and self.fwpkm_carry_keys),
+             "fwpkm_learn_init_keys and fwpkm_carry_keys exclude each other")
         for name in ("fwpkm_layers", "pkm_layers"):
             layers = getattr(self, name)
             need(len(set(layers)) == len(layers), f"{name} has duplicates: {layers}")
@@ -298,7 +311,10 @@ class Block(nn.Module):
                 cfg.dim, n_subkeys=cfg.fwpkm_n_subkeys, mem_k_dim=cfg.fwpkm_k_dim,
                 mem_v_dim=cfg.fwpkm_v_dim, heads=cfg.fwpkm_heads, topk=cfg.fwpkm_topk,
                 chunk_size=cfg.fwpkm_chunk_size, lookahead=cfg.fwpkm_lookahead,
-                lr=cfg.fwpkm_lr, addr_loss_weight=cfg.fwpkm_addr_loss_weight)
+                lr=cfg.fwpkm_lr, addr_loss_weight=cfg.fwpkm_addr_loss_weight,
+                query_norm=cfg.fwpkm_query_norm, init_values=cfg.fwpkm_init_values,
+                learn_init_keys=bool(cfg.fwpkm_learn_init_keys), carry_keys=bool(cfg.fwpkm_carry_keys),
+                gate_bias=cfg.fwpkm_gate_bias)
         self.mem_conv: Optional[nn.Conv1d] = None
         if self.fwpkm is not None and cfg.fwpkm_short_conv > 0:
             self.mem_conv = nn.Conv1d(cfg.dim, cfg.dim, cfg.fwpkm_short_conv, groups=cfg.dim,
@@ -395,8 +411,10 @@ class LM(nn.Module):
             bound = 1.0 / math.sqrt(c.key_dim)
             keys = torch.rand(tuple(b.fwpkm.init_keys.shape), generator=g, dtype=torch.float64)
             out[f"blocks.{i}.fwpkm.init_keys"] = (keys * 2 - 1).mul_(bound).float()
-            out[f"blocks.{i}.fwpkm.init_values"] = torch.randn(
-                tuple(b.fwpkm.init_values.shape), generator=g) / math.sqrt(c.value_dim)
+            values = torch.randn(tuple(b.fwpkm.init_values.shape), generator=g) / math.sqrt(c.value_dim)
+            if b.fwpkm.init_values_mode == "zero":
+                values.zero_()  # same draws as the random table, so the keys stay comparable
+            out[f"blocks.{i}.fwpkm.init_values"] = values
         return out
 
     def init_cache(self, batch_size: Optional[int] = None) -> LMCache:
