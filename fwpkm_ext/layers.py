@@ -95,7 +95,7 @@ class FwPKM(nn.Module):
         self.to_q = nn.Linear(dim, heads * mem_k_dim, bias=True)
         # per-dimension batch normalisation of the queries (Lample et al.): running statistics at
         # inference. No affine part: a learned shift could rebuild the common component.
-        self.q_bn = nn.BatchNorm1d(heads * mem_k_dim, affine=False, momentum=0.01) \
+        self.q_bn = nn.BatchNorm1d(heads * mem_k_dim, affine=False, momentum=0.1) \
             if query_norm == "batch" else None
         self.to_v = nn.Linear(dim, mem_v_dim, bias=True)
         self.to_g = nn.Linear(dim, 1, bias=True)
@@ -289,15 +289,19 @@ def param_groups(model: nn.Module, weight_decay: float = 0.1, lr: Optional[float
     (biases, norms) in a group without weight decay, and PKM value tables in their own group
     without weight decay and with lr * pkm_value_lr_scale when `lr` is given.
     """
-    fast = set()
+    fast, learned_keys = set(), set()
     pkm_values = []
     for mod in model.modules():
         if isinstance(mod, FwPKM):
             for name in ("init_keys", "init_values"):
                 t = getattr(mod, name, None)
-                # learned initial keys (SPEC "Extensions") are trained, without weight decay
-                learned = name == "init_keys" and getattr(mod, "learn_init_keys", False)
-                if isinstance(t, nn.Parameter) and not learned:
+                if not isinstance(t, nn.Parameter):
+                    continue
+                # learned initial keys (SPEC "Extensions") are trained, without weight decay:
+                # decay would pull every key towards the origin, away from the queries
+                if name == "init_keys" and getattr(mod, "learn_init_keys", False):
+                    learned_keys.add(id(t))
+                else:
                     fast.add(id(t))
         if isinstance(mod, PKM):
             pkm_values.append(mod.values)
@@ -307,7 +311,7 @@ def param_groups(model: nn.Module, weight_decay: float = 0.1, lr: Optional[float
         if not p.requires_grad or id(p) in fast or id(p) in pkm_ids or id(p) in seen:
             continue
         seen.add(id(p))
-        (no_decay if (no_decay_1d and p.dim() < 2) else decay).append(p)
+        (no_decay if (no_decay_1d and p.dim() < 2) or id(p) in learned_keys else decay).append(p)
     groups: List[Dict] = [{"params": decay, "weight_decay": weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}]
     pv = [p for p in pkm_values if p.requires_grad]

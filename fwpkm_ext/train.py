@@ -83,6 +83,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="output directory (checkpoints, logs)")
+    g.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from the weights of a saved model (model.safetensors + config.json, "
+                        "e.g. a run's output or fwpkm_ext/default_model): every tensor of the same "
+                        "name and shape is loaded, the FwPKM initial tables follow --config, new "
+                        "tensors (e.g. query batch-norm statistics) keep their fresh values")
     g.add_argument("--resume", action="store_true",
                    help="continue the run saved in --out exactly where it stopped")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
@@ -340,6 +345,30 @@ def train(args: argparse.Namespace) -> int:
         dist.close()
 
 
+def _init_from(model: LM, ckpt_dir: str) -> str:
+    """Load the matching tensors of a saved model into ``model`` (see --init-from)."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(ckpt_dir, "model.safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--init-from: {path} not found")
+    src = load_file(path)
+    own = model.state_dict()
+    bad = [k for k in src if k in own and tuple(src[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise ValueError(f"--init-from: {ckpt_dir} has other shapes for {bad[:5]}: it is not the "
+                         f"same architecture as --preset/--config")
+    # the initial fast-weight tables follow this run's config (seed, zero values, ...)
+    skip = (".init_keys", ".init_values")
+    take = {k: v for k, v in src.items() if k in own and not k.endswith(skip)}
+    with torch.no_grad():
+        for k, v in take.items():
+            own[k].copy_(v.to(own[k].dtype))
+    fresh = sorted(k for k in own if k not in take and not k.endswith(skip))
+    return (f"init-from {ckpt_dir}: {len(take)} tensors loaded"
+            + (f", fresh: {fresh}" if fresh else ""))
+
+
 def _log(dist: _Dist, msg: str, bar=None) -> None:
     if not dist.main:
         return
@@ -428,7 +457,10 @@ def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, spli
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    model = LM(cfg).to(device)
+    model = LM(cfg)
+    if args.init_from and not args.resume:
+        _log(dist, _init_from(model, args.init_from))
+    model = model.to(device)
     batch_size = args.batch_size or (8 if device.type == "cuda" else 1)
     if args.dtype == "auto":
         amp_dtype = torch.bfloat16 if device.type == "cuda" else None
