@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "DEFAULT_CORPUS", "resolve_corpus", "list_corpus_files", "read_document", "iter_documents",
     "split_documents", "make_needle", "make_needles", "needle_sentence", "needle_query", "PackedData",
+    "SPEC_WORDING", "VARIED_WORDINGS", "HELD_OUT_WORDING", "check_wording",
     "tokenize_documents", "read_corpus", "build_datasets", "Datasets", "insert_needles",
 ]
 
@@ -160,12 +161,45 @@ def make_needles(rng: random.Random, count: int) -> List[Tuple[str, str]]:
     return out
 
 
-def needle_sentence(key: str, number: str) -> str:
-    return f"The secret number for ID-{key} is {number}."
+SPEC_WORDING = "The secret number for ID-{key} is {number}."
+# `--needle-wordings varied`: each training needle draws one of these (SPEC's among them). The
+# wording `HELD_OUT_WORDING` never appears in training: it tests that a model learned to
+# retrieve, not one sentence (`fwpkm niah --wording`).
+VARIED_WORDINGS = (
+    SPEC_WORDING,
+    "The access code of user {key} is {number}.",
+    "Remember that locker {key} opens with {number}.",
+    "Agent {key} was given the number {number}.",
+    "The password for account {key} is {number}.",
+    "Room {key} has the phone extension {number}.",
+    "The serial number of device {key} is {number}.",
+    "Ticket {key} won the prize number {number}.",
+)
+HELD_OUT_WORDING = "The vault combination for box {key} is {number}."
 
 
-def needle_query(key: str) -> str:
-    return f"The secret number for ID-{key} is "
+def check_wording(wording: str) -> str:
+    """A needle wording: a format string with one ``{key}`` before one ``{number}``; the query is
+    its text up to ``{number}``. Raises ``ValueError`` naming ``wording`` otherwise."""
+    if not isinstance(wording, str):
+        raise TypeError(f"wording: expected a str, got {type(wording).__name__}")
+    if wording.count("{key}") != 1 or wording.count("{number}") != 1 or \
+            wording.index("{key}") > wording.index("{number}"):
+        raise ValueError(f"wording: needs one {{key}} followed later by one {{number}}, got {wording!r}")
+    try:
+        wording.format(key="k", number="n")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"wording: not a valid format string ({exc}): {wording!r}") from None
+    return wording
+
+
+def needle_sentence(key: str, number: str, wording: Optional[str] = None) -> str:
+    return (wording or SPEC_WORDING).format(key=key, number=number)
+
+
+def needle_query(key: str, wording: Optional[str] = None) -> str:
+    w = wording or SPEC_WORDING
+    return w[: w.index("{number}")].format(key=key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,22 +302,24 @@ class PackedData:
         return self._perm_cache[1]
 
     def sample(self, i: int, tok: Optional["Tokenizer"] = None, needle_rate: float = 0.0,
-               needles: int = 1, answers: Optional[List[int]] = None) -> np.ndarray:
+               needles: int = 1, answers: Optional[List[int]] = None,
+               wordings: Optional[Sequence[str]] = None) -> np.ndarray:
         epoch, r = divmod(int(i), self.n)
         seq = self.sequence(int(self._perm(epoch)[r]))
         if needle_rate > 0 and tok is not None:
             seq = insert_needles(seq, tok, random.Random(f"fwpkm-needle-{self.seed}-{i}"),
-                                 needle_rate, needles, answers)
+                                 needle_rate, needles, answers, wordings)
         return seq
 
     def batch(self, start: int, batch_size: int, tok=None, needle_rate: float = 0.0,
-              needles: int = 1, answers: Optional[List[Tuple[int, int]]] = None) -> np.ndarray:
+              needles: int = 1, answers: Optional[List[Tuple[int, int]]] = None,
+              wordings: Optional[Sequence[str]] = None) -> np.ndarray:
         """Samples ``start .. start + batch_size - 1`` stacked: (batch_size, seq_len + 1).
         ``answers`` receives ``(row, position)`` of every needle answer token."""
         rows = []
         for b in range(batch_size):
             pos: List[int] = []
-            rows.append(self.sample(start + b, tok, needle_rate, needles, pos))
+            rows.append(self.sample(start + b, tok, needle_rate, needles, pos, wordings))
             if answers is not None:
                 answers.extend((b, p) for p in pos)
         return np.stack(rows)
@@ -295,12 +331,14 @@ class PackedData:
 
 
 def insert_needles(seq: np.ndarray, tok: "Tokenizer", rng: random.Random, rate: float,
-                   count: int = 1, answers: Optional[List[int]] = None) -> np.ndarray:
+                   count: int = 1, answers: Optional[List[int]] = None,
+                   wordings: Optional[Sequence[str]] = None) -> np.ndarray:
     """With probability ``rate``: insert ``count`` needle sentences (distinct IDs) in the first
     quarter of ``seq`` and the same sentences again (query + answer, shuffled) in the second
     half, so every query is at least a quarter of the sequence after its fact (beyond a sliding
     attention window of that size); the length is kept. ``answers``, when given, receives the
-    positions of the answer tokens of the queries (the digits after "... is ")."""
+    positions of the answer tokens of the queries (the digits after "... is ").
+    ``wordings``: each needle draws one of these format strings (default: SPEC's only)."""
     if count < 1:
         raise ValueError(f"count: expected a positive number of needles, got {count}")
     if rng.random() >= rate:
@@ -308,7 +346,9 @@ def insert_needles(seq: np.ndarray, tok: "Tokenizer", rng: random.Random, rate: 
     L = len(seq)
     nl = [tok.newline_id] if tok.newline_id is not None and tok.newline_id > 0 else []
     needles = make_needles(rng, count)
-    sents = [tok.encode(needle_sentence(k, v)) for k, v in needles]
+    # draws only when wordings are given, so SPEC-only samples stay what they always were
+    words = [rng.choice(list(wordings)) for _ in needles] if wordings else [None] * count
+    sents = [tok.encode(needle_sentence(k, v, w)) for (k, v), w in zip(needles, words)]
     pieces = [nl + s + nl for s in sents]
     m = sum(len(p) for p in pieces)
     if 4 * m > L:  # too short to hold the facts and their queries meaningfully
@@ -326,7 +366,7 @@ def insert_needles(seq: np.ndarray, tok: "Tokenizer", rng: random.Random, rate: 
         pos += cut - prev
         prev = cut
         if is_query and answers is not None:
-            q = tok.encode(needle_query(needles[i][0]))
+            q = tok.encode(needle_query(needles[i][0], words[i]))
             start = len(q) if sents[i][:len(q)] == q else len(sents[i]) - 7
             answers.extend(p for p in range(pos + len(nl) + start, pos + len(nl) + len(sents[i]))
                            if p < L)

@@ -528,7 +528,9 @@ class LM(nn.Module):
         # a fresh model already holds the seeded tables: no need to draw them again
         model.load_weights(os.path.join(ckpt_dir, "model.safetensors"), map_location,
                            _tables_seeded=True)
-        return model
+        # inference mode, as transformers does: query batch norm (if any) uses its running
+        # statistics; call .train() to fine-tune
+        return model.eval()
 
     def load_weights(self, path: str, map_location: str = "cpu", *,
                      _tables_seeded: bool = False) -> None:

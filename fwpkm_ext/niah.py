@@ -75,29 +75,32 @@ def _nl(tok) -> List[int]:
     return [int(nl)] if nl is not None and nl >= 0 else []
 
 
-def query_reserve(tok) -> int:
+def query_reserve(tok, wording: Optional[str] = None) -> int:
     """Tokens kept free at the end of each length for the query: at least ``QUERY_RESERVE``, and
     the probe query's length plus 16 (the 4-character key may tokenize differently)."""
     from .data import needle_query
 
-    return max(QUERY_RESERVE, len(_nl(tok)) + len(tok.encode(needle_query("0000"))) + 16)
+    return max(QUERY_RESERVE, len(_nl(tok)) + len(tok.encode(needle_query("0000", wording))) + 16)
 
 
 def build_sample(haystack: np.ndarray, tok, length: int, rng: random.Random,
-                 n_needles: int = NEEDLES) -> NiahSample:
+                 n_needles: int = NEEDLES, wording: Optional[str] = None) -> NiahSample:
     """One sample of ``length`` tokens in all: haystack text from a random offset (cyclic) with
     ``n_needles`` needle lines at random depths; the context is ``length - query_reserve(tok)``
-    tokens (the same for every sample of a length, so samples can be read side by side)."""
-    from .data import needle_query, needle_sentence
+    tokens (the same for every sample of a length, so samples can be read side by side).
+    ``wording``: the needle's format string (default SPEC's, see ``data.check_wording``)."""
+    from .data import check_wording, needle_query, needle_sentence
 
+    if wording is not None:
+        check_wording(wording)
     haystack = np.asarray(haystack, dtype=np.int64)
     if len(haystack) == 0:
         raise ValueError("haystack: no tokens")
     nl = _nl(tok)
     needles = make_needles(rng, n_needles)
-    sent = [np.asarray(tok.encode(needle_sentence(k, v)), dtype=np.int64) for k, v in needles]
-    queries = [np.asarray(nl + tok.encode(needle_query(k)), dtype=np.int64) for k, _ in needles]
-    reserve = query_reserve(tok)
+    sent = [np.asarray(tok.encode(needle_sentence(k, v, wording)), dtype=np.int64) for k, v in needles]
+    queries = [np.asarray(nl + tok.encode(needle_query(k, wording)), dtype=np.int64) for k, _ in needles]
+    reserve = query_reserve(tok, wording)
     if max(len(q) for q in queries) > reserve:
         raise ValueError(f"a query takes {max(len(q) for q in queries)} tokens, more than the "
                          f"{reserve} reserved")
@@ -276,7 +279,8 @@ def summarize(records: List[Dict[str, Any]], lengths: Sequence[int], iters: Sequ
 def run_niah(model: LM, tok, haystack: np.ndarray, lengths: Sequence[int], iters: Sequence[int],
              samples: int, *, seed: int = 0, segment_tokens: int = 2048,
              update_chunk: Optional[int] = None, batch_size: int = 1, depth_buckets: int = 5,
-             max_new_tokens: int = 8, progress: bool = True, log=print) -> Dict[str, Any]:
+             max_new_tokens: int = 8, progress: bool = True, log=print,
+             wording: Optional[str] = None) -> Dict[str, Any]:
     """The whole evaluation; returns {"results": [...], "records": [...]} (see the module doc)."""
     if samples < 1 or batch_size < 1 or depth_buckets < 1:
         raise ValueError("samples, batch_size and depth_buckets must be positive")
@@ -295,7 +299,7 @@ def run_niah(model: LM, tok, haystack: np.ndarray, lengths: Sequence[int], iters
             built = []
             for s in range(samples):
                 rng = random.Random(f"fwpkm-niah-{seed}-{L}-{s}")
-                built.append(build_sample(haystack, tok, L, rng))
+                built.append(build_sample(haystack, tok, L, rng, wording=wording))
             for g in range(0, samples, batch_size):
                 group = built[g: g + batch_size]
                 recs = evaluate_samples(model, tok, group, iters, segment_tokens=segment_tokens,
@@ -407,6 +411,10 @@ def niah_cmd(args: argparse.Namespace) -> int:
     """`fwpkm niah`: needle-in-a-haystack accuracy by length, n-iter and depth."""
     from .evaluate import held_out_documents
 
+    if args.wording is not None:
+        from .data import check_wording
+
+        check_wording(args.wording)
     lengths = _int_list(args.lengths, "--lengths")
     iters = sorted(set(_int_list(args.iters, "--iters")))
     model, tok = load_model_from_args(args, seed=args.seed)
@@ -437,13 +445,14 @@ def niah_cmd(args: argparse.Namespace) -> int:
     out = run_niah(model, tok, hay, lengths, iters, args.samples, seed=args.seed,
                    segment_tokens=args.segment_tokens, update_chunk=chunk,
                    batch_size=args.batch_size, depth_buckets=args.depth_buckets,
-                   max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+                   max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
+                   wording=args.wording)
     print(format_table(out["results"]))
     print(f"done in {time.perf_counter() - t0:.1f} s", flush=True)
     payload = {
         "model": args.model or f"random-init {args.preset}",
         "lengths": lengths, "iters": iters, "samples": args.samples, "needles": NEEDLES,
-        "seed": args.seed, "update_chunk": chunk, "segment_tokens": args.segment_tokens,
+        "seed": args.seed, "update_chunk": chunk, "wording": args.wording, "segment_tokens": args.segment_tokens,
         "depth_buckets": args.depth_buckets, "corpus": corpus, "split": split,
         "documents": [p for p, _ in docs], "haystack_tokens": int(len(hay)),
         "accuracy": {str(r["length"]): {} for r in out["results"]},
@@ -484,6 +493,10 @@ def add_niah_subcommands(subparsers) -> None:
     g.add_argument("--update-chunk", default="full",
                    help="FwPKM update window: 'full' (default: the whole input, SPEC), 'model' "
                         "or a number of tokens")
+    g.add_argument("--wording", default=None, metavar="FORMAT",
+                   help="needle wording with one {key} and one {number}; the query is the text "
+                        "before {number} (default SPEC's: 'The secret number for ID-{key} is "
+                        "{number}.')")
     g.add_argument("--segment-tokens", type=int, default=2048, help="tokens per forward call")
     g.add_argument("--batch-size", type=int, default=1, help="samples read side by side")
     g.add_argument("--depth-buckets", type=int, default=5, help="needle-depth buckets (default 5)")

@@ -63,6 +63,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--needles-per-seq", type=int, default=1,
                    help="needle facts (and later queries) in a sequence that gets needles "
                         "(default 1); the loss on their answers is logged as needle_loss")
+    g.add_argument("--needle-loss-weight", type=float, default=0.0,
+                   help="extra weight of the needle answers' mean loss in the objective (default "
+                        "0: plain next-token loss); the logged loss stays the plain one")
+    g.add_argument("--needle-wordings", default="spec", choices=["spec", "varied"],
+                   help="needle sentences: SPEC's wording only (default), or each needle drawn "
+                        "from 8 wordings (data.VARIED_WORDINGS; data.HELD_OUT_WORDING is never "
+                        "used, so `fwpkm niah --wording` can test an unseen one)")
     g.add_argument("--encoding-errors", default="latin1", choices=["strict", "latin1", "replace"],
                    help="files that are not valid UTF-8: fail (strict), decode as Latin-1 with a "
                         "warning (default), or replace bad bytes")
@@ -331,6 +338,9 @@ def train(args: argparse.Namespace) -> int:
         raise ValueError(f"--grad-accum must be positive, got {args.grad_accum}")
     if not 0.0 <= args.needle_rate <= 1.0:
         raise ValueError(f"--needle-rate must be in [0, 1], got {args.needle_rate}")
+    nlw = getattr(args, "needle_loss_weight", 0.0)
+    if not (isinstance(nlw, (int, float)) and math.isfinite(nlw) and nlw >= 0):
+        raise ValueError(f"--needle-loss-weight must be a finite number >= 0, got {nlw}")
     if getattr(args, "needles_per_seq", 1) < 1:
         raise ValueError(f"--needles-per-seq must be positive, got {args.needles_per_seq}")
     if args.threads:
@@ -365,8 +375,18 @@ def _init_from(model: LM, ckpt_dir: str) -> str:
         for k, v in take.items():
             own[k].copy_(v.to(own[k].dtype))
     fresh = sorted(k for k in own if k not in take and not k.endswith(skip))
+    # a sublayer the loaded model did not have starts as a no-op (its output projection is
+    # zero), so the loaded model's function is unchanged at step 0 and training grows it
+    zeroed = []
+    with torch.no_grad():
+        for i, b in enumerate(model.blocks):
+            if b.fwpkm is not None and f"blocks.{i}.fwpkm.to_out.weight" in fresh:
+                b.fwpkm.to_out.weight.zero_()
+                b.fwpkm.to_out.bias.zero_()
+                zeroed.append(i)
     return (f"init-from {ckpt_dir}: {len(take)} tensors loaded"
-            + (f", fresh: {fresh}" if fresh else ""))
+            + (f", fresh: {fresh}" if fresh else "")
+            + (f"; new FwPKM sublayers {zeroed} start with a zero output projection" if zeroed else ""))
 
 
 def _log(dist: _Dist, msg: str, bar=None) -> None:
@@ -580,6 +600,10 @@ def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, spli
     ema_loss = None
     train_loss = float("nan")
     needles_per_seq = getattr(args, "needles_per_seq", 1)
+    from .data import VARIED_WORDINGS
+
+    wordings = VARIED_WORDINGS if getattr(args, "needle_wordings", "spec") == "varied" else None
+    needle_weight = float(getattr(args, "needle_loss_weight", 0.0))
     needle_stats = [0.0, 0.0, 0]  # answer-token loss sum, correct argmax, count (since last log)
     while step < stop_at:
         t_step = time.time()
@@ -588,7 +612,7 @@ def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, spli
             start = samples_seen + (a * dist.world + dist.rank) * batch_size
             answers: List[Tuple[int, int]] = []
             batch = train_data.batch(start, batch_size, tok, args.needle_rate, needles_per_seq,
-                                     answers)
+                                     answers, wordings)
             x = torch.from_numpy(batch).to(device, non_blocking=True)
             sync = (a == args.grad_accum - 1) or not dist.enabled
             ctx = contextlib.nullcontext() if sync else ddp_model.no_sync()
@@ -598,7 +622,14 @@ def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, spli
                 tok_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                            x[:, 1:].reshape(-1), reduction="none")
                 loss = tok_loss.mean()
-                (loss / args.grad_accum).backward()
+                objective = loss
+                if answers and needle_weight > 0:
+                    # recipe lever: the needle answers are ~3% of the tokens; an extra term on
+                    # their mean loss makes retrieval a visible part of the gradient
+                    r_ = torch.tensor([r for r, _ in answers], device=device)
+                    c_ = torch.tensor([p - 1 for _, p in answers], device=device)
+                    objective = loss + needle_weight * tok_loss.view(x.shape[0], -1)[r_, c_].mean()
+                (objective / args.grad_accum).backward()
             loss_sum += float(loss.detach())
             if answers:
                 rows = torch.tensor([r for r, _ in answers], device=device)

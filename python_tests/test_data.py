@@ -231,3 +231,49 @@ def test_insert_many_needles_positions_and_distance():
             assert i + q in answers
     # rate 0 leaves the sequence alone
     assert insert_needles(seq, tok, _random.Random(0), 0.0, count=4) is seq
+
+
+def test_needle_wordings():
+    import random as _random
+
+    from fwpkm_ext.data import (HELD_OUT_WORDING, SPEC_WORDING, VARIED_WORDINGS, check_wording,
+                                insert_needles)
+
+    assert SPEC_WORDING in VARIED_WORDINGS and HELD_OUT_WORDING not in VARIED_WORDINGS
+    for w in VARIED_WORDINGS + (HELD_OUT_WORDING,):
+        assert check_wording(w) == w
+        assert needle_sentence("ab12", "123456", w).startswith(needle_query("ab12", w))
+    assert needle_query("ab12", HELD_OUT_WORDING) == "The vault combination for box ab12 is "
+    for bad in ("no fields", "{number} before {key}", "{key} {key} {number}", "{key} {number} {x}"):
+        with pytest.raises(ValueError, match="^wording"):
+            check_wording(bad)
+    with pytest.raises(TypeError, match="^wording"):
+        check_wording(3)
+
+    class Tok:
+        newline_id = 1
+
+        def encode(self, s):
+            return [ord(c) for c in s]
+
+    seq = np.arange(5000, 9097, dtype=np.int64)
+    seen = set()
+    for seed in range(6):
+        answers = []
+        out = insert_needles(seq, Tok(), _random.Random(seed), 1.0, count=6, answers=answers,
+                             wordings=VARIED_WORDINGS)
+        text = "".join(chr(t) if t < 5000 else "#" for t in out.tolist())
+        for w in VARIED_WORDINGS:
+            pat = re.escape(w).replace(r"\{key\}", "([0-9a-f]{4})").replace(r"\{number\}", r"(\d{6})")
+            hits = re.findall(pat, text)
+            if hits:
+                seen.add(w)
+                assert len(hits) % 2 == 0  # each fact comes back as its query + answer
+        assert "vault" not in text
+        got = "".join(chr(out[p]) for p in sorted(answers))
+        assert len(answers) == 6 * 7 and all(c.isdigit() or c == "." for c in got)
+    assert len(seen) >= 5
+    # without wordings the samples are exactly the SPEC-only ones
+    a = insert_needles(seq, Tok(), _random.Random(3), 1.0, count=4)
+    b = insert_needles(seq, Tok(), _random.Random(3), 1.0, count=4, wordings=None)
+    assert (a == b).all()

@@ -277,6 +277,24 @@ def test_niah_cli_errors(ckpt, capsys):
     assert niah.main(["--model", ckpt, "--lengths", "40", "--samples", "1", "--no-progress"]) == 2
     assert "too short" in capsys.readouterr().err
     assert niah.main(["--model", ckpt, "--lengths", "x", "--no-progress"]) == 2
+    assert niah.main(["--model", ckpt, "--wording", "no fields", "--no-progress"]) == 2
+    assert "wording" in capsys.readouterr().err
+
+
+def test_needles_in_another_wording(tok, corpus, ckpt, tmp_path, capsys):
+    paths = sorted(os.path.join(corpus, f) for f in os.listdir(corpus))
+    hay = haystack_tokens([(p, open(p, encoding="utf-8").read()) for p in paths], tok)
+    w = "Box {key} opens with {number}."
+    s = build_sample(hay, tok, 1024, random.Random(0), wording=w)
+    text = tok.decode(s.context.tolist())
+    for n in s.needles:
+        assert f"Box {n.key} opens with {n.number}." in text
+    assert all(tok.decode(q.tolist()).strip().startswith("Box ") for q in s.queries)
+    out = tmp_path / "w.json"
+    assert niah.main(["--model", ckpt, "--lengths", "512", "--iters", "2", "--samples", "1",
+                      "--segment-tokens", "128", "--max-new-tokens", "4", "--no-progress",
+                      "--wording", w, "--json", str(out), "--no-plot"]) == 0
+    assert json.loads(out.read_text())["wording"] == w
 
 
 def test_eval_module_subprocess(ckpt, tmp_path):

@@ -60,19 +60,41 @@ def test_a_model_learns_to_recall_through_the_memory():
     recall values written hundreds of tokens earlier: only the fast weights can carry them.
     Read again with the fast-weight step at 0 (nothing written), the same model is at chance."""
     torch.set_num_threads(2)
-    task = RecallTask(n_filler=64, n_keys=16, n_values=32, key_len=2, n_pairs=8)
-    cfg = LMConfig(vocab_size=task.vocab_size, dim=64, n_layers=1, n_heads=2, window=1,
-                   fwpkm_layers=[0], fwpkm_n_subkeys=32, fwpkm_k_dim=32, fwpkm_v_dim=64,
+    task = RecallTask(n_filler=128, n_keys=32, n_values=64, key_len=2, n_pairs=8)
+    cfg = LMConfig(vocab_size=task.vocab_size, dim=128, n_layers=1, n_heads=2, window=1,
+                   fwpkm_layers=[0], fwpkm_n_subkeys=64, fwpkm_k_dim=64, fwpkm_v_dim=128,
                    fwpkm_topk=8, fwpkm_chunk_size=32, fwpkm_short_conv=2)
     torch.manual_seed(0)
     model = LM(cfg)
-    train_recall(model, task, steps=120, batch_size=8, seq_len=256, min_gap=32, lr=1e-2, seed=0)
+    train_recall(model, task, steps=100, batch_size=8, seq_len=256, min_gap=32, lr=3e-3, seed=0)
     x, y = task.at_distance(np.random.default_rng(7), 8, 1024)
     correct, total = recall_accuracy(model, x, y)
     chance = 1 / task.n_values
     assert total == 64
-    assert correct / total >= 0.4, f"recall {correct}/{total} (chance {chance:.1%})"
+    assert correct / total >= 0.3, f"recall {correct}/{total} (chance {chance:.1%})"
     fw = model.blocks[0].fwpkm
     fw.config = replace(fw.config, lr=0.0)  # the memory keeps its initial tables
     c0, _ = recall_accuracy(model, x, y)
     assert c0 / total <= 4 * chance, f"recall without writing {c0}/{total}"
+
+
+def test_recall_bench_smoke(tmp_path, capsys):
+    """tools/recall_bench.py runs end to end and writes its table and JSON."""
+    import importlib.util
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "tools", "recall_bench.py")
+    spec = importlib.util.spec_from_file_location("recall_bench", path)
+    rb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rb)
+    out = tmp_path / "rb.json"
+    assert rb.main(["--only", "swa,layer0", "--setting", "easy", "--steps", "2", "--threads", "1",
+                    "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| config |" in text and "layer0" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["swa", "layer0"]
+    assert rows[1]["recall"]["1024"]["total"] == 32 and "query_pr" in rows[1]
+    with pytest.raises(SystemExit):
+        rb.main(["--only", "nope"])

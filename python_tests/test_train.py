@@ -196,3 +196,47 @@ def test_fwpkm_model_trains_and_resumes_exactly(corpus, tmp_path, capsys):
     assert any(k.endswith("to_q.weight") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_init_from_loads_matching_tensors_and_zeroes_new_sublayers(corpus, tmp_path, capsys):
+    """--init-from: a model without memory grows a FwPKM sublayer; everything it shares with
+    the loaded model starts equal, and the new sublayer starts as a no-op."""
+    base = str(tmp_path / "base")
+    rc, _, _ = run_main(capsys, *train_args(corpus, base, 2, SMALL, "--val-every", "0"))
+    assert rc == 0
+    grown_cfg = {**SMALL, "fwpkm_layers": [0], "fwpkm_n_subkeys": 4, "fwpkm_k_dim": 8,
+                 "fwpkm_v_dim": 16, "fwpkm_topk": 2, "fwpkm_chunk_size": 16,
+                 "fwpkm_query_norm": "batch", "fwpkm_init_values": "zero"}
+    grown = str(tmp_path / "grown")
+    rc, out, _ = run_main(capsys, *train_args(corpus, grown, 1, grown_cfg, "--val-every", "0",
+                                              "--init-from", base, "--tokenizer",
+                                              os.path.join(base, "tokenizer.model"),
+                                              "--stop-at", "0"))
+    assert rc == 0
+    assert "init-from" in out and "start with a zero output projection" in out
+    a, b = load_file(os.path.join(base, "model.safetensors")), load_file(os.path.join(grown, "model.safetensors"))
+    for k, v in a.items():
+        assert torch.equal(b[k], v), k
+    assert float(b["blocks.0.fwpkm.to_out.weight"].abs().sum()) == 0
+    rc, _, err = run_main(capsys, *train_args(corpus, str(tmp_path / "x"), 1, SMALL, "--init-from",
+                                              str(tmp_path / "none")))
+    assert rc == 2 and "--init-from" in err
+    other = {**SMALL, "dim": 32}
+    rc, _, err = run_main(capsys, *train_args(corpus, str(tmp_path / "y"), 1, other, "--init-from", base,
+                                              "--tokenizer", os.path.join(base, "tokenizer.model")))
+    assert rc == 2 and "--init-from" in err and "shapes" in err
+
+
+def test_needle_loss_weight_and_wordings(corpus, tmp_path, capsys):
+    cfg = {**SMALL, "fwpkm_layers": [0], "fwpkm_n_subkeys": 4, "fwpkm_k_dim": 8,
+           "fwpkm_v_dim": 16, "fwpkm_topk": 2, "fwpkm_chunk_size": 16}
+    extra = ["--val-every", "0", "--needle-rate", "1.0", "--needles-per-seq", "1",
+             "--needle-wordings", "varied", "--needle-loss-weight", "2.0", "--seq-len", "256",
+             "--batch-size", "1"]
+    rc, out, _ = run_main(capsys, *train_args(corpus, str(tmp_path / "n"), 2, cfg, *extra))
+    assert rc == 0
+    recs = [json.loads(x) for x in open(os.path.join(tmp_path / "n", "metrics.jsonl"))]
+    assert any("needle_acc" in r for r in recs)
+    rc, _, err = run_main(capsys, *train_args(corpus, str(tmp_path / "m"), 1, cfg,
+                                              "--needle-loss-weight", "-1"))
+    assert rc == 2 and "--needle-loss-weight" in err

@@ -26,8 +26,9 @@ def _card(run: str) -> dict:
         with open(targs, encoding="utf-8") as f:
             a = json.load(f)
         flags = []
-        for k in ("preset", "config", "seq_len", "steps", "batch_size", "lr", "needle_rate",
-                  "needles_per_seq", "seed", "val_every", "val_batches", "threads"):
+        for k in ("preset", "config", "init_from", "seq_len", "steps", "batch_size", "lr",
+                  "warmup", "needle_rate", "needles_per_seq", "needle_wordings",
+                  "needle_loss_weight", "seed", "val_every", "val_batches", "threads"):
             if a.get(k) is not None:
                 v = a[k]
                 flags.append(f"--{k.replace('_', '-')} " + (f"'{v}'" if k == "config" else str(v)))

@@ -9,6 +9,7 @@ wall time. Each configuration is a few minutes on 2 threads; run them one at a t
     python tools/recall_bench.py --only fwpkm,batch    # some of them
     python tools/recall_bench.py --json out.json       # also write the numbers
     python tools/recall_bench.py --list                # the configurations
+    python tools/recall_bench.py --setting easy        # the exploratory, easier setting
 
 The model: 2 layers, dim 128, sliding-window attention of 32 tokens. Keys are 2 tokens, values 1
 token, 16 facts per sequence; training sequences are 512 tokens with every query at least 64
@@ -60,14 +61,27 @@ CONFIGS: Dict[str, Dict] = {
     "batch+zero+learned-keys": {**FW, **BEST, "fwpkm_learn_init_keys": True},
     "batch+zero+carried-keys": {**FW, **BEST, "fwpkm_carry_keys": True},
     "batch+zero+layers01": {**FW, **BEST, "fwpkm_layers": [0, 1]},
+    # the bundled model's recipe: memory at layer 0 (reading the embeddings through the conv)
+    "layer0+batch+zero": {**FW, **BEST, "fwpkm_layers": [0]},
 }
 
 DISTANCES = (1024, 4096, 16384, 32768)
 
+# `--setting easy`: the exploratory setting that came first (8 facts per 256-token training
+# sequence, queries >= 32 tokens after their facts, memory written every 32 tokens, 200 steps)
+SETTINGS = {
+    "standard": dict(task=TASK, seq_len=512, min_gap=64, steps=300, distances=DISTANCES, model={}),
+    "easy": dict(task=RecallTask(n_filler=128, n_keys=32, n_values=64, key_len=2, n_pairs=8),
+                 seq_len=256, min_gap=32, steps=200, distances=(1024, 4096),
+                 model=dict(fwpkm_chunk_size=32)),
+}
 
-def build(name: str, seed: int = 0) -> LM:
+
+def build(name: str, seed: int = 0, setting: str = "standard") -> LM:
     torch.manual_seed(seed)
-    return LM(LMConfig(**{**BASE, **CONFIGS[name]}))
+    st = SETTINGS[setting]
+    extra = {k: v for k, v in st["model"].items() if CONFIGS[name].get("fwpkm_layers")}
+    return LM(LMConfig(**{**BASE, "vocab_size": st["task"].vocab_size, **CONFIGS[name], **extra}))
 
 
 def participation_ratio(q: torch.Tensor) -> float:
@@ -80,7 +94,7 @@ def participation_ratio(q: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: LM, distances=DISTANCES, batch: int = 4, seed: int = 123) -> Dict:
+def evaluate(model: LM, distances=DISTANCES, batch: int = 4, seed: int = 123, task: RecallTask = TASK) -> Dict:
     """Recall by distance (one streamed read per sequence, one memory per sequence), and the
     query spread / slot use of the first FwPKM layer over the longest read."""
     model.eval()
@@ -88,7 +102,7 @@ def evaluate(model: LM, distances=DISTANCES, batch: int = 4, seed: int = 123) ->
     out: Dict = {"recall": {}}
     fw_idx = model.cfg.fwpkm_layers[0] if model.cfg.fwpkm_layers else None
     for d in distances:
-        x, y = TASK.at_distance(gen, batch, d)
+        x, y = task.at_distance(gen, batch, d)
         captured: List[torch.Tensor] = []
         hook = None
         if fw_idx is not None:
@@ -112,25 +126,29 @@ def evaluate(model: LM, distances=DISTANCES, batch: int = 4, seed: int = 123) ->
     return out
 
 
-def run(name: str, steps: int, seed: int, log=None) -> Dict:
-    model = build(name, seed)
+def run(name: str, steps: int, seed: int, log=None, setting: str = "standard") -> Dict:
+    st = SETTINGS[setting]
+    model = build(name, seed, setting)
     t0 = time.time()
-    last = train_recall(model, TASK, steps=steps, batch_size=8, seq_len=512, min_gap=64, lr=3e-3,
-                        seed=seed, log=log, log_every=max(1, steps // 6))
+    last = train_recall(model, st["task"], steps=steps, batch_size=8, seq_len=st["seq_len"],
+                        min_gap=st["min_gap"], lr=3e-3, seed=seed, log=log,
+                        log_every=max(1, steps // 6))
     train_s = time.time() - t0
     t1 = time.time()
-    ev = evaluate(model)
-    return {"name": name, "config": CONFIGS[name], "steps": steps, "train_acc": last.get("train_acc"),
-            "train_seconds": train_s, "eval_seconds": time.time() - t1, **ev}
+    ev = evaluate(model, st["distances"], task=st["task"])
+    return {"name": name, "config": CONFIGS[name], "setting": setting, "steps": steps,
+            "train_acc": last.get("train_acc"), "train_seconds": train_s,
+            "eval_seconds": time.time() - t1, **ev}
 
 
 def table(rows: List[Dict]) -> str:
-    head = ["config", "train acc"] + [f"recall @{d // 1024}K" for d in DISTANCES] + \
+    dists = [int(d) for d in rows[0]["recall"]] if rows else list(DISTANCES)
+    head = ["config", "train acc"] + [f"recall @{d // 1024}K" for d in dists] + \
         ["query PR", "coverage", "collisions", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         rec = [f"{r['recall'][str(d)]['acc']:.1%} ({r['recall'][str(d)]['correct']}/{r['recall'][str(d)]['total']})"
-               for d in DISTANCES]
+               for d in dists]
         extra = [f"{r['query_pr']:.1f}", f"{r['coverage']:.1%}", f"{r['collision_rate']:.2f}"] \
             if "query_pr" in r else ["-", "-", "-"]
         lines.append("| " + " | ".join([r["name"], f"{r['train_acc']:.1%}"] + rec + extra
@@ -141,7 +159,10 @@ def table(rows: List[Dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default=None, help="comma-separated configuration names")
-    p.add_argument("--steps", type=int, default=300, help="training steps per configuration (300)")
+    p.add_argument("--setting", default="standard", choices=sorted(SETTINGS),
+                   help="task and schedule (default standard; easy: the exploratory one)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps per configuration (standard 300, easy 200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="write every row to this file (rewritten after each)")
@@ -155,20 +176,23 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         p.error(f"--only: unknown configurations {unknown}; see --list")
-    if a.steps < 1:
+    steps = a.steps if a.steps is not None else SETTINGS[a.setting]["steps"]
+    if steps < 1:
         p.error("--steps must be positive")
     torch.set_num_threads(a.threads)
     rows = []
     for name in names:
         print(f"== {name} {json.dumps(CONFIGS[name])}", flush=True)
-        r = run(name, a.steps, a.seed, log=lambda rec: print(f"   {rec}", flush=True))
+        r = run(name, steps, a.seed, log=lambda rec: print(f"   {rec}", flush=True), setting=a.setting)
         rows.append(r)
         print(f"   recall: " + ", ".join(f"{d}: {v['acc']:.1%}" for d, v in r["recall"].items())
               + f" | train {r['train_seconds']:.0f}s eval {r['eval_seconds']:.0f}s", flush=True)
         if a.json:
             with open(a.json + ".tmp", "w") as f:
-                json.dump({"task": TASK.__dict__, "base": BASE, "threads": a.threads,
-                           "rows": rows}, f, indent=1)
+                st = SETTINGS[a.setting]
+                json.dump({"setting": a.setting, "task": st["task"].__dict__, "base": BASE,
+                           "seq_len": st["seq_len"], "min_gap": st["min_gap"],
+                           "threads": a.threads, "rows": rows}, f, indent=1)
             os.replace(a.json + ".tmp", a.json)
     print()
     print(table(rows))
