@@ -623,17 +623,16 @@ def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, spli
                                            x[:, 1:].reshape(-1), reduction="none")
                 loss = tok_loss.mean()
                 objective = loss
-                if answers and needle_weight > 0:
-                    # recipe lever: the needle answers are ~3% of the tokens; an extra term on
-                    # their mean loss makes retrieval a visible part of the gradient
-                    r_ = torch.tensor([r for r, _ in answers], device=device)
-                    c_ = torch.tensor([p - 1 for _, p in answers], device=device)
-                    objective = loss + needle_weight * tok_loss.view(x.shape[0], -1)[r_, c_].mean()
+                if answers:  # (row, position predicting the answer token) of each needle answer
+                    rows = torch.tensor([r for r, _ in answers], device=device)
+                    cols = torch.tensor([p - 1 for _, p in answers], device=device)
+                    if needle_weight > 0:
+                        # recipe lever: the needle answers are ~3% of the tokens; an extra term
+                        # on their mean loss makes retrieval a visible part of the gradient
+                        objective = loss + needle_weight * tok_loss.view(x.shape[0], -1)[rows, cols].mean()
                 (objective / args.grad_accum).backward()
             loss_sum += float(loss.detach())
             if answers:
-                rows = torch.tensor([r for r, _ in answers], device=device)
-                cols = torch.tensor([p - 1 for _, p in answers], device=device)
                 with torch.no_grad():
                     tl = tok_loss.detach().view(x.shape[0], -1)[rows, cols]
                     hit = logits.detach()[rows, cols].argmax(-1) == x[rows, cols + 1]
