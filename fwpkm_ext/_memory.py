@@ -24,6 +24,10 @@ import torch
 from . import _alloc, _native
 
 ENTROPY_EPS = 1e-8  # the addressing loss' log(pbar + 1e-8), SPEC "Update"
+# Largest |q|, |v|, |g| a token may carry. Beyond it the sub-scores (|q|^2 summed over up to
+# thousands of dimensions) or the write-back residuals can overflow float32 although every input
+# is finite; such tokens are refused (or skipped) like non-finite ones.
+MAX_ABS = 1e15
 
 Tensor = torch.Tensor
 
@@ -149,7 +153,7 @@ class Window:
     the addressing loss and for every derivative."""
 
     def __init__(self, K: Tensor, qh_w: Tensor, idx_w: Tensor, half_w: Tensor, grp: Tensor,
-                 per_seq: bool, cfg: "Config"):
+                 per_seq: bool, cfg: "Config", amask: Optional[Tensor] = None):
         B, L, H, _, d2 = qh_w.shape
         n, k = K.shape[3], cfg.topk
         self.B, self.L, self.H, self.k = B, L, H, k
@@ -161,21 +165,40 @@ class Window:
         self.half = Pairs(self.kflat, kn, x, xn, key_rows(half_w, grp, H, n).reshape(-1, k), cfg.score, cfg.eps)
         sc = self.read.s.view(B, L, H, 2, k).sum(3)
         self.w = torch.softmax(sc.reshape(B * L, H * k), dim=-1)
-        self.rows_per_group = L if per_seq else B * L
+        if amask is None:
+            self.rows_per_group = float(L if per_seq else B * L)
+            self.row_on = None
+        else:
+            # skipped tokens leave the marginal: per memory, the mean runs over the kept rows
+            cnt = amask.sum(1) if per_seq else amask.sum().view(1)
+            per_key_row = cnt.clamp_min(1.0).repeat_interleave(H * 2 * n)
+            self.rows_per_group = per_key_row
+            self.row_on = amask.reshape(B, L, 1, 1).expand(B, L, H, 2).reshape(-1, 1)
         self.cfg = cfg
         self._addr = None
+
+    def _per_row(self, x: Tensor) -> Tensor:
+        """x / (rows sharing the memory) for a per-key-row vector x."""
+        return x / self.rows_per_group
+
+    def _per_pair(self, x_rows: Tensor) -> Tensor:
+        """x / (rows sharing the memory) for a per-pair tensor indexed like half.rows."""
+        R = self.rows_per_group
+        return x_rows / (R if isinstance(R, float) else R[self.half.rows])
 
     # addressing loss L = w_addr * sum_i pbar_i log(pbar_i + 1e-8), per (memory, head, half)
     def addr(self):
         if self._addr is None:
-            hp, R = self.half, float(self.rows_per_group)
+            hp = self.half
             P = torch.softmax(hp.s, dim=-1)
-            pbar = seg_sum(hp.segs, P, self.kflat.shape[0]) / R
+            if self.row_on is not None:
+                P = P * self.row_on
+            pbar = self._per_row(seg_sum(hp.segs, P, self.kflat.shape[0]))
             w, d = self.cfg.addr_loss_weight, ENTROPY_EPS
             pe = pbar + d
             phi = w * (torch.log(pe) + pbar / pe)  # dL/dpbar
             dphi = w * (1.0 / pe + d / (pe * pe))
-            u = phi[hp.rows] / R  # dL/dP
+            u = self._per_pair(phi[hp.rows])  # dL/dP
             gamma = P * (u - (P * u).sum(-1, keepdim=True))  # dL/ds
             self._addr = (P, u, gamma, dphi)
         return self._addr
@@ -189,7 +212,7 @@ class Window:
 
     def addr_vjp(self, lam: Tensor):
         """For F = <lam, dL_addr/dK>: (dF/dK dense, dF/dx (M2, d2))."""
-        hp, K, x, R = self.half, self.kflat, self.half.x, float(self.rows_per_group)
+        hp, K, x = self.half, self.kflat, self.half.x
         P, u, gamma, dphi = self.addr()
         lx = gather_x(lam, hp.rows, x)
         if self.cfg.score == "idw":
@@ -198,8 +221,8 @@ class Window:
         else:
             psi = lx
         pdot = P * (psi - (P * psi).sum(-1, keepdim=True))
-        dpbar = seg_sum(hp.segs, pdot, K.shape[0]) / R
-        du = (dphi * dpbar)[hp.rows] / R
+        dpbar = self._per_row(seg_sum(hp.segs, pdot, K.shape[0]))
+        du = self._per_pair((dphi * dpbar)[hp.rows])
         chi = pdot * (u - (P * u).sum(-1, keepdim=True)) + P * (
             du - (pdot * u).sum(-1, keepdim=True) - (P * du).sum(-1, keepdim=True))
         gk = torch.zeros_like(K)
@@ -266,29 +289,107 @@ def search(qh_w: Tensor, K: Tensor, per_seq: bool, cfg: Config):
     if cfg.score == "idw":
         qn = (qh_w * qh_w).sum(-1).reshape(M, H, 2).contiguous()
         kn = (K * K).sum(-1).contiguous()
-    _native.topk_select(dots, qn, kn, k, L if per_seq else M, cfg.score, cfg.eps, idx, score,
+    _native.topk_select(dots, qn, kn, k, max(1, L if per_seq else M), cfg.score, cfg.eps, idx, score,
                         half_idx, half_score)
     return idx.view(B, L, H, k), half_idx.view(B, L, H, 2, k)
 
 
+class Overflow(ValueError):
+    """A window's update left non-finite fast weights: raised before anything is committed."""
+
+
+def _commit_check(K: Tensor, Cv: Tensor, wi: int) -> None:
+    if not bool(torch.isfinite(K).all()) or not bool(torch.isfinite(Cv).all()):
+        raise Overflow(f"lr: the fast-weight update of window {wi} overflowed the float range "
+                       "(non-finite keys or values); nothing was written. Lower lr, or the scale "
+                       "of v and g")
+
+
+class TouchedRows:
+    """The value rows one call touches, gathered into a compact table.
+
+    Every read and write of the call goes to the compact copy `C` (row `slot[r]` holds table row
+    `r`); the table itself is only written by `commit`, after the whole call succeeded and its
+    result was checked finite. So a call that raises leaves an in-place state as it was, and a
+    call whose caller does not want the new table never copies the N x dv table."""
+
+    def __init__(self, V: Tensor, capacity: int):
+        self.V = V
+        dev = V.device
+        self.slot = torch.full((V.shape[0],), -1, dtype=torch.long, device=dev)
+        self.rows = torch.empty(capacity, dtype=torch.long, device=dev)
+        self.C = torch.empty(capacity, V.shape[1], dtype=V.dtype, device=dev)
+        self.U = 0
+
+    def map(self, rows: Tensor) -> Tensor:
+        """Compact ids of table rows `rows` (any shape), adding the rows not seen yet."""
+        cid = self.slot[rows]
+        miss = cid < 0
+        if bool(miss.any()):
+            new = torch.unique(rows[miss])  # sorted: ids are deterministic
+            m = new.numel()
+            ids = torch.arange(self.U, self.U + m, device=rows.device)
+            self.slot[new] = ids
+            self.rows[self.U:self.U + m] = new
+            self.C[self.U:self.U + m] = self.V[new]
+            self.U += m
+            cid = self.slot[rows]
+        return cid
+
+    @property
+    def table(self) -> Tensor:
+        return self.C[: self.U]
+
+    @property
+    def touched(self) -> Tensor:
+        return self.rows[: self.U]
+
+
+def check_tokens(q: Tensor, v: Tensor, g: Tensor, mask: Tensor, first: int) -> None:
+    """SPEC "Inputs that must never reach the tables": a ValueError naming the argument and the
+    first bad (batch, token) when a token of q, v or g is non-finite or beyond +-MAX_ABS, or the
+    mask is non-finite. Token positions count from `first` (the caller's first new token)."""
+    for name, t, lim in (("q", q, MAX_ABS), ("v", v, MAX_ABS), ("g", g, MAX_ABS), ("mask", mask, None)):
+        if t.numel() == 0:
+            continue
+        ok = torch.isfinite(t) if lim is None else torch.isfinite(t) & (t.abs() <= lim)
+        if bool(ok.all()):
+            continue
+        B, T = t.shape[:2]
+        bad = ~ok.reshape(B, T, -1).all(-1)
+        b, pos = torch.nonzero(bad)[0].tolist()
+        tok = t.reshape(B, T, -1)[b, pos]
+        what = "a non-finite value (NaN or Inf)" if not bool(torch.isfinite(tok).all()) \
+            else f"a value beyond +-{MAX_ABS:g}"
+        hint = "" if name == "mask" else " Pass nonfinite='skip' (layer, memory_step) to leave such tokens out"
+        raise ValueError(f"{name}: {what} at (batch {b}, token {pos - first}); nothing was "
+                         f"written.{hint}")
+
+
 def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: Config, keep: bool,
-            inplace: bool = False):
+            inplace: bool = False, want_values: bool = True):
     """Run every window of one call. Returns
     (vhat, new_keys, new_values, idx, half_idx, w, saved_rows, keys_hist); the last two are empty
     unless `keep` (what the backward needs). With `inplace` the given keys/values are updated
-    and returned (inference streaming: no table copy per call)."""
+    (after the last window, all or nothing) and returned: no table copy per call. Without
+    `want_values` (and not in place) new_values is an empty tensor: nothing copies the table.
+
+    Tokens with mask < 0 are skipped tokens (non-finite input left out, see functional): they
+    neither write values nor enter the addressing loss."""
     B, T, H, dk = q.shape
     S, _, _, n, d2 = keys.shape
     N, dv, k = n * n, values.shape[-1], cfg.topk
     HK = H * k
     per_seq = S > 1
     dev, dt = q.device, values.dtype
+    P = pend_idx.shape[1]
+    check_tokens(q, v, g, mask, P)
     grp = _group_of_batch(B, S, dev)
     row_base = (grp * N).view(B, 1, 1)
-    K = keys if inplace else keys.clone()
-    V = values.view(S * N, dv) if inplace else _alloc.clone(values).view(S * N, dv)
+    K = keys.clone()
+    tr = TouchedRows(values.view(S * N, dv), min(S * N, B * T * HK))
     qh = q.reshape(B, T, H, 2, d2)
-    P = pend_idx.shape[1]
+    amask = addr_mask(mask)
     wins = windows(T, cfg.chunk_size)
     vhat = torch.empty(B, T, dv, dtype=dt, device=dev)
     idx_all = torch.empty(B, T, H, k, dtype=torch.long, device=dev)
@@ -299,6 +400,7 @@ def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: Config, keep:
     if P:
         idx_all[:, :P] = pend_idx
         half_all[:, :P] = pend_half
+    wrote = False
     for wi, (s0, s1) in enumerate(wins):
         L = s1 - s0
         if keep:
@@ -308,31 +410,56 @@ def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: Config, keep:
             i, hi = search(qh[:, a0:s1].contiguous(), K, per_seq, cfg)
             idx_all[:, a0:s1] = i
             half_all[:, a0:s1] = hi
-        win = Window(K, qh[:, s0:s1].contiguous(), idx_all[:, s0:s1], half_all[:, s0:s1], grp, per_seq, cfg)
+        am_w = None if amask is None else amask[:, s0:s1]
+        win = Window(K, qh[:, s0:s1].contiguous(), idx_all[:, s0:s1], half_all[:, s0:s1], grp,
+                     per_seq, cfg, am_w)
         w = win.w
         w_all[:, s0:s1] = w.view(B, L, HK)
-        rows = (idx_all[:, s0:s1].reshape(B, L, HK) + row_base).reshape(B * L, HK)
+        rows = tr.map((idx_all[:, s0:s1].reshape(B, L, HK) + row_base).reshape(B * L, HK))
+        Cv = tr.table
         out = torch.empty(B * L, dv, dtype=dt, device=dev)
         sv = torch.empty(B * L, HK, dv, dtype=dt, device=dev) if keep else None
-        _native.gather_rows(V, rows, w, out, sv)
+        _native.gather_rows(Cv, rows, w, out, sv)
         vhat[:, s0:s1] = out.view(B, L, dv)
         if keep:
             saved[:, s0:s1] = sv.view(B, L, HK, dv)
         if L < cfg.chunk_size and not cfg.flush:
             continue
+        wrote = True
         # value write-back: V_i -= lr * HK / N_i * sum w r over the contributing pairs of row i
         y, contrib, wt = contributing(v[:, s0:s1], g[:, s0:s1], mask[:, s0:s1], cfg.lookahead)
         r = (wt.unsqueeze(-1) * (out.view(B, L, dv) - y)).reshape(B * L, dv)
         urows, offsets, order, inv_count = value_pairs(rows, contrib, HK)
         coef = (-cfg.lr * HK) * w.reshape(-1) * inv_count.to(dt)
-        _native.scatter_rows(V, urows, offsets, order, coef, r, HK)
+        _native.scatter_rows(Cv, urows, offsets, order, coef, r, HK)
         # key update: K -= lr * dL_addr/dK
-        G = win.grad_keys()
+        K = (win.kflat - cfg.lr * win.grad_keys()).view_as(K)
+        if not bool(torch.isfinite(K).all()):
+            _commit_check(K, Cv, wi)
+    if not wrote:  # a read-only call: the tables are returned as they are
         if inplace:
-            K.view(-1, d2).sub_(cfg.lr * G)
+            K, V = keys, values
         else:
-            K = (win.kflat - cfg.lr * G).view_as(K)
-    return vhat, K, V.view(values.shape), idx_all, half_all, w_all, saved, hist
+            V = _alloc.clone(values) if want_values else values.new_empty(0)
+        return vhat, K, V, idx_all, half_all, w_all, saved, hist
+    _commit_check(K, tr.table, len(wins) - 1)
+    if inplace:
+        keys.copy_(K)
+        values.view(S * N, dv).index_copy_(0, tr.touched, tr.table)
+        K, V = keys, values
+    elif want_values:
+        V = _alloc.clone(values)
+        V.view(S * N, dv).index_copy_(0, tr.touched, tr.table)
+    else:
+        V = values.new_empty(0)
+    return vhat, K, V, idx_all, half_all, w_all, saved, hist
+
+
+def addr_mask(mask: Tensor) -> Optional[Tensor]:
+    """Tokens that enter the addressing loss (B, T) as 0/1, or None when all do (mask >= 0)."""
+    if mask.numel() == 0 or not bool((mask < 0).any()):
+        return None
+    return (mask >= 0).to(mask.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,11 +489,12 @@ def backward(gvhat, gkeys, gvalues, q, v, g, mask, hist, idx_all, half_all, w_al
     gq = torch.zeros(B, T, H, 2, d2, dtype=dt, device=dev)
     gv = torch.zeros(B, T, dv, dtype=dt, device=dev)
     gg = torch.zeros(B, T, dtype=dt, device=dev)
+    amask = addr_mask(mask)
     for wi, (s0, s1) in reversed(list(enumerate(windows(T, cfg.chunk_size)))):
         L = s1 - s0
         M = B * L
         win = Window(hist[wi], qh[:, s0:s1].contiguous(), idx_all[:, s0:s1], half_all[:, s0:s1],
-                     grp, per_seq, cfg)
+                     grp, per_seq, cfg, None if amask is None else amask[:, s0:s1])
         w = win.w
         cid_w = cid[:, s0:s1].reshape(M, HK).contiguous()
         vhat_w = vhat[:, s0:s1].reshape(M, dv)

@@ -60,6 +60,8 @@ def topk_select(dots: torch.Tensor, qn: Optional[torch.Tensor], kn: Optional[tor
         raise ValueError(f"score: expected 'idw' or 'dot', got {kind!r}")
     if not 1 <= k <= n:
         raise ValueError(f"topk: need 1 <= topk <= n_subkeys ({n}), got {k}")
+    if isinstance(tokens_per_group, bool) or not isinstance(tokens_per_group, int) or tokens_per_group < 1:
+        raise ValueError(f"tokens_per_group: expected an int >= 1, got {tokens_per_group!r}")
     G = max(1, -(-M // tokens_per_group))
     if kind == "idw":
         _check("qn", qn, dt, dev, (M, H, 2))
@@ -68,6 +70,8 @@ def topk_select(dots: torch.Tensor, qn: Optional[torch.Tensor], kn: Optional[tor
     _check("score", score, dt, dev, (M, H, k))
     _check("half_idx", half_idx, torch.int64, dev, (M, H, 2, k))
     _check("half_score", half_score, dt, dev, (M, H, 2, k))
+    if M * H == 0:
+        return
     _C.topk_select(_dev(dots), code, dots.data_ptr(), qn.data_ptr() if kind == "idw" else 0,
                    kn.data_ptr() if kind == "idw" else 0, M, H, n, k, tokens_per_group,
                    _KIND_CODE[kind], float(eps), idx.data_ptr(), score.data_ptr(),
@@ -95,6 +99,8 @@ def gather_rows(table: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, out: t
     _check("out", out, dt, dev, (M, D))
     if saved is not None:
         _check("saved", saved, dt, dev, (M, L, D))
+    if M * D == 0:
+        return
     _C.gather_rows(_dev(table), code, table.data_ptr(), R, D, rows.data_ptr(), w.data_ptr(), M, L,
                    out.data_ptr(), saved.data_ptr() if saved is not None else 0, _stream(table))
 
@@ -105,6 +111,8 @@ def gather_dot(table: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, gw: tor
     dev, dt = table.device, table.dtype
     _check("x", x, dt, dev, (M, D))
     _check("gw", gw, dt, dev, (M, L))
+    if M * L == 0:
+        return
     _C.gather_dot(_dev(table), code, table.data_ptr(), R, D, rows.data_ptr(), x.data_ptr(), M, L,
                   gw.data_ptr(), _stream(table))
 
@@ -130,6 +138,8 @@ def scatter_rows(table: torch.Tensor, urows: torch.Tensor, offsets: torch.Tensor
         raise ValueError(f"x: expected shape (M, {D}), got {tuple(x.shape)}")
     if coef.numel() != x.shape[0] * L:
         raise ValueError(f"coef: expected {x.shape[0] * L} pair coefficients, got {coef.numel()}")
+    if U == 0 or D == 0:
+        return
     fn = _C.scatter_rows if deterministic or not table.is_cuda else _C.scatter_rows_atomic
     fn(_dev(table), code, table.data_ptr(), R, D, urows.data_ptr(), offsets.data_ptr(), U,
        order.data_ptr(), coef.data_ptr(), x.data_ptr(), L, _stream(table))

@@ -109,7 +109,8 @@ def normalize_memory(q: Tensor, keys: Tensor, values: Tensor):
 
 
 def check_tokens(q: Tensor, v: Tensor, g: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """Validate v/g/mask against q; returns the mask (ones when None)."""
+    """Validate q/v/g/mask shapes and devices; returns the mask (ones when None)."""
+    _tensor("q", q, (4,))
     B, T = q.shape[:2]
     _tensor("v", v, (3,))
     _tensor("g", g, (2,))
@@ -127,6 +128,56 @@ def check_tokens(q: Tensor, v: Tensor, g: Tensor, mask: Optional[Tensor]) -> Ten
         if t.device != q.device:
             _fail(ValueError, name, f"expected device {q.device} like q, got {t.device}")
     return mask
+
+
+NONFINITE = ("raise", "skip")
+MAX_ABS = _memory.MAX_ABS
+
+
+def _bad_tokens(name: str, t: Tensor) -> Tensor:
+    """(B, T) True where token (b, t) of t holds a non-finite or too large value."""
+    ok = torch.isfinite(t) & (t.abs() <= MAX_ABS)
+    return ~ok.reshape(t.shape[0], t.shape[1], -1).all(-1)
+
+
+def screen_tokens(q: Tensor, v: Tensor, g: Tensor, mask: Tensor, nonfinite: str, dt: torch.dtype):
+    """SPEC "Inputs that must never reach the tables", before anything is written.
+
+    q/v/g/mask are converted to the fast-weight dtype dt first (what would reach the tables).
+    nonfinite="raise": nothing to do here; the memory op itself raises a ValueError naming the
+    argument and the first bad (batch, token) before it writes (_memory.check_tokens), so the
+    check also runs inside compiled graphs.
+    nonfinite="skip": bad entries are zeroed, the token gets mask -1 (no write, left out of the
+    addressing loss: see _memory.addr_mask) and a token whose *target* v is bad does not write.
+    Returns (q, v, g, mask, bad_v, n_skipped); mask >= 0 except for skipped tokens (-1).
+    n_skipped is None inside a compiled graph (counting would break the graph)."""
+    if nonfinite not in NONFINITE:
+        _fail(ValueError, "nonfinite", f"expected one of {NONFINITE}, got {nonfinite!r}")
+    # mask <= 0 means "does not write" whatever its value: clamping keeps -1 free for skipped
+    # tokens (NaN stays NaN and is refused by the op)
+    mask = mask.to(dt).clamp_min(0.0)
+    q, v, g = q.to(dt), v.to(dt), g.to(dt)
+    B, T = mask.shape
+    if nonfinite == "raise" or B * T == 0:
+        return q, v, g, mask, None, 0
+    bq, bv, bg = _bad_tokens("q", q), _bad_tokens("v", v), _bad_tokens("g", g)
+    any_bad = bq | bv | bg
+    zero = lambda t, bad: torch.where(bad.view(B, T, *([1] * (t.dim() - 2))), torch.zeros_like(t), t)  # noqa: E731
+    q, v, g = zero(q, bq), zero(v, bv), zero(g, bg)
+    mask = torch.where(any_bad, torch.full_like(mask, -1.0), mask)
+    if torch.compiler.is_compiling():
+        return q, v, g, mask, bv, None
+    return q, v, g, mask, bv, int(any_bad.sum())
+
+
+def drop_bad_targets(mask: Tensor, bad_v: Tensor, lookahead: int) -> Tensor:
+    """Token t - lookahead writes towards v[t]: when v[t] was bad it must not write."""
+    T = mask.shape[1]
+    if lookahead >= T:
+        return mask
+    head = mask[:, : T - lookahead]
+    stop = bad_v[:, lookahead:] & (head > 0)
+    return torch.cat((torch.where(stop, torch.zeros_like(head), head), mask[:, T - lookahead:]), 1)
 
 
 def fwpkm_memory(q: Tensor, v: Tensor, g: Tensor, keys: Tensor, values: Tensor, *, topk: int,
@@ -161,13 +212,18 @@ def fwpkm_memory(q: Tensor, v: Tensor, g: Tensor, keys: Tensor, values: Tensor, 
     if topk > keys5.shape[3]:
         _fail(ValueError, "topk", f"must be <= n_subkeys ({keys5.shape[3]}), got {topk}")
     backend = resolve_backend(backend, q.device)
+    dt = keys.dtype
+    q, v, g, mask, _, _ = screen_tokens(q, v, g, mask, "raise", dt)
+    B, T = q.shape[:2]
+    if B * T == 0:  # SPEC: empty input, empty output, state unchanged
+        return values.new_zeros(B, T, values.shape[-1]), keys.clone(), values.clone()
     if backend == "reference":
         from .reference import fwpkm_memory_reference
 
-        dt = keys.dtype
-        return fwpkm_memory_reference(q.to(dt), v.to(dt), g.to(dt), keys, values, topk=topk,
+        _memory.check_tokens(q, v, g, mask, 0)
+        return fwpkm_memory_reference(q, v, g, keys, values, topk=topk,
                                       chunk_size=chunk_size, lookahead=lookahead, lr=lr,
-                                      addr_loss_weight=addr_loss_weight, mask=mask.to(dt),
+                                      addr_loss_weight=addr_loss_weight, mask=mask,
                                       score=score, eps=eps)
     out = memory_call(q, v, g, mask, keys5, values3, None, None, topk=topk, chunk_size=chunk_size,
                       lookahead=lookahead, lr=lr, addr_loss_weight=addr_loss_weight, score=score,
@@ -179,12 +235,14 @@ def fwpkm_memory(q: Tensor, v: Tensor, g: Tensor, keys: Tensor, values: Tensor, 
 
 
 def memory_call(q, v, g, mask, keys5, values3, pend_idx, pend_half, *, topk, chunk_size, lookahead,
-                lr, addr_loss_weight, score, eps, flush, inplace=False):
+                lr, addr_loss_weight, score, eps, flush, inplace=False, want_values=True):
     """The native fused op on validated inputs (state as (S,H,2,n,d2) / (S,N,dv)).
 
     Returns (vhat, new_keys, new_values, idx, half_idx). Without autograd, a call that writes
     nothing returns the given tables themselves, and `inplace=True` writes into them (no copy of
-    the N x dv table per call: the streaming inference path)."""
+    the N x dv table per call: the streaming inference path). Without `want_values` the new
+    value table comes back empty (nothing copies it). An in-place call writes the tables once,
+    after every window succeeded: a call that raises leaves them as they were."""
     dt = keys5.dtype
     B, T, H, _ = q.shape
     if pend_idx is None:
@@ -203,7 +261,7 @@ def memory_call(q, v, g, mask, keys5, values3, pend_idx, pend_half, *, topk, chu
     vhat, nk, nv, idx, half, _, _, _ = ops.memory(q, v, g, mask, keys5, values3, pend_idx, pend_half,
                                                   topk, chunk_size, lookahead, float(lr),
                                                   float(addr_loss_weight), score, float(eps),
-                                                  bool(flush), keep)
+                                                  bool(flush), keep, bool(want_values))
     return vhat, nk, nv, idx, half
 
 
@@ -225,7 +283,14 @@ def product_key_topk(q: Tensor, keys: Tensor, topk: int, *, score: str = "idw", 
         _fail(ValueError, "topk", f"must be <= n_subkeys ({keys5.shape[3]}), got {topk}")
     if q.dtype != keys.dtype:
         _fail(TypeError, "q", f"expected dtype {keys.dtype} like keys, got {q.dtype}")
+    if keys.dtype not in (torch.float32, torch.float64):
+        _fail(TypeError, "keys", f"expected float32 or float64, got {keys.dtype}")
     resolve_backend("auto", q.device)
+    if not torch.compiler.is_compiling():
+        # a NaN query has no top-k (every score NaN); refuse it like the memory does
+        _memory.check_tokens(q, q.new_zeros(B, T, 0), q.new_zeros(B, T), q.new_zeros(B, T), 0)
+        if keys.numel() and not bool((torch.isfinite(keys) & (keys.abs() <= _memory.MAX_ABS)).all()):
+            _fail(ValueError, "keys", f"non-finite values or values beyond +-{_memory.MAX_ABS:g}")
     return ops.topk(q.contiguous(), keys5.contiguous(), topk, score, float(eps))
 
 
@@ -252,7 +317,8 @@ def gather(table: Tensor, rows: Tensor, w: Tensor) -> Tensor:
 
 
 def memory_step(q: Tensor, v: Tensor, g: Tensor, state, *, mask: Optional[Tensor] = None,
-                flush: bool = True, inplace: bool = False):
+                flush: bool = True, inplace: bool = False, nonfinite: str = "raise",
+                return_state: bool = True):
     """Streaming call: read and write the tokens (B, T, ...) with the memory `state`.
 
     Window boundaries are absolute (counted from the start of the state's stream): windows that
@@ -262,15 +328,25 @@ def memory_step(q: Tensor, v: Tensor, g: Tensor, state, *, mask: Optional[Tensor
     then flushing, equals one call with flush=True (SPEC "Streaming").
 
     `inplace=True` (only without autograd) writes the state's tables in place instead of copying
-    them: the returned state shares them and the given state must not be used again.
+    them: the returned state shares them and the given state must not be used again. The write
+    happens once, after the whole call succeeded: a call that raises leaves the state as it was.
+
+    `nonfinite`: what a token whose q, v or g is NaN, Inf or beyond +-1e15 does (SPEC "Inputs that
+    must never reach the tables"). "raise" (default): a ValueError naming the argument and the
+    first bad (batch, token), before anything is written. "skip": the token is read (with its bad
+    entries zeroed) but writes nothing and stays out of the addressing loss, nor does the token
+    whose target it is; the count is added to `state.extras["nonfinite_skipped"]`.
+
+    `return_state=False` returns (vhat, None) and never builds the new value table (a training
+    call whose final state is not kept).
     """
     from .state import MemoryState
 
     if not isinstance(state, MemoryState):
         _fail(TypeError, "state", f"expected a MemoryState, got {type(state).__name__}")
     c = state.config
-    B, T = q.shape[:2]
     mask = check_tokens(q, v, g, mask)
+    B, T = q.shape[:2]
     keys5, values3 = state.keys, state.values
     if q.device != values3.device:
         _fail(ValueError, "q", f"expected device {values3.device} like the state, got {q.device}")
@@ -283,22 +359,43 @@ def memory_step(q: Tensor, v: Tensor, g: Tensor, state, *, mask: Optional[Tensor
     if P and state.pending_q.shape[0] != B:
         _fail(ValueError, "state", f"the state holds pending tokens of a batch of "
               f"{state.pending_q.shape[0]} sequences, batch is {B}")
+    if not isinstance(flush, bool):
+        _fail(TypeError, "flush", f"expected a bool, got {type(flush).__name__}")
+    if not isinstance(inplace, bool):
+        _fail(TypeError, "inplace", f"expected a bool, got {type(inplace).__name__}")
     resolve_backend("auto", q.device)
     dt = keys5.dtype
-    q, v, g, mask = (t.to(dt) for t in (q, v, g, mask))
-    opts = dict(topk=c.topk, chunk_size=c.chunk_size, lookahead=c.lookahead, lr=c.lr,
-                addr_loss_weight=c.addr_loss_weight, score=c.score, eps=c.eps)
     if inplace and torch.is_grad_enabled() and any(
             t.requires_grad for t in (q, v, g, keys5, values3)):
         _fail(ValueError, "inplace", "in-place state updates are for inference; run under "
               "torch.no_grad() or pass inplace=False")
-    opts["inplace"] = inplace
+    q, v, g, mask, bad_v, skipped = screen_tokens(q, v, g, mask, nonfinite, dt)
+    if B * T == 0:  # SPEC: empty input, empty output, state unchanged
+        return values3.new_zeros(B, T, c.value_dim), (state if return_state else None)
+    opts = dict(topk=c.topk, chunk_size=c.chunk_size, lookahead=c.lookahead, lr=c.lr,
+                addr_loss_weight=c.addr_loss_weight, score=c.score, eps=c.eps, inplace=inplace)
+    if bad_v is not None:
+        # the token lookahead places before a bad v may be pending from an earlier call
+        if P:
+            ma = drop_bad_targets(torch.cat((state.pending_mask, mask), 1),
+                                  torch.cat((torch.zeros_like(state.pending_mask, dtype=torch.bool), bad_v), 1),
+                                  c.lookahead)
+            state = state.with_(pending_mask=ma[:, :P])
+            mask = ma[:, P:]
+        else:
+            mask = drop_bad_targets(mask, bad_v, c.lookahead)
+        if skipped:
+            extras = dict(state.extras)
+            extras["nonfinite_skipped"] = extras.get("nonfinite_skipped", 0.0) + float(skipped)
+            state = state.with_(extras=extras)
     C = c.chunk_size
     if P + T < C and not flush:
         # no window completes: read with the current tables, everything stays pending
         vhat, _, _, idx, half = memory_call(q, v, g, mask, keys5, values3, None, None, flush=False, **opts)
         new = _append_pending(state, q, v, g, mask, idx, half, P)
-        return vhat, _count_reads(new, idx, g, keys5.shape[0])
+        return vhat, (_count_reads(new, idx, g, keys5.shape[0]) if return_state else None)
+    tail = 0 if flush else (P + T) % C
+    opts["want_values"] = return_state or inplace
     if P:
         cat = lambda a, b: torch.cat((a, b), 1)  # noqa: E731
         qa, va = cat(state.pending_q, q), cat(state.pending_v, v)
@@ -310,7 +407,8 @@ def memory_step(q: Tensor, v: Tensor, g: Tensor, state, *, mask: Optional[Tensor
         qa, va, ga, ma = q, v, g, mask
         vhat, nk, nv, idx, half = memory_call(q, v, g, mask, keys5, values3, None, None, flush=flush, **opts)
         idx_new = idx
-    tail = 0 if flush else (P + T) % C
+    if not return_state:
+        return vhat, None
     new = state.with_(keys=nk, values=nv, pending_q=None, pending_v=None, pending_g=None,
                       pending_mask=None, pending_idx=None, pending_half_idx=None)
     if tail:

@@ -61,8 +61,13 @@ class FwPKM(nn.Module):
                  heads: int = 1, topk: int = 8, chunk_size: int = 512, lookahead: int = 1,
                  lr: float = 1.0, addr_loss_weight: float = 1.0, score: str = "idw", eps: float = 1e-3,
                  query_norm: str = "none", init_values: str = "random", learn_init_keys: bool = False,
-                 carry_keys: bool = False, gate_bias: Optional[float] = None):
+                 carry_keys: bool = False, gate_bias: Optional[float] = None, nonfinite: str = "raise"):
         super().__init__()
+        if nonfinite not in functional.NONFINITE:
+            raise ValueError(f"nonfinite: expected one of {functional.NONFINITE}, got {nonfinite!r}")
+        # what a token whose q, v or g is NaN/Inf does (SPEC "Inputs that must never reach the
+        # tables"): "raise" before anything is written, or "skip" it (no write, counted)
+        self.nonfinite = nonfinite
         if query_norm not in QUERY_NORMS:
             raise ValueError(f"query_norm: expected one of {QUERY_NORMS}, got {query_norm!r}")
         if init_values not in INIT_VALUES:
@@ -200,12 +205,17 @@ class FwPKM(nn.Module):
         return halves.reshape(q.shape)
 
     def forward(self, x: Tensor, state: Optional[MemoryState] = None, flush: bool = True,
-                mask: Optional[Tensor] = None, inplace: bool = False) -> Tuple[Tensor, MemoryState]:
+                mask: Optional[Tensor] = None, inplace: bool = False, nonfinite: Optional[str] = None,
+                return_state: bool = True) -> Tuple[Tensor, Optional[MemoryState]]:
         """x (B, T, dim) -> (y, new_state). `mask` (B, T): tokens with mask <= 0 are read but do not
         write. `inplace=True` (inference under torch.no_grad only) updates the given state's
         tables in place instead of copying them: the fast streaming path; the old state object
-        must not be reused."""
+        must not be reused. `nonfinite` overrides the layer's setting for this call (see
+        `functional.memory_step`). `return_state=False` returns (y, None) and skips building the
+        new value table (a training step that does not keep the memory)."""
         q, v, g = self.project(x)
+        nonfinite = self.nonfinite if nonfinite is None else nonfinite
+        return_state = return_state or (self.carry_keys and self.training)
         if state is None:
             if inplace:
                 raise ValueError("inplace: needs an explicit state (layer.init_state(...)); the "
@@ -217,7 +227,8 @@ class FwPKM(nn.Module):
         else:
             self._check_state(state)
             fresh = False
-        vhat, state = functional.memory_step(q, v, g, state, mask=mask, flush=flush, inplace=inplace)
+        vhat, state = functional.memory_step(q, v, g, state, mask=mask, flush=flush, inplace=inplace,
+                                             nonfinite=nonfinite, return_state=return_state)
         if fresh and self.carry_keys and self.training:
             # carried memory (SPEC "Extensions"): the detached final keys of this training call
             # become the initial keys of the next, so they fit the query distribution over time

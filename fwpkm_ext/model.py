@@ -339,7 +339,9 @@ class Block(nn.Module):
             if self.mem_conv is not None:
                 x, new_tail = self._short_conv(h, conv_tail)
             inplace = inplace_memory and mem_state is not None and not torch.is_grad_enabled()
-            y, new_state = self.fwpkm(x, state=mem_state, flush=not want_cache, inplace=inplace)
+            # without a cache the final memory is dropped: do not build its value table
+            y, new_state = self.fwpkm(x, state=mem_state, flush=not want_cache, inplace=inplace,
+                                      return_state=want_cache)
             h = h + y
         a, new_kv = self.attn(self.attn_norm(h), pos0, kv, want_cache)
         h = h + a

@@ -114,27 +114,30 @@ gather.register_autograd(_gather_bwd, setup_context=_gather_setup)
 def memory(q: Tensor, v: Tensor, g: Tensor, mask: Tensor, keys: Tensor, values: Tensor,
            pend_idx: Tensor, pend_half: Tensor, topk: int, chunk_size: int, lookahead: int,
            lr: float, addr_loss_weight: float, score: str, eps: float, flush: bool,
-           keep: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+           keep: bool, want_values: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One FwPKM call over all windows; see fwpkm_ext.functional.fwpkm_memory for the contract.
 
     keys (S,H,2,n,d2), values (S,N,dv); pend_idx (B,P,H,k) / pend_half (B,P,H,2,k): precomputed
     top-k of the first P tokens (pending tokens of a streaming state, P < chunk_size).
     Returns (vhat, new_keys, new_values, idx, half_idx, w, saved_rows, keys_hist); the last two
-    are what the backward needs (empty unless keep).
+    are what the backward needs (empty unless keep). Without want_values, new_values is an empty
+    tensor and the N x dv table is never copied (training, when the final state is not kept).
+    Tokens with mask < 0 are skipped (no write, outside the addressing loss).
     """
     cfg = _cfg(topk, chunk_size, lookahead, lr, addr_loss_weight, score, eps, flush)
-    return _memory.forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg, keep)
+    return _memory.forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg, keep,
+                           want_values=want_values)
 
 
 @memory.register_fake
 def _(q, v, g, mask, keys, values, pend_idx, pend_half, topk, chunk_size, lookahead, lr,
-      addr_loss_weight, score, eps, flush, keep):
+      addr_loss_weight, score, eps, flush, keep, want_values=True):
     B, T, H, _ = q.shape
     dv = values.shape[-1]
     HK = H * topk
     W = -(-T // chunk_size)
     e = values.new_empty
-    return (e(B, T, dv), keys.new_empty(keys.shape), e(values.shape),
+    return (e(B, T, dv), keys.new_empty(keys.shape), e(values.shape if want_values else (0,)),
             e(B, T, H, topk, dtype=torch.long), e(B, T, H, 2, topk, dtype=torch.long), e(B, T, HK),
             e((B, T, HK, dv) if keep else (0,)), e((W,) + tuple(keys.shape) if keep else (0,)))
 
@@ -164,11 +167,12 @@ _SCALARS = ("topk", "chunk_size", "lookahead", "lr", "addr_loss_weight", "score"
 def _memory_setup(ctx, inputs, output):
     q, v, g, mask, keys, values, _, _, *scalars = inputs
     vhat, _, _, idx, half, w, saved, hist = output
-    if not scalars[-1] and any(ctx.needs_input_grad[:6]):
+    if not scalars[len(_SCALARS)] and any(ctx.needs_input_grad[:6]):
         raise RuntimeError("fwpkm_ext::memory was called with keep=False on inputs that need grad")
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, v, g, mask, hist, idx, half, w, saved, vhat)
     ctx.scalars = scalars[: len(_SCALARS)]
+    ctx.n_scalar_args = len(scalars)
     ctx.values_shape = list(values.shape)
 
 
@@ -181,7 +185,7 @@ def _memory_bwd(ctx, gvhat, gkeys, gvalues, *_):
                                             saved, vhat, ctx.values_shape, *ctx.scalars, need_v)
     ng = ctx.needs_input_grad
     return ((gq if ng[0] else None), (gv if ng[1] else None), (gg if ng[2] else None), None,
-            (gk if ng[4] else None), (gvals if need_v else None)) + (None,) * (2 + len(_SCALARS) + 1)
+            (gk if ng[4] else None), (gvals if need_v else None)) + (None,) * (2 + ctx.n_scalar_args)
 
 
 memory.register_autograd(_memory_bwd, setup_context=_memory_setup)

@@ -407,8 +407,9 @@ def value_update_reference(
 
 
 def _addressing_loss_one_memory(k4: Tensor, q: Tensor, topk: int, score: str, eps: float,
-                                addr_loss_weight: float) -> Tensor:
-    """Loss for one memory: k4 ``(H, 2, n, d)``, q ``(R, H, dk)`` all rows sharing it."""
+                                addr_loss_weight: float, rows_on: Optional[Tensor] = None) -> Tensor:
+    """Loss for one memory: k4 ``(H, 2, n, d)``, q ``(R, H, dk)`` all rows sharing it;
+    ``rows_on`` ``(R,)`` 0/1: rows left out of the marginal (skipped tokens) have 0."""
     H, _, n, d = k4.shape
     total = q.new_zeros(())
     for m in range(2):
@@ -419,7 +420,10 @@ def _addressing_loss_one_memory(k4: Tensor, q: Tensor, topk: int, score: str, ep
         keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, True)
         s_masked = s.masked_fill(~keep, float("-inf"))
         P = torch.softmax(s_masked, dim=-1)  # (R, H, n)
-        pbar = P.mean(dim=0)  # (H, n)
+        if rows_on is None:
+            pbar = P.mean(dim=0)  # (H, n)
+        else:
+            pbar = (P * rows_on.view(-1, 1, 1)).sum(0) / rows_on.sum().clamp_min(1.0)
         Hm = -(pbar * torch.log(pbar + 1e-8)).sum(dim=-1)  # (H,)
         total = total + Hm.sum()
     return -addr_loss_weight * total
@@ -433,6 +437,7 @@ def addressing_loss_reference(
     score: str = "idw",
     eps: float = 1e-3,
     addr_loss_weight: float = 1.0,
+    addr_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """Addressing loss (marginal entropy) of ONE window (SPEC "Update", keys bullet).
 
@@ -448,6 +453,9 @@ def addressing_loss_reference(
             per sequence; then each sequence is its own memory and the result is the sum
             over sequences of their losses (rows = that sequence's tokens only).
         q: ``(B, T, H, dk)`` the window's queries.
+        addr_mask: ``(B, T)`` 0/1 or None: tokens with 0 are left out of the marginal (the
+            tokens skipped for non-finite input, SPEC "Inputs that must never reach the
+            tables"); ``pbar`` is then the mean over the kept rows of each memory.
     Returns:
         Scalar loss, differentiable (to any order) w.r.t. ``keys`` and ``q``.
     """
@@ -462,8 +470,10 @@ def addressing_loss_reference(
     if T == 0:
         return (k5.sum() * 0).reshape(())
     qs = q.reshape(S, (B // S) * T, H, dk)
+    ons = None if addr_mask is None else addr_mask.to(dt).reshape(S, (B // S) * T)
     losses = [
-        _addressing_loss_one_memory(k5[s], qs[s], topk, score, eps, addr_loss_weight)
+        _addressing_loss_one_memory(k5[s], qs[s], topk, score, eps, addr_loss_weight,
+                                    None if ons is None else ons[s])
         for s in range(S)
     ]
     return torch.stack(losses).sum()
@@ -479,6 +489,7 @@ def key_update_reference(
     eps: float = 1e-3,
     addr_loss_weight: float = 1.0,
     create_graph: Optional[bool] = None,
+    addr_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """Key (addressing) update of one window: ``K <- K - lr * dL_addr/dK``.
 
@@ -498,7 +509,7 @@ def key_update_reference(
             kk = keys.detach().to(dt).requires_grad_(True)
             qq = q.to(dt) if create_graph else q.detach().to(dt)
         loss = addressing_loss_reference(kk, qq, topk, score=score, eps=eps,
-                                         addr_loss_weight=addr_loss_weight)
+                                         addr_loss_weight=addr_loss_weight, addr_mask=addr_mask)
         (grad,) = torch.autograd.grad(loss, kk, create_graph=create_graph)
     if not create_graph:
         return (keys.detach().to(dt) - lr * grad.detach())
@@ -524,6 +535,7 @@ def fwpkm_memory_reference(
     score: str = "idw",
     eps: float = 1e-3,
     flush: bool = True,
+    addr_mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Full FwPKM memory over a sequence: windowed reads and fast-weight updates.
 
@@ -547,6 +559,8 @@ def fwpkm_memory_reference(
             (a leading dim of 1 also means shared);
         values: ``(N, dv)`` shared or ``(B, N, dv)`` per sequence, ``N = n*n``;
         mask: ``(B, T)`` or None (= ones).
+        addr_mask: ``(B, T)`` 0/1 or None (= ones): tokens left out of the addressing loss
+            (skipped tokens; see :func:`addressing_loss_reference`).
     Returns:
         ``(vhat (B, T, dv), new_keys, new_values)``; states keep the input shapes.
         Inputs are never modified in place.
@@ -600,7 +614,8 @@ def fwpkm_memory_reference(
             vhat_w, v[:, start:end], g[:, start:end], mask_f[:, start:end], lookahead)
         V_new = value_update_reference(V, idx_w, w_w, r_w, contrib_w, lr, topk, H)
         K_new = key_update_reference(K, qw, topk, lr=lr, score=score, eps=eps,
-                                     addr_loss_weight=addr_loss_weight)
+                                     addr_loss_weight=addr_loss_weight,
+                                     addr_mask=None if addr_mask is None else addr_mask[:, start:end])
         V, K = V_new, K_new
     vhat = torch.cat(outs, dim=1) if outs else v.new_zeros(B, 0, dv)
     if K is keys:

@@ -9,9 +9,13 @@
 namespace fwpkm {
 namespace {
 
-// (score, index) ordering used everywhere: higher score first, then smaller index.
+// (score, index) ordering used everywhere: higher score first, then smaller index. NaN scores
+// rank below every number (among themselves by index), as in the CUDA kernel: the order is total,
+// so both backends select the same slots even from NaN scores.
 template <typename T>
 inline bool ranks_before(T sa, int64_t ia, T sb, int64_t ib) {
+  const bool na = sa != sa, nb = sb != sb;
+  if (na || nb) return na != nb ? nb : ia < ib;
   return sa > sb || (sa == sb && ia < ib);
 }
 
