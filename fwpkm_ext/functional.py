@@ -286,6 +286,10 @@ def product_key_topk(q: Tensor, keys: Tensor, topk: int, *, score: str = "idw", 
     if keys.dtype not in (torch.float32, torch.float64):
         _fail(TypeError, "keys", f"expected float32 or float64, got {keys.dtype}")
     resolve_backend("auto", q.device)
+    if B * T == 0:
+        k, e = topk, q.new_empty
+        return (e(B, T, H, k, dtype=torch.long), e(B, T, H, k), e(B, T, H, 2, k, dtype=torch.long),
+                e(B, T, H, 2, k))
     if not torch.compiler.is_compiling():
         # a NaN query has no top-k (every score NaN); refuse it like the memory does
         _memory.check_tokens(q, q.new_zeros(B, T, 0), q.new_zeros(B, T), q.new_zeros(B, T), 0)
@@ -316,6 +320,29 @@ def gather(table: Tensor, rows: Tensor, w: Tensor) -> Tensor:
     return ops.gather(table.contiguous(), rows.contiguous(), w.contiguous())
 
 
+def _check_state(state) -> None:
+    """The cheap structural checks of a state given to a call (load() checks everything)."""
+    from .state import MemoryState
+
+    if not isinstance(state, MemoryState):
+        _fail(TypeError, "state", f"expected a MemoryState, got {type(state).__name__}")
+    k, v = state.keys, state.values
+    if not isinstance(k, Tensor) or not isinstance(v, Tensor) or k.dim() != 5 or v.dim() != 3:
+        _fail(ValueError, "state", "keys must be (S, H, 2, n, dk/2) and values (S, n*n, dv) tensors")
+    if k.shape[0] < 1 or v.shape[0] != k.shape[0]:
+        _fail(ValueError, "state", f"needs at least one memory and as many value tables as key "
+              f"tables, got keys {tuple(k.shape)} and values {tuple(v.shape)}")
+    if k.dtype not in (torch.float32, torch.float64) or v.dtype != k.dtype:
+        _fail(TypeError, "state", f"fast weights must be float32 or float64, got {k.dtype}/{v.dtype}")
+    c = state.config
+    if tuple(k.shape[1:]) != (c.heads, 2, c.n_subkeys, c.key_dim // 2) or \
+            tuple(v.shape[1:]) != (c.n_subkeys ** 2, c.value_dim):
+        _fail(ValueError, "state", f"tables {tuple(k.shape)}/{tuple(v.shape)} do not match its config")
+    if not k.is_contiguous() or not v.is_contiguous():
+        _fail(ValueError, "state", "tables must be contiguous")
+    check_config(c.topk, c.chunk_size, c.lookahead, c.lr, c.addr_loss_weight, c.n_subkeys, c.score, c.eps)
+
+
 def memory_step(q: Tensor, v: Tensor, g: Tensor, state, *, mask: Optional[Tensor] = None,
                 flush: bool = True, inplace: bool = False, nonfinite: str = "raise",
                 return_state: bool = True):
@@ -340,10 +367,7 @@ def memory_step(q: Tensor, v: Tensor, g: Tensor, state, *, mask: Optional[Tensor
     `return_state=False` returns (vhat, None) and never builds the new value table (a training
     call whose final state is not kept).
     """
-    from .state import MemoryState
-
-    if not isinstance(state, MemoryState):
-        _fail(TypeError, "state", f"expected a MemoryState, got {type(state).__name__}")
+    _check_state(state)
     c = state.config
     mask = check_tokens(q, v, g, mask)
     B, T = q.shape[:2]
@@ -420,6 +444,7 @@ def memory_step(q: Tensor, v: Tensor, g: Tensor, state, *, mask: Optional[Tensor
 def flush_state(state, inplace: bool = False):
     """Write the pending tokens of the unfinished window (no-op without pending tokens).
     `inplace` as in `memory_step`."""
+    _check_state(state)
     if state.pending == 0:
         return state
     c = state.config
@@ -469,10 +494,7 @@ def memory_read(q: Tensor, state) -> Tensor:
     The same read a token gets inside `memory_step` (top-k, pooled softmax, weighted gather), for
     probing a memory: the state and its pending tokens are left untouched. Not differentiable.
     Returns vhat (B, T, dv) in the fast-weight dtype."""
-    from .state import MemoryState
-
-    if not isinstance(state, MemoryState):
-        _fail(TypeError, "state", f"expected a MemoryState, got {type(state).__name__}")
+    _check_state(state)
     c = state.config
     _tensor("q", q, (4,))
     B, T = q.shape[:2]
@@ -484,6 +506,8 @@ def memory_read(q: Tensor, state) -> Tensor:
         _fail(ValueError, "state", f"per-sequence state holds {state.keys.shape[0]} memories, batch is {B}")
     resolve_backend("auto", q.device)
     dt = state.keys.dtype
+    if B * T == 0:
+        return torch.zeros(B, T, c.value_dim, dtype=dt, device=q.device)
     z = torch.zeros(B, T, dtype=dt, device=q.device)
     v = torch.zeros(B, T, c.value_dim, dtype=dt, device=q.device)
     # chunk_size > T and flush=False: no window completes, nothing is written

@@ -44,6 +44,21 @@ def _positive_int(name: str, val) -> int:
     return val
 
 
+def _check_x(x, dim: int, weight: Tensor) -> None:
+    """Hidden states (B, T, dim) of the module's dtype (any float dtype under autocast)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != dim:
+        raise ValueError(f"x: expected shape (B, T, {dim}), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating tensor, got {x.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"x: expected device {weight.device} like the module, got {x.device}")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"x: expected dtype {weight.dtype} like the module's weights (or run under "
+                        f"torch.autocast), got {x.dtype}")
+
+
 class FwPKM(nn.Module):
     """Fast-weight Product Key Memory sublayer.
 
@@ -174,8 +189,7 @@ class FwPKM(nn.Module):
     # ---------------------------------------------------------------------------------------------
     def project(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """q (B,T,H,dk), v (B,T,dv) z-scored, g (B,T) in (0,1) from hidden states x (B,T,dim)."""
-        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected shape (B, T, {self.dim}), got {tuple(getattr(x, 'shape', ()))}")
+        _check_x(x, self.dim, self.to_q.weight)
         h = self.norm_in(x)
         B, T, _ = x.shape
         q = self._normalize_queries(self.to_q(h)).view(B, T, self.config.heads, self.config.key_dim)
@@ -270,8 +284,7 @@ class PKM(nn.Module):
         self.to_out = nn.Linear(v_dim, dim, bias=True) if v_dim != dim else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected shape (B, T, {self.dim}), got {tuple(getattr(x, 'shape', ()))}")
+        _check_x(x, self.dim, self.to_q.weight)
         B, T, _ = x.shape
         H, k, n = self.heads, self.topk, self.n_subkeys
         dt = self.values.dtype
