@@ -175,6 +175,9 @@ def add_demo_subcommand(sub) -> None:
                    help="tokens of text the needles hide in (default 16384)")
     p.add_argument("--haystack", nargs="+", default=None, metavar="PATH",
                    help="text files to hide the needles in (default: bundled text)")
+    from .stream import FORCE_BINARY_HELP
+
+    p.add_argument("--force-binary", action="store_true", help=FORCE_BINARY_HELP)
     p.add_argument("--synthetic", action="store_true",
                    help="the layer-only association demo instead (options below)")
     g = p.add_argument_group("--synthetic options")
@@ -203,10 +206,15 @@ def _demo_cmd(a) -> int:
                  segment=a.segment or 4096, seed=a.seed, threads=a.threads,
                  progress=not a.no_progress)
         return 0
+    from .stream import check_checkpoint_dir, check_document, load_checkpoint
+
+    # every path first: a wrong one must not wait for the model to load
+    for p in a.haystack or ():
+        check_document(p, "--haystack", a.force_binary)
+    if a.model:
+        check_checkpoint_dir(a.model, "--model")
     model = tok = None
     if a.model:
-        from .stream import load_checkpoint
-
         model, tok = load_checkpoint(a.model)
     haystack = None
     if a.haystack:

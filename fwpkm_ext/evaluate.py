@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import pathlib
 import sys
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -23,8 +24,8 @@ import torch
 
 from .stream import (
     StreamReport, StreamingReader, SyntheticTokens, _add_reader_args, add_model_args, byte_fallback,
-    cli_errors, load_model_from_args, open_document, parse_update_chunk,
-    write_json)
+    check_corpus, check_document, check_model_args, check_output_path, cli_errors,
+    load_model_from_args, open_document, parse_update_chunk, write_json)
 
 __all__ = ["add_eval_subcommands", "held_out_documents", "training_args", "eval_ppl_cmd",
            "eval_memory_cmd", "plot_ppl", "memory_report", "GateStats", "have_matplotlib", "main"]
@@ -133,10 +134,20 @@ def plot_ppl(report: StreamReport, path: str, title: str = "") -> bool:
 # --------------------------------------------------------------------------------------------
 def eval_ppl_cmd(args: argparse.Namespace) -> int:
     """`fwpkm eval ppl`: held-out documents, perplexity by position bucket, table and plot."""
+    # every path first: a wrong one must not wait for the model to load
+    for f in args.files or ():
+        check_document(f, "--files", args.force_binary)
+    if args.corpus and not args.files:
+        check_corpus(args.corpus, "--corpus", args.force_binary)
+    check_model_args(args)
+    for name, out in (("--json", args.json), ("--plot", None if args.no_plot else args.plot)):
+        if out:
+            check_output_path(out, name)
     model, tok = load_model_from_args(args, seed=0)
     tok = byte_fallback(model, tok)
     if args.files:
-        docs: List[Any] = list(args.files)
+        # Paths: read as files whatever their names end with
+        docs: List[Any] = [pathlib.Path(f) for f in args.files]
         split = {"files": list(args.files)}
         corpus = None
     else:
@@ -271,6 +282,14 @@ def memory_report(reader: StreamingReader, doc) -> Tuple[StreamReport, Dict[int,
 
 def eval_memory_cmd(args: argparse.Namespace) -> int:
     """`fwpkm eval memory`: memory usage statistics per FwPKM layer after reading a document."""
+    # every path first: a wrong one must not wait for the model to load
+    if args.path is not None:
+        check_document(args.path, "path", args.force_binary)
+    elif args.corpus and args.synthetic_tokens is None:
+        check_corpus(args.corpus, "--corpus", args.force_binary)
+    check_model_args(args)
+    if args.json:
+        check_output_path(args.json, "--json")
     model, tok = load_model_from_args(args, seed=args.seed)
     if not model.cfg.fwpkm_layers:
         raise ValueError("the model has no FwPKM layer (fwpkm_layers is empty)")
@@ -281,7 +300,7 @@ def eval_memory_cmd(args: argparse.Namespace) -> int:
         name = f"{args.synthetic_tokens} synthetic tokens"
     elif args.path is not None:
         tok = byte_fallback(model, tok)
-        doc = name = args.path
+        doc, name = pathlib.Path(args.path), args.path
     else:
         tok = byte_fallback(model, tok)
         corpus, held, _ = held_out_documents(args.corpus, args.model, args.val_fraction,

@@ -37,7 +37,8 @@ import torch
 from .data import make_needles
 from .model import LM, LMCache
 from .stream import (
-    FULL_READ_CHUNK, add_model_args, byte_fallback, cli_errors, format_tokens, load_model_from_args,
+    FORCE_BINARY_HELP, FULL_READ_CHUNK, add_model_args, byte_fallback, check_corpus, check_document,
+    check_model_args, check_output_path, cli_errors, format_tokens, load_model_from_args,
     parse_update_chunk, write_json)
 
 __all__ = ["Needle", "NiahSample", "make_needles", "build_sample", "haystack_tokens",
@@ -417,6 +418,16 @@ def niah_cmd(args: argparse.Namespace) -> int:
         check_wording(args.wording)
     lengths = _int_list(args.lengths, "--lengths")
     iters = sorted(set(_int_list(args.iters, "--iters")))
+    # every path first: a wrong one must not wait for the model to load
+    for p in args.haystack or ():
+        check_document(p, "--haystack", args.force_binary)
+    if args.corpus and not args.haystack:
+        check_corpus(args.corpus, "--corpus", args.force_binary)
+    check_model_args(args)
+    plot = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else "niah.png")
+    for name, out in (("--json", args.json), ("--plot", None if args.no_plot else plot)):
+        if out:
+            check_output_path(out, name)
     model, tok = load_model_from_args(args, seed=args.seed)
     tok = byte_fallback(model, tok)
     if args.haystack:
@@ -463,7 +474,6 @@ def niah_cmd(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, payload)
         print(f"results written to {args.json}")
-    plot = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else "niah.png")
     if not args.no_plot:
         if plot_heatmap(out["results"], plot, title=str(payload["model"])):
             print(f"heatmap written to {plot}")
@@ -504,6 +514,7 @@ def add_niah_subcommands(subparsers) -> None:
     g.add_argument("--haystack", nargs="+", default=None, metavar="PATH",
                    help="haystack documents instead of the held-out split")
     g.add_argument("--encoding-errors", default="latin1", choices=["strict", "latin1", "replace"])
+    g.add_argument("--force-binary", action="store_true", help=FORCE_BINARY_HELP)
     g = p.add_argument_group("output")
     g.add_argument("--json", default=None, metavar="OUT", help="results JSON")
     g.add_argument("--plot", default=None,

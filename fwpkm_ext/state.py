@@ -9,8 +9,14 @@ from typing import Dict, Optional, Union
 import torch
 from torch import Tensor
 
+from ._fileio import CHECKSUM_KEY, atomic_torch_save, checksum_ok, seal
+
 STATE_FORMAT = "fwpkm_ext.MemoryState"
-STATE_VERSION = 1
+#: 2: a checksum over the contents, and the extras counters. Version 1 files still load.
+STATE_VERSION = 2
+_V1_KEYS = frozenset({"format", "version", "config", "per_sequence", "gate_sum", "tokens", "tensors"})
+#: the top-level entries each readable version may hold
+_STATE_KEYS = {1: _V1_KEYS, 2: _V1_KEYS | {"extras", CHECKSUM_KEY}}
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,8 @@ class MemoryState:
 
     # ---------------------------------------------------------------------------------------------
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write the state (detached, on CPU) to `path`."""
+        """Write the state (detached, on CPU) to `path`: atomically (a crash leaves the previous
+        file or the new one, never a partial one) and with a checksum `load` verifies."""
         tensors = {f.name: getattr(self, f.name) for f in fields(self)
                    if isinstance(getattr(self, f.name), Tensor)}
         payload = {
@@ -117,30 +124,61 @@ class MemoryState:
             "per_sequence": self.per_sequence,
             "gate_sum": float(self.gate_sum),
             "tokens": int(self.tokens),
+            "extras": _checked_extras(self.extras, "extras"),
             "tensors": {k: v.detach().cpu() for k, v in tensors.items()},
         }
-        tmp = f"{os.fspath(path)}.tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        atomic_torch_save(seal(payload), path)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], config: Optional[MemoryConfig] = None,
              device: Union[str, torch.device, None] = None) -> "MemoryState":
-        """Read a state file; rejects another format, version or config, bad shapes and non-finite
-        values with a ValueError naming the problem."""
+        """Read a state file; rejects another format, version or config, bad shapes, non-finite
+        values and damaged files (checksum) with a ValueError naming the problem. Reads the
+        files of this version and of version 1 (no checksum, no extras)."""
+        name = os.fspath(path)
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # corrupted / not a torch file
-            raise ValueError(f"path: {os.fspath(path)!r} is not a readable fwpkm_ext state file ({exc})") from exc
+            raise ValueError(f"path: {name!r} is not a readable fwpkm_ext state file ({exc})") from exc
         if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
-            raise ValueError(f"path: {os.fspath(path)!r} is not a fwpkm_ext state file")
-        if payload.get("version") != STATE_VERSION:
-            raise ValueError(f"path: state file version {payload.get('version')!r} is not supported "
-                             f"(this fwpkm_ext reads version {STATE_VERSION})")
+            raise ValueError(f"path: {name!r} is not a fwpkm_ext state file")
+        version = payload.get("version")
+        is_int = isinstance(version, int) and not isinstance(version, bool)  # True is not 1
+        if not is_int or version not in _STATE_KEYS:
+            newer = " (written by a newer fwpkm_ext)" if is_int and version > STATE_VERSION else ""
+            raise ValueError(f"path: state file version {version!r} is not supported{newer} "
+                             f"(this fwpkm_ext reads versions {sorted(_STATE_KEYS)})")
+        unknown = sorted(map(str, set(payload) - _STATE_KEYS[version]))
+        if unknown:
+            # e.g. a checksummed file whose version byte was damaged into an older version's
+            raise ValueError(f"path: {name!r} is not a valid version {version} state file "
+                             f"(unknown entries {unknown})")
+        if version >= 2 and CHECKSUM_KEY not in payload:
+            raise ValueError(f"path: {name!r} is damaged: its checksum is missing")
+        intact = version < 2 or checksum_ok(payload)
+        # the checksum is compared last: an edited or damaged file that is also invalid is
+        # reported by what is wrong with it (the shape, the non-finite value, ...)
+        note = "" if intact else "; and its checksum does not match: the file is damaged or was edited"
+        try:
+            state = cls._from_payload(payload, config)
+        except ValueError as exc:
+            if intact:
+                raise
+            raise ValueError(f"{exc}{note}") from exc
+        except Exception as exc:  # a damaged file can hold anything where a number belongs
+            raise ValueError(f"path: state file is malformed ({exc!r}){note}") from exc
+        if not intact:
+            raise ValueError(f"path: {name!r} is damaged: its checksum does not match its contents")
+        if device is not None:
+            state = state.to(device)
+        return state
+
+    @classmethod
+    def _from_payload(cls, payload: dict, config: Optional[MemoryConfig]) -> "MemoryState":
         try:
             cfg = MemoryConfig(**payload["config"])
-        except TypeError as exc:
-            raise ValueError(f"path: state file has an invalid config ({exc})") from exc
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"path: state file has an invalid config ({exc!r})") from exc
         if config is not None and cfg != config:
             raise ValueError(f"path: state file belongs to another memory configuration "
                              f"(file vs expected: {cfg.diff(config)})")
@@ -153,14 +191,14 @@ class MemoryState:
         for name, val in t.items():
             if not isinstance(val, Tensor):
                 raise ValueError(f"path: state file entry {name!r} is not a tensor")
+        extras = _checked_extras(payload.get("extras", {}), "path: state file extras")
         try:
             state = cls(config=cfg, per_sequence=bool(payload["per_sequence"]),
-                        gate_sum=float(payload["gate_sum"]), tokens=int(payload["tokens"]), **t)
+                        gate_sum=float(payload["gate_sum"]), tokens=int(payload["tokens"]),
+                        extras=extras, **t)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"path: state file is malformed ({exc!r})") from exc
         state._validate(where="path")
-        if device is not None:
-            state = state.to(device)
         return state
 
     def to(self, device: Union[str, torch.device]) -> "MemoryState":
@@ -228,3 +266,16 @@ class MemoryState:
 
     def with_(self, **kw) -> "MemoryState":
         return replace(self, **kw)
+
+
+def _checked_extras(extras, where: str) -> Dict[str, float]:
+    """``extras`` as a dict of str -> finite float, or a ValueError starting with ``where``."""
+    if not isinstance(extras, dict):
+        raise ValueError(f"{where}: must be a dict of str -> float, got {type(extras).__name__}")
+    out = {}
+    for k, v in extras.items():
+        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) \
+                or not math.isfinite(v):
+            raise ValueError(f"{where}: must map str to finite floats, got {k!r}: {v!r}")
+        out[k] = float(v)
+    return out

@@ -20,14 +20,19 @@ CLI: ``fwpkm stream PATH --model CKPT`` (also ``python -m fwpkm_ext.stream``).
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
+import gzip
 import hashlib
 import itertools
 import json
 import math
 import os
+import pathlib
+import re
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -35,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._fileio import CHECKSUM_KEY, atomic_torch_save, checksum_ok, seal
 from .model import LM, LMCache, LMConfig, PRESETS, config_overrides
 
 __all__ = [
@@ -42,10 +48,17 @@ __all__ = [
     "TokenSource", "open_document", "position_buckets", "bucket_label", "format_tokens",
     "load_checkpoint", "peak_rss_mb", "add_model_args", "load_model_from_args",
     "add_stream_subcommands", "stream_cmd", "main", "SNAPSHOT_VERSION", "FULL_READ_CHUNK",
+    "check_document", "check_input_file", "check_output_path", "check_checkpoint_dir",
+    "check_corpus", "check_model_args", "non_text_fraction",
 ]
 
 SNAPSHOT_FORMAT = "fwpkm_ext.StreamSnapshot"
 SNAPSHOT_VERSION = 1
+_SNAPSHOT_ENTRIES = ("model_config", "weights_sha256", "dtype", "reader", "pos", "cache_pos",
+                     "digest", "segments", "kv", "mem", "stats", "prev_row", "token_nll")
+#: every top-level entry a snapshot may hold ("conv" and the checksum were added within version 1:
+#: files without them still load)
+_SNAPSHOT_KEYS = frozenset(_SNAPSHOT_ENTRIES + ("format", "version", "conv", CHECKSUM_KEY))
 #: update window used for "one update per full read" (``update_chunk=None``): larger than any
 #: document, so no window completes before the final flush.
 FULL_READ_CHUNK = 1 << 40
@@ -253,6 +266,112 @@ def open_document(doc, tokenizer=None, encoding_errors: str = "strict") -> Token
 
 
 # --------------------------------------------------------------------------------------------
+# Checks of the commands' path arguments (run before a model is loaded: they take milliseconds,
+# loading and warming up a model takes seconds)
+# --------------------------------------------------------------------------------------------
+#: how much of a document (decompressed, for .gz) `check_document` looks at
+TEXT_SNIFF_BYTES = 64 * 1024
+#: share of those bytes that are not text (undecodable as UTF-8, or control characters other
+#: than \t \n \r \f) above which a document is refused as binary. Latin-script text in a legacy
+#: 8-bit encoding (a few percent of such bytes; read with --encoding-errors latin1) stays far
+#: below it; random or compressed data (about 55 %) and UTF-16 (about 50 %) are far above.
+BINARY_FRACTION = 0.3
+# control characters (C0 but \t \n \f \r, DEL, C1) and the lone surrogates that
+# "surrogateescape" decodes each undecodable byte to
+_NOT_TEXT = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f\udc80-\udcff]")
+FORCE_BINARY_HELP = ("read input documents even when they do not look like text (by default a "
+                     "document whose first 64 KiB are mostly undecodable UTF-8 or control bytes "
+                     "is refused)")
+
+
+def non_text_fraction(raw: bytes, final: bool = True) -> float:
+    """Share of the bytes of ``raw`` that are not UTF-8 text or are control characters other
+    than tab, newline, carriage return and form feed (``final=False``: ``raw`` is a prefix, a
+    character cut at its end is not counted)."""
+    if not raw:
+        return 0.0
+    text = codecs.getincrementaldecoder("utf-8")("surrogateescape").decode(raw, final=final)
+    return len(_NOT_TEXT.findall(text)) / len(raw)
+
+
+def check_document(path: PathLike, name: str = "path", force_binary: bool = False) -> None:
+    """Fail fast, with an error starting with ``name``, on a document the commands cannot read:
+    missing, a directory, unreadable, a damaged .gz, or (unless ``force_binary``) data that is
+    not text (see ``BINARY_FRACTION``; a .gz is judged by its decompressed start)."""
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"{name}: no such file: {p!r}")
+    if os.path.isdir(p):
+        raise ValueError(f"{name}: {p!r} is a directory, not a document")
+    gz = p.endswith(".gz")
+    try:
+        with (gzip.open(p, "rb") if gz else open(p, "rb")) as f:
+            raw = f.read(TEXT_SNIFF_BYTES)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ValueError(f"{name}: cannot read {p!r} ({exc})") from None
+    if force_binary:
+        return
+    frac = non_text_fraction(raw, final=len(raw) < TEXT_SNIFF_BYTES)
+    if frac > BINARY_FRACTION:
+        raise ValueError(f"{name}: {p!r} does not look like text: {frac:.0%} of its first "
+                         f"{len(raw)} bytes{' (decompressed)' if gz else ''} are not UTF-8 text "
+                         f"or are control characters; pass --force-binary to read it anyway")
+
+
+def check_input_file(path: PathLike, name: str) -> None:
+    """``path`` is an existing, readable regular file (else an error starting with ``name``)."""
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"{name}: no such file: {p!r}")
+    if not os.path.isfile(p):
+        raise ValueError(f"{name}: {p!r} is not a file")
+    if not os.access(p, os.R_OK):
+        raise ValueError(f"{name}: {p!r} is not readable")
+
+
+def check_output_path(path: PathLike, name: str, directory: bool = False) -> None:
+    """``path`` can be written: no directory (``directory=False``) or file (``True``) in its
+    place, and its nearest existing parent is a writable directory (missing parents are
+    created by the writers)."""
+    p = os.path.abspath(os.fspath(path))
+    if directory and os.path.exists(p) and not os.path.isdir(p):
+        raise ValueError(f"{name}: {os.fspath(path)!r} exists and is not a directory")
+    if not directory and os.path.isdir(p):
+        raise ValueError(f"{name}: {os.fspath(path)!r} is a directory")
+    parent = os.path.dirname(p)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{name}: cannot create {os.fspath(path)!r}: {parent!r} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}: cannot write {os.fspath(path)!r}: {parent!r} is not writable")
+
+
+def check_checkpoint_dir(ckpt_dir: PathLike, name: str = "--model") -> None:
+    """``ckpt_dir`` is a ``fwpkm train`` output directory (config.json, model.safetensors)."""
+    d = os.fspath(ckpt_dir)
+    if not os.path.isdir(d):
+        raise FileNotFoundError(f"{name}: checkpoint directory not found: {d!r}")
+    for f in ("config.json", "model.safetensors"):
+        if not os.path.isfile(os.path.join(d, f)):
+            raise FileNotFoundError(f"{name}: {d!r} is not a checkpoint: {f} missing")
+
+
+def check_corpus(corpus: str, name: str = "--corpus", force_binary: bool = False) -> None:
+    """``corpus`` is a .txt/.txt.gz file or a directory holding some, each a readable text."""
+    from .data import list_corpus_files
+
+    try:
+        files = list_corpus_files(corpus)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{name}: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    for f in files:
+        check_document(f, name, force_binary)
+
+
+# --------------------------------------------------------------------------------------------
 # Reports
 # --------------------------------------------------------------------------------------------
 @dataclass
@@ -434,18 +553,22 @@ def _state_payload(st) -> Dict[str, Any]:
             "tensors": tensors}
 
 
-def _state_from_payload(d: Dict[str, Any], device) -> Any:
-    from .state import STATE_FORMAT, STATE_VERSION, MemoryConfig, MemoryState
+def _state_from_payload(d: Dict[str, Any], device, where: str = "snapshot") -> Any:
+    from .state import STATE_FORMAT, STATE_VERSION, MemoryConfig, MemoryState, _checked_extras
 
-    if not isinstance(d, dict) or d.get("format") != STATE_FORMAT or d.get("version") != STATE_VERSION:
-        raise ValueError("snapshot: a memory state entry has an unknown format or version")
+    # entries of older snapshots carry state version 1; the snapshot's own checksum covers the
+    # entries, they carry none
+    if not isinstance(d, dict) or d.get("format") != STATE_FORMAT or \
+            type(d.get("version")) is not int or d.get("version") not in (1, STATE_VERSION):
+        raise ValueError(f"{where}: a memory state entry has an unknown format or version")
     try:
         st = MemoryState(config=MemoryConfig(**d["config"]), per_sequence=bool(d["per_sequence"]),
                          gate_sum=float(d["gate_sum"]), tokens=int(d["tokens"]),
-                         extras=dict(d.get("extras", {})), **d["tensors"])
+                         extras=_checked_extras(d.get("extras", {}), f"{where}: memory state extras"),
+                         **d["tensors"])
     except (KeyError, TypeError) as exc:
-        raise ValueError(f"snapshot: malformed memory state ({exc!r})") from exc
-    st._validate(where="snapshot")
+        raise ValueError(f"{where}: malformed memory state ({exc!r})") from exc
+    st._validate(where=where)
     return st.to(device)
 
 
@@ -741,7 +864,8 @@ class StreamingReader:
 
     def snapshot(self, path: PathLike) -> None:
         """Save the paused read (cache, position, statistics) to ``path`` (one ``torch.save``
-        file, loadable with ``weights_only=True``)."""
+        file, loadable with ``weights_only=True``, with a checksum; written atomically: the
+        file at ``path`` is always a complete snapshot)."""
         sess = self._session
         if sess is None:
             raise ValueError("snapshot: no read in progress (use read(doc, stop_at=N) or "
@@ -770,16 +894,27 @@ class StreamingReader:
                           torch.from_numpy(np.concatenate(sess.nll_parts[0]) if sess.nll_parts[0]
                                            else np.zeros(0, dtype=np.float32))),
         }
-        path = os.fspath(path)
-        tmp = f"{path}.tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        # atomic and fsynced: a crash or kill mid-write leaves the previous snapshot whole
+        atomic_torch_save(seal(payload), path)
 
     def resume(self, path: PathLike) -> "StreamingReader":
         """Load a snapshot; the next ``read(doc)`` (same document, from its start) continues it.
-        Rejects another format/version, model config, weights or reader settings."""
+        Rejects another format/version, model config, weights or reader settings, and damaged
+        files, with a ValueError starting with ``path``."""
         payload = load_snapshot(path)
-        where = f"snapshot {os.fspath(path)!r}"
+        where = f"path: snapshot {os.fspath(path)!r}"
+        try:
+            self._session = self._session_from_payload(payload, where)
+        except ValueError as exc:
+            if str(exc).startswith("path"):
+                raise
+            raise ValueError(f"{where}: {exc}") from exc
+        except (KeyError, TypeError, AttributeError, IndexError, RuntimeError) as exc:
+            # only an edited file (checksum recomputed) or one older than checksums gets here
+            raise ValueError(f"{where} is malformed ({exc!r})") from exc
+        return self
+
+    def _session_from_payload(self, payload: Dict[str, Any], where: str) -> _Session:
         cfg = LMConfig.from_dict(payload["model_config"])
         if cfg != self.model.cfg:
             a, b = cfg.to_dict(), self.model.cfg.to_dict()
@@ -804,7 +939,7 @@ class StreamingReader:
         if len(kv) != cfg.n_layers:
             raise ValueError(f"{where}: holds {len(kv)} attention caches, the model has "
                              f"{cfg.n_layers} layers")
-        mem = {int(i): _state_from_payload(d, dev) for i, d in payload["mem"].items()}
+        mem = {int(i): _state_from_payload(d, dev, where) for i, d in payload["mem"].items()}
         if sorted(mem) != list(cfg.fwpkm_layers):
             raise ValueError(f"{where}: memory states for layers {sorted(mem)}, the model has "
                              f"FwPKM layers {cfg.fwpkm_layers}")
@@ -825,29 +960,39 @@ class StreamingReader:
                         prev_row=None if prev is None else prev.to(dev), digest=str(payload["digest"]),
                         segments=int(payload["segments"]),
                         nll_parts=None if tn is None else [[tn.numpy()]])
-        self._session = sess
-        return self
+        return sess
 
 
 def load_snapshot(path: PathLike) -> Dict[str, Any]:
-    """Read and check the envelope of a snapshot file (format, version, entries)."""
+    """Read and check the envelope of a snapshot file (format, version, checksum, entries);
+    a file that is not one, or is damaged, raises a ValueError starting with ``path``."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"snapshot not found: {path!r}")
+        raise FileNotFoundError(f"path: snapshot not found: {path!r}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"snapshot {path!r} is not a readable fwpkm_ext stream snapshot ({exc})") from exc
+        raise ValueError(f"path: {path!r} is not a readable fwpkm_ext stream snapshot ({exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != SNAPSHOT_FORMAT:
-        raise ValueError(f"snapshot {path!r} is not a fwpkm_ext stream snapshot")
-    if payload.get("version") != SNAPSHOT_VERSION:
-        raise ValueError(f"snapshot {path!r} has version {payload.get('version')!r}; this "
+        raise ValueError(f"path: {path!r} is not a fwpkm_ext stream snapshot")
+    version = payload.get("version")
+    is_int = isinstance(version, int) and not isinstance(version, bool)  # True is not 1
+    if not is_int or version != SNAPSHOT_VERSION:
+        newer = " (written by a newer fwpkm_ext)" if is_int and version > SNAPSHOT_VERSION else ""
+        raise ValueError(f"path: snapshot {path!r} has version {version!r}{newer}; this "
                          f"fwpkm_ext reads version {SNAPSHOT_VERSION}")
-    need = ("model_config", "weights_sha256", "dtype", "reader", "pos", "cache_pos", "digest",
-            "segments", "kv", "mem", "stats", "prev_row", "token_nll")
-    missing = [k for k in need if k not in payload]
+    unknown = sorted(map(str, set(payload) - _SNAPSHOT_KEYS))
+    if unknown:
+        # also what a damaged entry name looks like (the checksum's own included)
+        raise ValueError(f"path: snapshot {path!r} is damaged or not a snapshot (unknown entries "
+                         f"{unknown})")
+    # snapshots written before checksums existed have none; every newer one is verified
+    if CHECKSUM_KEY in payload and not checksum_ok(payload):
+        raise ValueError(f"path: snapshot {path!r} is damaged: its checksum does not match its "
+                         f"contents")
+    missing = [k for k in _SNAPSHOT_ENTRIES if k not in payload]
     if missing:
-        raise ValueError(f"snapshot {path!r} is malformed (missing {missing})")
+        raise ValueError(f"path: snapshot {path!r} is malformed (missing {missing})")
     return payload
 
 
@@ -879,11 +1024,7 @@ def _merge_reports(reports: List[StreamReport], reader: StreamingReader) -> Stre
 # --------------------------------------------------------------------------------------------
 def load_checkpoint(ckpt_dir: str, map_location: str = "cpu"):
     """(model, tokenizer or None) of a ``fwpkm train`` output directory."""
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir!r}")
-    for f in ("config.json", "model.safetensors"):
-        if not os.path.isfile(os.path.join(ckpt_dir, f)):
-            raise FileNotFoundError(f"{ckpt_dir!r} is not a checkpoint: {f} missing")
+    check_checkpoint_dir(ckpt_dir, "ckpt_dir")
     model = LM.from_pretrained(ckpt_dir, map_location=map_location)
     tok = None
     tpath = os.path.join(ckpt_dir, "tokenizer.model")
@@ -917,6 +1058,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="float32", choices=sorted(_DTYPES),
                    help="model dtype (fast weights stay float32, or float64 with float64)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """The path arguments of ``add_model_args`` exist (checked before any model is loaded)."""
+    if args.model:
+        check_checkpoint_dir(args.model, "--model")
+    if args.tokenizer:
+        check_input_file(args.tokenizer, "--tokenizer")
+    if args.config and not args.config.strip().startswith("{"):  # else inline JSON
+        check_input_file(args.config.strip(), "--config")
 
 
 def load_model_from_args(args: argparse.Namespace, seed: int = 0):
@@ -1007,6 +1158,21 @@ def cli_errors(fn):
     return run
 
 
+def _as_option(fn, option: str):
+    """``fn`` with its errors about its ``path`` argument named after the command-line option."""
+
+    def run(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except (ValueError, FileNotFoundError) as exc:
+            msg = str(exc)
+            if not msg.startswith("path: "):
+                raise
+            raise type(exc)(f"{option}: {msg[len('path: '):]}") from exc
+
+    return run
+
+
 def write_json(path: str, obj: Any) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
@@ -1032,6 +1198,7 @@ def _add_reader_args(p: argparse.ArgumentParser, segment_default: Optional[int] 
                    help="width of the first position bucket (default 1024): [0,b) [b,2b) [2b,4b) ...")
     g.add_argument("--encoding-errors", default="latin1", choices=["strict", "latin1", "replace"],
                    help="text files that are not valid UTF-8 (default: decode as Latin-1)")
+    g.add_argument("--force-binary", action="store_true", help=FORCE_BINARY_HELP)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -1087,8 +1254,18 @@ def stream_cmd(args: argparse.Namespace) -> int:
         raise ValueError("give a document PATH or --synthetic-tokens N (one of them)")
     if args.snapshot_every is not None and not args.snapshot:
         raise ValueError("--snapshot-every needs --snapshot FILE")
+    # every path first: a wrong one must not wait for the model to load and warm up
+    if args.path is not None:
+        check_document(args.path, "path", args.force_binary)
+    check_model_args(args)
+    snap = None
+    if args.resume:
+        check_input_file(args.resume, "--resume")
+        snap = _as_option(load_snapshot, "--resume")(args.resume)
+    for name, out in (("--snapshot", args.snapshot), ("--json", args.json)):
+        if out:
+            check_output_path(out, name)
     model, tok = load_model_from_args(args, seed=args.seed)
-    snap = load_snapshot(args.resume) if args.resume else None
     kw = _reader_settings_from_args(args, snap)
     if args.synthetic_tokens is not None:
         if args.synthetic_tokens < 1:
@@ -1097,13 +1274,15 @@ def stream_cmd(args: argparse.Namespace) -> int:
         source = f"{args.synthetic_tokens} synthetic tokens (seed {args.seed})"
     else:
         tok = byte_fallback(model, tok)
-        doc, source = args.path, f"{args.path} ({'UTF-8 bytes' if isinstance(tok, ByteTokenizer) else 'sentencepiece'})"
+        # a Path: read as a file whatever its name ends with (a str is a file only if .txt/.txt.gz)
+        doc = pathlib.Path(args.path)
+        source = f"{args.path} ({'UTF-8 bytes' if isinstance(tok, ByteTokenizer) else 'sentencepiece'})"
     reader = StreamingReader(model, tokenizer=tok, progress=not args.no_progress,
                              encoding_errors=args.encoding_errors, **kw)
     if args.max_tokens is not None:
         doc = open_document(doc, tok, args.encoding_errors).limit(args.max_tokens)
     if args.resume:
-        reader.resume(args.resume)
+        _as_option(reader.resume, "--resume")(args.resume)
     stop_at = args.stop_at
     if stop_at is not None:
         S = reader.segment_tokens

@@ -41,6 +41,8 @@ TOKENIZER_FILE = "tokenizer.model"
 # Argument parsing
 # --------------------------------------------------------------------------------------------
 def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from .stream import FORCE_BINARY_HELP
+
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                    help="model preset (default: tiny)")
@@ -73,6 +75,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--encoding-errors", default="latin1", choices=["strict", "latin1", "replace"],
                    help="files that are not valid UTF-8: fail (strict), decode as Latin-1 with a "
                         "warning (default), or replace bad bytes")
+    g.add_argument("--force-binary", action="store_true", help=FORCE_BINARY_HELP)
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     g.add_argument("--batch-size", type=int, default=None,
@@ -114,6 +117,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 def add_train_subcommands(subparsers) -> None:
     """Registers ``train`` and ``tokenizer`` on an argparse subparsers object."""
+    from .stream import FORCE_BINARY_HELP
+
     p = subparsers.add_parser("train", help="train a language model (optionally with FwPKM)",
                               description="Train the reference LM on a text corpus.")
     _add_train_args(p)
@@ -132,6 +137,7 @@ def add_train_subcommands(subparsers) -> None:
                     help="sample at most this many lines for training")
     tt.add_argument("--seed", type=int, default=0)
     tt.add_argument("--encoding-errors", default="latin1", choices=["strict", "latin1", "replace"])
+    tt.add_argument("--force-binary", action="store_true", help=FORCE_BINARY_HELP)
     tt.set_defaults(func=_cli_errors(train_tokenizer_cmd))
 
 
@@ -169,9 +175,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 # --------------------------------------------------------------------------------------------
 def train_tokenizer_cmd(args: argparse.Namespace) -> int:
     from .data import resolve_corpus
+    from .stream import check_corpus, check_output_path
     from .tokenizer import train_tokenizer
 
     corpus = resolve_corpus(args.corpus)
+    check_corpus(corpus, "--corpus", getattr(args, "force_binary", False))
+    check_output_path(args.out, "--out")
     t0 = time.time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -277,9 +286,9 @@ def _set_rng_state(st: Dict[str, Any]) -> None:
 
 
 def _atomic_torch_save(obj: Any, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from ._fileio import atomic_torch_save
+
+    atomic_torch_save(obj, path)  # unique tmp name, fsync, rename: a killed run keeps the last one
 
 
 def _param_groups(model: torch.nn.Module, lr: float, weight_decay: float,
@@ -343,6 +352,7 @@ def train(args: argparse.Namespace) -> int:
         raise ValueError(f"--needle-loss-weight must be a finite number >= 0, got {nlw}")
     if getattr(args, "needles_per_seq", 1) < 1:
         raise ValueError(f"--needles-per-seq must be positive, got {args.needles_per_seq}")
+    _check_paths(args)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -353,6 +363,23 @@ def train(args: argparse.Namespace) -> int:
                       split_documents, Tokenizer, train_tokenizer)
     finally:
         dist.close()
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Every path argument, before the process group, the corpus and the model are set up."""
+    from .data import resolve_corpus
+    from .stream import check_corpus, check_input_file, check_output_path
+
+    check_output_path(args.out, "--out", directory=True)
+    check_corpus(resolve_corpus(args.corpus), "--corpus", getattr(args, "force_binary", False))
+    if args.tokenizer:
+        check_input_file(args.tokenizer, "--tokenizer")
+    if args.config and not args.config.strip().startswith("{"):  # else inline JSON
+        check_input_file(args.config.strip(), "--config")
+    if args.init_from and not args.resume:
+        if not os.path.isdir(args.init_from):
+            raise FileNotFoundError(f"--init-from: directory not found: {args.init_from!r}")
+        check_input_file(os.path.join(args.init_from, "model.safetensors"), "--init-from")
 
 
 def _init_from(model: LM, ckpt_dir: str) -> str:

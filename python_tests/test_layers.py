@@ -651,9 +651,13 @@ def test_torch_compile_matches_eager(backend):
 def test_bad_x():
     layer = _layer()
     for bad in (torch.randn(2, 8, dtype=DT), torch.randn(2, 3, 7, dtype=DT),
-                torch.randn(1, 2, 3, 8, dtype=DT), [[0.0] * 8]):
+                torch.randn(1, 2, 3, 8, dtype=DT)):
         with pytest.raises(ValueError, match=r"^x"):
             layer(bad)
+    with pytest.raises(TypeError, match=r"^x"):
+        layer([[0.0] * 8])
+    with pytest.raises(TypeError, match=r"^x: expected a floating"):
+        layer(torch.ones(1, 2, 8, dtype=torch.long))
 
 
 def test_bad_state():
