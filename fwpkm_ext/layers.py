@@ -291,7 +291,7 @@ class PKM(nn.Module):
         q = self.to_q(self.norm(x)).view(B, T, H, self.k_dim).to(dt)
         keys5 = self.keys.unsqueeze(0)
         with torch.no_grad():
-            idx, _, _, _ = ops.topk(q.detach().contiguous(), keys5.detach().contiguous(), k, "dot", 1e-3)
+            idx = ops.topk_indices(q.detach().contiguous(), keys5.detach().contiguous(), k, "dot", 1e-3)
         grp = torch.zeros(B, dtype=torch.long, device=x.device)
         kid = _memory.read_kid(idx, grp, H, n).reshape(-1, k)
         d2 = self.k_dim // 2

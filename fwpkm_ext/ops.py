@@ -43,7 +43,7 @@ def topk(q: Tensor, keys: Tensor, topk: int, score: str, eps: float) -> Tuple[Te
     idx, half = _memory.search(qh, keys, keys.shape[0] > 1, cfg)
     grp = _memory._group_of_batch(B, keys.shape[0], q.device)
     win = _memory.Window(keys, qh, idx, half, grp, keys.shape[0] > 1, cfg)
-    ss = win.read.s.view(B, T, H, 2, topk)
+    ss = win.read_sub_scores().view(B, T, H, 2, topk)
     hs = win.half.s.view(B, T, H, 2, topk)
     return idx, ss.sum(3), half, hs
 
@@ -54,6 +54,24 @@ def _(q, keys, topk, score, eps):
     i = q.new_empty(B, T, H, topk, dtype=torch.long)
     return i, q.new_empty(B, T, H, topk), q.new_empty(B, T, H, 2, topk, dtype=torch.long), \
         q.new_empty(B, T, H, 2, topk)
+
+
+@torch.library.custom_op(f"{_NS}::topk_indices", mutates_args=())
+def topk_indices(q: Tensor, keys: Tensor, topk: int, score: str, eps: float) -> Tensor:
+    """Only the selected slots (B,T,H,k) of `topk`: the search, no exact pair scores (a caller
+    that differentiates the scores recomputes the selected ones, e.g. with pair_scores)."""
+    B, T, H, dk = q.shape
+    if B * T == 0:
+        return q.new_empty(B, T, H, topk, dtype=torch.long)
+    cfg = _cfg(topk, 1, 1, 0.0, 0.0, score, eps, True)
+    qh = q.reshape(B, T, H, 2, dk // 2).contiguous()
+    return _memory.search(qh, keys, keys.shape[0] > 1, cfg)[0]
+
+
+@topk_indices.register_fake
+def _(q, keys, topk, score, eps):
+    B, T, H, _ = q.shape
+    return q.new_empty(B, T, H, topk, dtype=torch.long)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -64,12 +64,19 @@ void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t
       }
     }
     // k x k candidate merge: the true top-k has both halves inside the per-half top-k.
+    // Both half lists are sorted, so a + b falls along a row (b up) and down the first column
+    // (a up): once the list is full, a row stops at its first sum strictly below the k-th score,
+    // and the merge stops at the first row whose best sum is. Only sums tied with the k-th score
+    // are still inserted (a smaller slot may win the tie), so the result is the full merge's.
+    // The scan visits O(k log k) candidates instead of k * k (k = 32: ~6x fewer).
     int64_t* oi = idx + mh * k;
     T* os = score + mh * k;
     int64_t count = 0;
     for (int64_t a = 0; a < k; ++a) {
+      if (count == k && hsc[a] + hsc[k] < os[k - 1]) break;
       for (int64_t b = 0; b < k; ++b) {
         const T s = hsc[a] + hsc[k + b];
+        if (count == k && s < os[k - 1]) break;
         const int64_t slot = hidx[a] * n + hidx[k + b];
         count = insert_sorted(os, oi, count, k, s, slot);
       }
