@@ -21,12 +21,9 @@ import os
 import random
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .tokenizer import Tokenizer
 
 __all__ = [
     "DEFAULT_CORPUS", "resolve_corpus", "list_corpus_files", "read_document", "iter_documents",
@@ -37,6 +34,18 @@ __all__ = [
 
 DEFAULT_CORPUS = os.path.join("..", "shared", "data", "gutenberg")
 ENCODING_ERRORS = ("strict", "latin1", "replace")
+
+
+class TokenizerLike(Protocol):
+    """What the data pipeline needs of a tokenizer (``fwpkm_ext.tokenizer.Tokenizer`` has it).
+    Declared here, not imported: the tokenizer module reads corpora with this one."""
+
+    eos_id: int
+    newline_id: Optional[int]
+
+    def encode(self, text: str) -> List[int]: ...
+
+    def fingerprint(self) -> str: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,7 +214,7 @@ def needle_query(key: str, wording: Optional[str] = None) -> str:
 # --------------------------------------------------------------------------------------------
 # Tokenized corpus and packing
 # --------------------------------------------------------------------------------------------
-def tokenize_documents(docs: Sequence[Tuple[str, str]], tok: "Tokenizer",
+def tokenize_documents(docs: Sequence[Tuple[str, str]], tok: TokenizerLike,
                        cache_dir: Optional[str] = None, tag: str = "") -> List[np.ndarray]:
     """Token ids (int32 arrays) of ``(path, text)`` documents, optionally cached on disk
     (keyed by the tokenizer, the files' paths, sizes and mtimes, and ``tag``)."""
@@ -301,7 +310,7 @@ class PackedData:
             self._perm_cache = (epoch, rng.permutation(self.n))
         return self._perm_cache[1]
 
-    def sample(self, i: int, tok: Optional["Tokenizer"] = None, needle_rate: float = 0.0,
+    def sample(self, i: int, tok: Optional[TokenizerLike] = None, needle_rate: float = 0.0,
                needles: int = 1, answers: Optional[List[int]] = None,
                wordings: Optional[Sequence[str]] = None) -> np.ndarray:
         epoch, r = divmod(int(i), self.n)
@@ -330,7 +339,7 @@ class PackedData:
         return sorted(set(np.linspace(0, self.n - 1, count).round().astype(int).tolist()))
 
 
-def insert_needles(seq: np.ndarray, tok: "Tokenizer", rng: random.Random, rate: float,
+def insert_needles(seq: np.ndarray, tok: TokenizerLike, rng: random.Random, rate: float,
                    count: int = 1, answers: Optional[List[int]] = None,
                    wordings: Optional[Sequence[str]] = None) -> np.ndarray:
     """With probability ``rate``: insert ``count`` needle sentences (distinct IDs) in the first
@@ -384,7 +393,7 @@ class Datasets:
     val_files: List[str]
 
 
-def build_datasets(corpus: str, tok: "Tokenizer", seq_len: int = 4096, *, seed: int = 0,
+def build_datasets(corpus: str, tok: TokenizerLike, seq_len: int = 4096, *, seed: int = 0,
                    val_fraction: float = 0.1, encoding_errors: str = "strict",
                    cache_dir: Optional[str] = None,
                    docs: Optional[List[Tuple[str, str]]] = None) -> Datasets:

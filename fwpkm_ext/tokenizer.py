@@ -14,6 +14,8 @@ import os
 import random
 from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
+from .data import iter_documents, list_corpus_files
+
 __all__ = ["Tokenizer", "train_tokenizer", "TOKENIZER_FILENAME"]
 
 TOKENIZER_FILENAME = "tokenizer.model"
@@ -24,7 +26,7 @@ def _spm():
         import sentencepiece as spm
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "the tokenizer needs the 'sentencepiece' package: pip install 'fwpkm_ext[lm]'") from e
+            "the tokenizer needs the 'sentencepiece' package: pip install sentencepiece") from e
     return spm
 
 
@@ -166,8 +168,6 @@ def train_tokenizer(corpus: Union[str, Sequence[str]], vocab_size: int = 8192, *
     """
     spm = _spm()
     if texts is None:
-        from .data import iter_documents, list_corpus_files
-
         files = list_corpus_files(corpus) if isinstance(corpus, str) else list(corpus)
         texts = (text for _, text in iter_documents(files, encoding_errors))
     lines = list(_training_lines(texts, max_lines, seed))
