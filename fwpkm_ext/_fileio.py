@@ -1,5 +1,9 @@
-"""Crash-safe writing and integrity checks of the package's ``torch.save`` files (memory states,
-stream snapshots).
+"""The package's ``torch.save`` files (memory states, stream snapshots): one envelope, written
+crash-safe and read with its integrity checked.
+
+- ``write_sealed`` / ``read_sealed``: a dict payload tagged with its ``format`` and ``version``,
+  sealed with a checksum and written atomically; read back with the format, the version, the
+  entries that version may hold and the checksum checked (a ValueError starting with "path").
 
 - ``atomic_torch_save``: write to a uniquely named file beside the target, fsync it, then rename
   it over the target. A reader (or a crash, or a SIGKILL mid-write) sees the previous complete
@@ -16,7 +20,7 @@ import hashlib
 import os
 import secrets
 import struct
-from typing import Any, Dict
+from typing import AbstractSet, Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -124,3 +128,54 @@ def atomic_torch_save(obj: Any, path) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(directory)
+
+
+# --------------------------------------------------------------------------------------------
+# The envelope
+# --------------------------------------------------------------------------------------------
+def write_sealed(payload: Dict[str, Any], path) -> None:
+    """``payload`` (holding its ``format`` and ``version``) with its checksum, written atomically."""
+    atomic_torch_save(seal(payload), path)
+
+
+def is_version(version: Any) -> bool:
+    """A version number: an int, and not a bool (True is not version 1)."""
+    return isinstance(version, int) and not isinstance(version, bool)
+
+
+def read_sealed(path, fmt: str, kind: str, versions: Mapping[int, AbstractSet[str]],
+                checksum_since: Optional[int] = None) -> Tuple[Dict[str, Any], bool]:
+    """Read a file of format ``fmt`` written by ``write_sealed`` and check its envelope: a dict of
+    a readable version (the keys of ``versions``) holding only the entries that version may
+    (``versions[v]``), with a checksum from version ``checksum_since`` on (older files have
+    none). Returns ``(payload, intact)``; ``intact`` is False when the checksum does not match,
+    and the caller says so (``damaged``) once it has checked the contents, so that a damaged
+    file is reported by what is wrong with it. ``kind`` names the file in messages."""
+    name = os.fspath(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, corrupted, not a torch file, missing
+        raise ValueError(f"path: {name!r} is not a readable fwpkm_ext {kind} ({exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise ValueError(f"path: {name!r} is not a fwpkm_ext {kind}")
+    version = payload.get("version")
+    if not is_version(version) or version not in versions:
+        newer = " (written by a newer fwpkm_ext)" if is_version(version) and version > max(versions) else ""
+        raise ValueError(f"path: {name!r}: {kind} version {version!r} is not supported{newer} "
+                         f"(this fwpkm_ext reads versions {sorted(versions)})")
+    unknown = sorted(map(str, set(payload) - set(versions[version])))
+    if unknown:
+        # e.g. a damaged entry name, or a checksummed file whose version was damaged into an
+        # older version's
+        raise ValueError(f"path: {name!r} is damaged or not a valid version {version} {kind} "
+                         f"(unknown entries {unknown})")
+    if CHECKSUM_KEY not in payload:
+        if checksum_since is not None and version >= checksum_since:
+            raise ValueError(f"path: {name!r} is damaged: its checksum is missing")
+        return payload, True
+    return payload, checksum_ok(payload)
+
+
+def damaged(path) -> ValueError:
+    """The error for a file whose checksum does not match its contents."""
+    return ValueError(f"path: {os.fspath(path)!r} is damaged: its checksum does not match its contents")

@@ -4,12 +4,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, fields, replace
-from typing import Dict, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import Tensor
 
-from ._fileio import CHECKSUM_KEY, atomic_torch_save, checksum_ok, seal
+from ._fileio import CHECKSUM_KEY, damaged, is_version, read_sealed, write_sealed
 
 STATE_FORMAT = "fwpkm_ext.MemoryState"
 #: 2: a checksum over the contents, and the extras counters. Version 1 files still load.
@@ -17,6 +17,9 @@ STATE_VERSION = 2
 _V1_KEYS = frozenset({"format", "version", "config", "per_sequence", "gate_sum", "tokens", "tensors"})
 #: the top-level entries each readable version may hold
 _STATE_KEYS = {1: _V1_KEYS, 2: _V1_KEYS | {"extras", CHECKSUM_KEY}}
+#: the tensors of the tokens of the unfinished window (all present, or none)
+PENDING_FIELDS = ("pending_q", "pending_v", "pending_g", "pending_mask", "pending_idx",
+                  "pending_half_idx")
 
 
 @dataclass(frozen=True)
@@ -112,22 +115,61 @@ class MemoryState:
         return out
 
     # ---------------------------------------------------------------------------------------------
-    def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write the state (detached, on CPU) to `path`: atomically (a crash leaves the previous
-        file or the new one, never a partial one) and with a checksum `load` verifies."""
-        tensors = {f.name: getattr(self, f.name) for f in fields(self)
+    def to_payload(self) -> Dict[str, Any]:
+        """The state as plain data (tensors detached and on the CPU, the config as a dict): what
+        ``save`` writes, and what a stream snapshot holds for each memory layer."""
+        tensors = {f.name: getattr(self, f.name).detach().cpu() for f in fields(self)
                    if isinstance(getattr(self, f.name), Tensor)}
-        payload = {
+        return {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             "config": self.config.as_dict(),
-            "per_sequence": self.per_sequence,
+            "per_sequence": bool(self.per_sequence),
             "gate_sum": float(self.gate_sum),
             "tokens": int(self.tokens),
             "extras": _checked_extras(self.extras, "extras"),
-            "tensors": {k: v.detach().cpu() for k, v in tensors.items()},
+            "tensors": tensors,
         }
-        atomic_torch_save(seal(payload), path)
+
+    @classmethod
+    def from_payload(cls, payload: Dict[str, Any], config: Optional[MemoryConfig] = None,
+                     where: str = "payload") -> "MemoryState":
+        """The state of a ``to_payload`` dict (this version's, or version 1's), checked: format,
+        version, config (equal to ``config`` when given), entries, shapes, finite values. A
+        ValueError starting with ``where`` names the problem."""
+        if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT or \
+                not is_version(payload.get("version")) or payload["version"] not in _STATE_KEYS:
+            raise ValueError(f"{where} is not a memory state of a version this fwpkm_ext reads")
+        try:
+            cfg = MemoryConfig(**payload["config"])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{where} has an invalid config ({exc!r})") from exc
+        if config is not None and cfg != config:
+            raise ValueError(f"{where} belongs to another memory configuration "
+                             f"(file vs expected: {cfg.diff(config)})")
+        names = {f.name for f in fields(cls) if f.name not in
+                 ("config", "per_sequence", "gate_sum", "tokens", "extras")}
+        t = payload.get("tensors")
+        if not isinstance(t, dict) or not set(t) <= names or "keys" not in t or "values" not in t:
+            raise ValueError(f"{where} tensors must be a dict with 'keys', 'values' and "
+                             f"optionally {sorted(names - {'keys', 'values'})}")
+        for name, val in t.items():
+            if not isinstance(val, Tensor):
+                raise ValueError(f"{where} entry {name!r} is not a tensor")
+        extras = _checked_extras(payload.get("extras", {}), f"{where} extras")
+        try:
+            state = cls(config=cfg, per_sequence=bool(payload["per_sequence"]),
+                        gate_sum=float(payload["gate_sum"]), tokens=int(payload["tokens"]),
+                        extras=extras, **t)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{where} is malformed ({exc!r})") from exc
+        state._validate(where=where)
+        return state
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the state (detached, on CPU) to `path`: atomically (a crash leaves the previous
+        file or the new one, never a partial one) and with a checksum `load` verifies."""
+        write_sealed(self.to_payload(), path)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], config: Optional[MemoryConfig] = None,
@@ -135,32 +177,12 @@ class MemoryState:
         """Read a state file; rejects another format, version or config, bad shapes, non-finite
         values and damaged files (checksum) with a ValueError naming the problem. Reads the
         files of this version and of version 1 (no checksum, no extras)."""
-        name = os.fspath(path)
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # corrupted / not a torch file
-            raise ValueError(f"path: {name!r} is not a readable fwpkm_ext state file ({exc})") from exc
-        if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
-            raise ValueError(f"path: {name!r} is not a fwpkm_ext state file")
-        version = payload.get("version")
-        is_int = isinstance(version, int) and not isinstance(version, bool)  # True is not 1
-        if not is_int or version not in _STATE_KEYS:
-            newer = " (written by a newer fwpkm_ext)" if is_int and version > STATE_VERSION else ""
-            raise ValueError(f"path: state file version {version!r} is not supported{newer} "
-                             f"(this fwpkm_ext reads versions {sorted(_STATE_KEYS)})")
-        unknown = sorted(map(str, set(payload) - _STATE_KEYS[version]))
-        if unknown:
-            # e.g. a checksummed file whose version byte was damaged into an older version's
-            raise ValueError(f"path: {name!r} is not a valid version {version} state file "
-                             f"(unknown entries {unknown})")
-        if version >= 2 and CHECKSUM_KEY not in payload:
-            raise ValueError(f"path: {name!r} is damaged: its checksum is missing")
-        intact = version < 2 or checksum_ok(payload)
+        payload, intact = read_sealed(path, STATE_FORMAT, "state file", _STATE_KEYS, checksum_since=2)
         # the checksum is compared last: an edited or damaged file that is also invalid is
         # reported by what is wrong with it (the shape, the non-finite value, ...)
         note = "" if intact else "; and its checksum does not match: the file is damaged or was edited"
         try:
-            state = cls._from_payload(payload, config)
+            state = cls.from_payload(payload, config, where="path: state file")
         except ValueError as exc:
             if intact:
                 raise
@@ -168,38 +190,29 @@ class MemoryState:
         except Exception as exc:  # a damaged file can hold anything where a number belongs
             raise ValueError(f"path: state file is malformed ({exc!r}){note}") from exc
         if not intact:
-            raise ValueError(f"path: {name!r} is damaged: its checksum does not match its contents")
+            raise damaged(path)
         if device is not None:
             state = state.to(device)
         return state
 
-    @classmethod
-    def _from_payload(cls, payload: dict, config: Optional[MemoryConfig]) -> "MemoryState":
-        try:
-            cfg = MemoryConfig(**payload["config"])
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"path: state file has an invalid config ({exc!r})") from exc
-        if config is not None and cfg != config:
-            raise ValueError(f"path: state file belongs to another memory configuration "
-                             f"(file vs expected: {cfg.diff(config)})")
-        names = {f.name for f in fields(cls) if f.name not in
-                 ("config", "per_sequence", "gate_sum", "tokens", "extras")}
-        t = payload.get("tensors")
-        if not isinstance(t, dict) or not set(t) <= names or "keys" not in t or "values" not in t:
-            raise ValueError(f"path: state file tensors must be a dict with 'keys', 'values' and "
-                             f"optionally {sorted(names - {'keys', 'values'})}")
-        for name, val in t.items():
-            if not isinstance(val, Tensor):
-                raise ValueError(f"path: state file entry {name!r} is not a tensor")
-        extras = _checked_extras(payload.get("extras", {}), "path: state file extras")
-        try:
-            state = cls(config=cfg, per_sequence=bool(payload["per_sequence"]),
-                        gate_sum=float(payload["gate_sum"]), tokens=int(payload["tokens"]),
-                        extras=extras, **t)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"path: state file is malformed ({exc!r})") from exc
-        state._validate(where="path")
-        return state
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors (fast weights, pending tokens, counters)."""
+        return sum(t.numel() * t.element_size() for t in
+                   (getattr(self, f.name) for f in fields(self)) if isinstance(t, Tensor))
+
+    def select(self, index: Union[int, slice]) -> "MemoryState":
+        """The state of the sequences ``index`` of the batch (an int: that sequence, as a batch of
+        one): their own memories when per sequence, else the shared one, and their pending
+        tokens."""
+        sl = slice(index, index + 1) if isinstance(index, int) else index
+        per_batch = PENDING_FIELDS + (("keys", "values", "slot_reads") if self.per_sequence else ())
+        return replace(self, **{name: getattr(self, name)[sl] for name in per_batch
+                                if getattr(self, name) is not None})
+
+    def without_pending(self) -> "MemoryState":
+        """The state with its pending tokens dropped (for a read whose update window outlasts
+        everything still to come: they would never be written)."""
+        return replace(self, **{name: None for name in PENDING_FIELDS})
 
     def to(self, device: Union[str, torch.device]) -> "MemoryState":
         """The same state on another device (dtypes never change: fast weights stay float32)."""
@@ -231,7 +244,7 @@ class MemoryState:
             t = getattr(self, name)
             if t is not None and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{where}: {name} holds non-finite values (NaN or Inf)")
-        pend = ("pending_q", "pending_v", "pending_g", "pending_mask", "pending_idx", "pending_half_idx")
+        pend = PENDING_FIELDS
         present = [getattr(self, name) is not None for name in pend]
         if any(present) and not all(present):
             raise ValueError(f"{where}: pending tokens need all of {pend} or none")
