@@ -17,6 +17,7 @@ table indexed by the sorted unique touched rows), so memory never depends on N *
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -343,20 +344,40 @@ def _commit_check(K: Tensor, Cv: Tensor, wi: int) -> None:
                        "of v and g")
 
 
+_WORK = threading.local()  # per-thread CPU workspaces of TouchedRows (reused across calls)
+_WORK_KEEP_BYTES = 1 << 29  # keep at most 512 MiB of compact table between calls
+
+
 class TouchedRows:
     """The value rows one call touches, gathered into a compact table.
 
     Every read and write of the call goes to the compact copy `C` (row `slot[r]` holds table row
     `r`); the table itself is only written by `commit`, after the whole call succeeded and its
     result was checked finite. So a call that raises leaves an in-place state as it was, and a
-    call whose caller does not want the new table never copies the N x dv table."""
+    call whose caller does not want the new table never copies the N x dv table.
+
+    On CPU the compact table and the row map live in per-thread workspaces reused by the next
+    call: a fresh 64 MiB buffer per call cost more in page faults than the copies themselves.
+    `release()` (always called, see forward) resets the map entries this call set."""
 
     def __init__(self, V: Tensor, capacity: int):
         self.V = V
-        dev = V.device
-        self.slot = torch.full((V.shape[0],), -1, dtype=torch.long, device=dev)
-        self.rows = torch.empty(capacity, dtype=torch.long, device=dev)
-        self.C = torch.empty(capacity, V.shape[1], dtype=V.dtype, device=dev)
+        dev, R, D = V.device, V.shape[0], V.shape[1]
+        ws = getattr(_WORK, "ws", None) if dev.type == "cpu" else None
+        if ws is not None and ws["busy"]:
+            ws = None  # re-entered (a memory call inside a memory call): private buffers
+        if ws is not None and (ws["slot"].numel() < R or ws["C"].dtype != V.dtype or ws["C"].shape[1] != D
+                               or ws["C"].shape[0] < capacity):
+            ws = None
+        if ws is None:
+            ws = dict(slot=torch.full((R,), -1, dtype=torch.long, device=dev),
+                      rows=torch.empty(capacity, dtype=torch.long, device=dev),
+                      C=torch.empty(capacity, D, dtype=V.dtype, device=dev), busy=False)
+            if dev.type == "cpu" and capacity * D * V.element_size() <= _WORK_KEEP_BYTES:
+                _WORK.ws = ws
+        ws["busy"] = True
+        self.ws = ws
+        self.slot, self.rows, self.C = ws["slot"][:R], ws["rows"], ws["C"]
         self.U = 0
 
     def map(self, rows: Tensor) -> Tensor:
@@ -366,13 +387,16 @@ class TouchedRows:
         if bool(miss.any()):
             new = torch.unique(rows[miss])  # sorted: ids are deterministic
             m = new.numel()
-            ids = torch.arange(self.U, self.U + m, device=rows.device)
-            self.slot[new] = ids
+            self.slot[new] = torch.arange(self.U, self.U + m, device=rows.device)
             self.rows[self.U:self.U + m] = new
-            self.C[self.U:self.U + m] = self.V[new]
+            torch.index_select(self.V, 0, new, out=self.C[self.U:self.U + m])
             self.U += m
             cid = self.slot[rows]
         return cid
+
+    def release(self) -> None:
+        self.slot[self.touched] = -1
+        self.ws["busy"] = False
 
     @property
     def table(self) -> Tensor:
@@ -425,7 +449,6 @@ def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: Config, keep:
     grp = _group_of_batch(B, S, dev)
     row_base = (grp * N).view(B, 1, 1)
     K = keys.clone()
-    tr = TouchedRows(values.view(S * N, dv), min(S * N, B * T * HK))
     qh = q.reshape(B, T, H, 2, d2)
     amask = addr_mask(mask)
     wins = windows(T, cfg.chunk_size)
@@ -438,7 +461,41 @@ def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: Config, keep:
     if P:
         idx_all[:, :P] = pend_idx
         half_all[:, :P] = pend_half
-    wrote = False
+    writes = any(s1 - s0 == cfg.chunk_size or cfg.flush for s0, s1 in wins)
+    # a call that writes reads and writes a compact copy of the rows it touches (TouchedRows); a
+    # read-only call reads the table itself
+    tr = TouchedRows(values.view(S * N, dv), min(S * N, B * T * HK)) if writes else None
+    try:
+        K = _windows(qh, v, g, mask, K, values.view(S * N, dv), tr, grp, row_base, amask, wins, P,
+                     per_seq, cfg, keep, idx_all, half_all, w_all, vhat, saved, hist)
+        if not writes:  # a read-only call: the tables are returned as they are
+            if inplace:
+                return vhat, keys, values, idx_all, half_all, w_all, saved, hist
+            V = _alloc.clone(values) if want_values else values.new_empty(0)
+            return vhat, K, V, idx_all, half_all, w_all, saved, hist
+        _commit_check(K, tr.table, len(wins) - 1)
+        if inplace:
+            keys.copy_(K)
+            values.view(S * N, dv).index_copy_(0, tr.touched, tr.table)
+            K, V = keys, values
+        elif want_values:
+            V = _alloc.clone(values)
+            V.view(S * N, dv).index_copy_(0, tr.touched, tr.table)
+        else:
+            V = values.new_empty(0)
+    finally:
+        if tr is not None:
+            tr.release()
+    return vhat, K, V, idx_all, half_all, w_all, saved, hist
+
+
+def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, cfg, keep,
+             idx_all, half_all, w_all, vhat, saved, hist):
+    """The window loop of `forward`: fills idx_all/half_all/w_all/vhat (and saved/hist when
+    `keep`), writes into `tr`'s compact table, returns the final keys."""
+    B, T, H, _, d2 = qh.shape
+    dv, dt, dev = vhat.shape[-1], vhat.dtype, vhat.device
+    HK = H * cfg.topk
     for wi, (s0, s1) in enumerate(wins):
         L = s1 - s0
         if keep:
@@ -453,8 +510,11 @@ def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: Config, keep:
                      per_seq, cfg, am_w)
         w = win.w
         w_all[:, s0:s1] = w.view(B, L, HK)
-        rows = tr.map((idx_all[:, s0:s1].reshape(B, L, HK) + row_base).reshape(B * L, HK))
-        Cv = tr.table
+        rows = (idx_all[:, s0:s1].reshape(B, L, HK) + row_base).reshape(B * L, HK)
+        if tr is not None:
+            rows, Cv = tr.map(rows), tr.table
+        else:
+            Cv = V
         out = torch.empty(B * L, dv, dtype=dt, device=dev)
         sv = torch.empty(B * L, HK, dv, dtype=dt, device=dev) if keep else None
         _native.gather_rows(Cv, rows, w, out, sv)
@@ -463,7 +523,6 @@ def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: Config, keep:
             saved[:, s0:s1] = sv.view(B, L, HK, dv)
         if L < cfg.chunk_size and not cfg.flush:
             continue
-        wrote = True
         # value write-back: V_i -= lr * HK / N_i * sum w r over the contributing pairs of row i
         y, contrib, wt = contributing(v[:, s0:s1], g[:, s0:s1], mask[:, s0:s1], cfg.lookahead)
         r = (wt.unsqueeze(-1) * (out.view(B, L, dv) - y)).reshape(B * L, dv)
@@ -474,23 +533,7 @@ def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: Config, keep:
         K = (win.kflat - cfg.lr * win.grad_keys()).view_as(K)
         if not finite_within(K):  # stop at the first bad window (the keys are small)
             _commit_check(K, Cv, wi)
-    if not wrote:  # a read-only call: the tables are returned as they are
-        if inplace:
-            K, V = keys, values
-        else:
-            V = _alloc.clone(values) if want_values else values.new_empty(0)
-        return vhat, K, V, idx_all, half_all, w_all, saved, hist
-    _commit_check(K, tr.table, len(wins) - 1)
-    if inplace:
-        keys.copy_(K)
-        values.view(S * N, dv).index_copy_(0, tr.touched, tr.table)
-        K, V = keys, values
-    elif want_values:
-        V = _alloc.clone(values)
-        V.view(S * N, dv).index_copy_(0, tr.touched, tr.table)
-    else:
-        V = values.new_empty(0)
-    return vhat, K, V, idx_all, half_all, w_all, saved, hist
+    return K
 
 
 def addr_mask(mask: Tensor) -> Optional[Tensor]:

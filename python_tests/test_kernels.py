@@ -108,6 +108,35 @@ def test_topk_select_idw_clamps_negative_distance_and_breaks_ties(dtype):
     assert (idx == torch.tensor([1 * n + 1, 1 * n + 3, 1 * n + 4])).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 2, 5, 13, 31])
+def test_topk_select_idw_score_ties_from_unequal_distances(dtype, k):
+    """The IDW scan ranks distances and scores only the survivors. Many unequal distances here
+    round to one score (distances ~1e3 a few ulps apart, shuffled indices), so the smaller index
+    must win those ties: every top-k must be the head of the full ranking (k = n, where every
+    candidate is scored), and the k x k merge must agree too."""
+    M, H, n = 6, 1, 40
+    g = gen(k * 7 + (dtype == torch.float64))
+    base = torch.tensor(1000.0, dtype=dtype)
+    ulp = torch.nextafter(base, torch.tensor(2000.0, dtype=dtype)) - base
+    steps = torch.randint(0, 12, (M, H, 2, n), generator=g).to(dtype)
+    if dtype == torch.float64:
+        steps = steps * 2 ** 20  # float64 scores only tie for much closer distances
+    dist = base + steps * ulp
+    qn = torch.zeros(M, H, 2, dtype=dtype)
+    kn = torch.zeros(1, H, 2, n, dtype=dtype)
+    dots = -dist / 2  # dist = qn + kn - 2 dot
+    full = run_topk_select(dots, qn, kn, n, M, "idw")
+    part = run_topk_select(dots, qn, kn, k, M, "idw")
+    assert torch.equal(part[2], full[2][..., :k])
+    assert torch.equal(part[3], full[3][..., :k])
+    ties = (full[3][..., 1:] == full[3][..., :-1]).sum()
+    assert ties > 0  # the case is the one this test is about
+    # within equal scores the indices rise
+    same = full[3][..., 1:] == full[3][..., :-1]
+    assert (full[2][..., 1:][same] > full[2][..., :-1][same]).all()
+
+
 def make_q_keys(g, B, T, H, dk, n, per_seq, dtype):
     q = randn(g, B, T, H, dk, dtype=dtype)
     S = B if per_seq else 1

@@ -34,6 +34,51 @@ inline int64_t insert_sorted(T* buf_s, int64_t* buf_i, int64_t count, int64_t k,
   return count < k ? count + 1 : count;
 }
 
+// IDW sub-scores s_i = -log(eps + dist_i) of one query half against n sub-keys, top-k into
+// (bs, bi) sorted by (score desc, index asc). The score falls as the distance grows, so the scan
+// ranks distances and takes k logarithms instead of n (the logarithms were most of the kernel).
+// Exactness: two different distances can round to the same score, and then the smaller index must
+// win. Every candidate whose score can equal the k-th one lies within a relative distance of
+// 1e-4 of the k-th distance (a float score has 24 bits; a tie needs log((eps+d)/(eps+d_k)) below a
+// few ulps of |s| <= 89, i.e. ~2e-5); those few are scored and merged exactly.
+template <typename T>
+inline int64_t idw_topk(const T* d, T q2, const T* k2, int64_t n, int64_t k, T teps, T* bs,
+                        int64_t* bi) {
+  auto dist_of = [&](int64_t i) {
+    T dist = q2 + k2[i] - T(2) * d[i];
+    return dist < T(0) ? T(0) : dist;  // cancellation in ||q||^2 + ||k||^2 - 2 q.k
+  };
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i)  // -dist ranks like the score (NaN last, ties by index)
+    count = insert_sorted(bs, bi, count, k, -dist_of(i), i);
+  const T dk = -bs[count - 1];
+  // scores of the survivors, re-ranked in place: equal scores from unequal distances go by index
+  for (int64_t j = 0; j < count; ++j) bs[j] = -std::log(teps - bs[j]);
+  for (int64_t j = 1; j < count; ++j) {
+    const T sv = bs[j];
+    const int64_t iv = bi[j];
+    int64_t p = j;
+    for (; p > 0 && ranks_before(sv, iv, bs[p - 1], bi[p - 1]); --p) {
+      bs[p] = bs[p - 1];
+      bi[p] = bi[p - 1];
+    }
+    bs[p] = sv;
+    bi[p] = iv;
+  }
+  int64_t out = count;
+  if (count == k && std::isfinite(dk)) {
+    const T reach = dk + (teps + dk) * T(1e-4);
+    for (int64_t i = 0; i < n; ++i) {
+      const T dist = dist_of(i);
+      if (!(dist >= dk && dist <= reach)) continue;
+      bool kept = false;
+      for (int64_t j = 0; j < k && !kept; ++j) kept = bi[j] == i;
+      if (!kept) out = insert_sorted(bs, bi, out, k, -std::log(teps + dist), i);
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 template <typename T>
@@ -53,11 +98,7 @@ void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t
       if (kind == kIDW) {
         const T q2 = qn[mh * 2 + c];
         const T* k2 = kn + ((grp * H + h) * 2 + c) * n;
-        for (int64_t i = 0; i < n; ++i) {
-          T dist = q2 + k2[i] - T(2) * d[i];
-          if (dist < T(0)) dist = T(0);  // cancellation in ||q||^2 + ||k||^2 - 2 q.k
-          count = insert_sorted(hsc + c * k, hidx + c * k, count, k, -std::log(teps + dist), i);
-        }
+        count = idw_topk(d, q2, k2, n, k, teps, hsc + c * k, hidx + c * k);
       } else {
         for (int64_t i = 0; i < n; ++i)
           count = insert_sorted(hsc + c * k, hidx + c * k, count, k, d[i], i);
