@@ -21,13 +21,14 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import RMSNorm
+from .layers import FwPKM, PKM, RMSNorm
+from .state import MemoryState
 
 __all__ = ["LMConfig", "LM", "LMCache", "RMSNorm", "PRESETS"]
 
@@ -306,7 +307,6 @@ class Block(nn.Module):
         self.idx = idx
         self.fwpkm: Optional[nn.Module] = None
         if idx in cfg.fwpkm_layers:
-            from .layers import FwPKM
             self.fwpkm = FwPKM(
                 cfg.dim, n_subkeys=cfg.fwpkm_n_subkeys, mem_k_dim=cfg.fwpkm_k_dim,
                 mem_v_dim=cfg.fwpkm_v_dim, heads=cfg.fwpkm_heads, topk=cfg.fwpkm_topk,
@@ -323,7 +323,6 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if idx in cfg.pkm_layers:
-            from .layers import PKM
             self.mlp = PKM(cfg.dim, n_subkeys=cfg.pkm_n_subkeys, k_dim=cfg.pkm_k_dim,
                            v_dim=cfg.pkm_v_dim, heads=cfg.pkm_heads, topk=cfg.pkm_topk)
             self.is_pkm = True
@@ -369,12 +368,82 @@ class LMCache:
 
     pos: int = 0
     kv: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
-    mem: Dict[int, Any] = field(default_factory=dict)
+    mem: Dict[int, MemoryState] = field(default_factory=dict)
     # per FwPKM layer with a short convolution: its last width-1 inputs, (B, width-1, dim)
     conv: Dict[int, torch.Tensor] = field(default_factory=dict)
 
+    @classmethod
+    def empty(cls, model: "LM", batch_size: Optional[int] = None, *,
+              chunk_size: Optional[int] = None, mem: Optional[Dict[int, MemoryState]] = None
+              ) -> "LMCache":
+        """A cache that has read nothing. Each FwPKM layer starts from its state in ``mem`` or
+        from a fresh one: ``batch_size=None`` one memory shared by the batch (what ``cache=None``
+        gives), ``B`` one memory per sequence; ``chunk_size`` its update window (default: the
+        layer's)."""
+        mem = dict(mem or {})
+        for i, b in enumerate(model.blocks):
+            if b.fwpkm is not None and i not in mem:
+                mem[i] = b.fwpkm.init_state(batch_size, chunk_size=chunk_size)
+        return cls(pos=0, kv=[None] * model.cfg.n_layers, mem=mem)
+
     def nbytes(self) -> int:
+        """Bytes of the attention keys/values (the memory states: ``MemoryState.nbytes``)."""
         return sum(t.numel() * t.element_size() for p in self.kv if p is not None for t in p)
+
+    def select(self, index: Union[int, slice]) -> "LMCache":
+        """The cache of the sequences ``index`` of the batch (an int: that sequence, as a batch of
+        one)."""
+        sl = slice(index, index + 1) if isinstance(index, int) else index
+        return LMCache(pos=self.pos, kv=[None if p is None else (p[0][sl], p[1][sl]) for p in self.kv],
+                       mem={i: st.select(index) for i, st in self.mem.items()},
+                       conv={i: t[sl] for i, t in self.conv.items()})
+
+    def to(self, device: Union[str, torch.device]) -> "LMCache":
+        """The same cache on another device."""
+        return LMCache(pos=self.pos,
+                       kv=[None if p is None else (p[0].to(device), p[1].to(device)) for p in self.kv],
+                       mem={i: st.to(device) for i, st in self.mem.items()},
+                       conv={i: t.to(device) for i, t in self.conv.items()})
+
+    def to_payload(self) -> Dict[str, Any]:
+        """The cache as plain data (tensors detached and on the CPU; memory states as
+        ``MemoryState.to_payload``): what a stream snapshot holds."""
+        return {"pos": int(self.pos),
+                "kv": [None if p is None else [p[0].detach().cpu(), p[1].detach().cpu()]
+                       for p in self.kv],
+                "mem": {int(i): st.to_payload() for i, st in self.mem.items()},
+                "conv": {int(i): t.detach().cpu() for i, t in self.conv.items()}}
+
+    @classmethod
+    def from_payload(cls, payload: Dict[str, Any], model: "LM", where: str = "payload") -> "LMCache":
+        """The cache of a ``to_payload`` dict (on the CPU), checked against ``model``: one
+        attention entry per layer, one memory state per FwPKM layer (of that layer's
+        configuration, its update window aside), and a convolution tail per FwPKM layer with a
+        short convolution once something was read. A ValueError starting with ``where``."""
+        cfg = model.cfg
+        pos = int(payload["pos"])
+        kv = [None if p is None else (p[0], p[1]) for p in payload["kv"]]
+        if len(kv) != cfg.n_layers:
+            raise ValueError(f"{where}: holds {len(kv)} attention caches, the model has "
+                             f"{cfg.n_layers} layers")
+        mem = {int(i): MemoryState.from_payload(d, where=f"{where}: memory state of layer {i}")
+               for i, d in payload["mem"].items()}
+        if sorted(mem) != list(cfg.fwpkm_layers):
+            raise ValueError(f"{where}: memory states for layers {sorted(mem)}, the model has "
+                             f"FwPKM layers {cfg.fwpkm_layers}")
+        for i, st in mem.items():
+            own = model.blocks[i].fwpkm.config
+            diff = dataclasses.replace(st.config, chunk_size=own.chunk_size).diff(own)
+            if diff:
+                raise ValueError(f"{where}: the memory state of layer {i} belongs to another "
+                                 f"memory configuration (state vs layer: {diff})")
+        conv = {int(i): t for i, t in (payload.get("conv") or {}).items()}
+        # a cache that has read something holds one tail per FwPKM layer with a convolution
+        want = list(cfg.fwpkm_layers) if cfg.fwpkm_short_conv and pos > 0 else []
+        if sorted(conv) != want:
+            raise ValueError(f"{where}: short-convolution tails for layers {sorted(conv)}, the "
+                             f"model needs {want}")
+        return cls(pos=pos, kv=kv, mem=mem, conv=conv)
 
 
 class LM(nn.Module):
@@ -423,11 +492,7 @@ class LM(nn.Module):
         """An empty cache. ``batch_size=None``: FwPKM layers use one memory shared by the batch
         (the training setup, what ``cache=None`` gives); ``batch_size=B``: one memory per
         sequence (independent streams)."""
-        cache = LMCache(pos=0, kv=[None] * self.cfg.n_layers)
-        for i, b in enumerate(self.blocks):
-            if b.fwpkm is not None:
-                cache.mem[i] = b.fwpkm.init_state(batch_size)
-        return cache
+        return LMCache.empty(self, batch_size)
 
     def forward(self, tokens: torch.Tensor, cache: Optional[LMCache] = None,
                 use_cache: bool = True,
