@@ -1,4 +1,4 @@
-"""`fwpkm demo`: the main job.
+"""What `fwpkm demo` (the main job) runs; its options: ``fwpkm_ext.cli.demo``.
 
 Default: the bundled FwPKM language model (``fwpkm_ext.pretrained``) reads a long text with five
 needle facts at random depths and answers a question on each, after one read (1-iter) and after
@@ -16,6 +16,7 @@ projection than to any other of the `pairs` value tokens (chance: 1 / pairs).
 """
 from __future__ import annotations
 
+import random
 import time
 from typing import Dict, List, Optional
 
@@ -23,6 +24,8 @@ import torch
 
 from . import functional
 from .layers import FwPKM
+from .niah import build_sample, evaluate_samples, haystack_tokens
+from .pretrained import default_haystack, load_default_model
 
 
 def _checkpoints(total: int) -> List[int]:
@@ -114,22 +117,14 @@ def run_lm_demo(model=None, tok=None, *, length: int = 16384, haystack=None, see
     text once (1-iter: the memory has written nothing yet) and after a first read that wrote
     the whole text into the fast weights (2-iter). ``haystack``: ``(path, text)`` pairs
     (default: the bundled haystack text). Returns the records and throughput."""
-    from .niah import build_sample, evaluate_samples, haystack_tokens
-
     if threads:
         torch.set_num_threads(threads)
     if model is None:
-        from .pretrained import load_default_model
-
         model, tok = load_default_model()
     if tok is None:
         raise ValueError("tok: the LM demo needs the model's tokenizer")
     if haystack is None:
-        from .pretrained import default_haystack
-
         haystack = [default_haystack()]
-    import random
-
     hay = haystack_tokens(haystack, tok)
     sample = build_sample(hay, tok, length, random.Random(seed))
     n_mem = len(model.cfg.fwpkm_layers)
@@ -161,66 +156,3 @@ def run_lm_demo(model=None, tok=None, *, length: int = 16384, haystack=None, see
     out("the memory layer alone, with random projections: fwpkm demo --synthetic; how the bundled "
         "model was trained and evaluated: docs/RESULTS.md")
     return {"records": recs, "accuracy": acc, "tokens_per_s": read / wall, "wall_s": wall}
-
-
-def add_demo_subcommand(sub) -> None:
-    p = sub.add_parser(
-        "demo", help="the main job: a trained LM recalls needles from a long text (bundled model)",
-        description="Needles in a long text, answered by the bundled FwPKM language model (or "
-                    "--model CKPT); --synthetic: a FwPKM layer with random projections memorizing "
-                    "associations among random distractors (no trained weights).")
-    p.add_argument("--model", default=None, metavar="CKPT",
-                   help="checkpoint directory (default: the bundled model)")
-    p.add_argument("--length", type=int, default=16384,
-                   help="tokens of text the needles hide in (default 16384)")
-    p.add_argument("--haystack", nargs="+", default=None, metavar="PATH",
-                   help="text files to hide the needles in (default: bundled text)")
-    from .stream import FORCE_BINARY_HELP
-
-    p.add_argument("--force-binary", action="store_true", help=FORCE_BINARY_HELP)
-    p.add_argument("--synthetic", action="store_true",
-                   help="the layer-only association demo instead (options below)")
-    g = p.add_argument_group("--synthetic options")
-    g.add_argument("--distractors", type=int, default=131072, help="distractor tokens (default 131072)")
-    g.add_argument("--pairs", type=int, default=256, help="associations written first (default 256)")
-    g.add_argument("--n-subkeys", type=int, default=512)
-    g.add_argument("--key-dim", type=int, default=512)
-    g.add_argument("--value-dim", type=int, default=512)
-    g.add_argument("--dim", type=int, default=512)
-    g.add_argument("--topk", type=int, default=8)
-    g.add_argument("--chunk-size", type=int, default=512)
-    p.add_argument("--segment", type=int, default=None,
-                   help="tokens per streaming call (default 2048; --synthetic: 4096)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
-    from .stream import cli_errors
-
-    p.set_defaults(func=cli_errors(_demo_cmd))
-
-
-def _demo_cmd(a) -> int:
-    if a.synthetic:
-        run_demo(dim=a.dim, n_subkeys=a.n_subkeys, key_dim=a.key_dim, value_dim=a.value_dim,
-                 topk=a.topk, chunk_size=a.chunk_size, pairs=a.pairs, distractors=a.distractors,
-                 segment=a.segment or 4096, seed=a.seed, threads=a.threads,
-                 progress=not a.no_progress)
-        return 0
-    from .stream import check_checkpoint_dir, check_document, load_checkpoint
-
-    # every path first: a wrong one must not wait for the model to load
-    for p in a.haystack or ():
-        check_document(p, "--haystack", a.force_binary)
-    if a.model:
-        check_checkpoint_dir(a.model, "--model")
-    model = tok = None
-    if a.model:
-        model, tok = load_checkpoint(a.model)
-    haystack = None
-    if a.haystack:
-        from .data import read_document
-
-        haystack = [(p, read_document(p, "latin1")) for p in a.haystack]
-    run_lm_demo(model, tok, length=a.length, haystack=haystack, seed=a.seed,
-                segment=a.segment or 2048, threads=a.threads)
-    return 0

@@ -1,4 +1,8 @@
-"""The default model shipped inside the package (``fwpkm_ext/default_model/``).
+"""Loading checkpoints, and the default model shipped inside the package
+(``fwpkm_ext/default_model/``).
+
+``load_checkpoint`` is the one loader of a ``fwpkm train`` output directory (model and
+tokenizer), used by every command and tool.
 
 It is the best FwPKM model of docs/RESULTS.md (trained with ``fwpkm train``), stored with its
 weights in float16 and without the initial fast-weight tables (regenerated from
@@ -10,19 +14,33 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["DEFAULT_MODEL_DIR", "REQUIRED_FILES", "default_model_dir", "has_default_model",
-           "load_default_model", "default_haystack", "model_card", "export_model"]
+from .input_checks import check_checkpoint_dir
+from .model import LM
+from .run_args import copy_training_args
+from .tokenizer import TOKENIZER_FILENAME, Tokenizer
+
+__all__ = ["load_checkpoint", "DEFAULT_MODEL_DIR", "REQUIRED_FILES", "default_model_dir",
+           "has_default_model", "load_default_model", "default_haystack", "model_card",
+           "export_model"]
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
-REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.model")
+REQUIRED_FILES = ("config.json", "model.safetensors", TOKENIZER_FILENAME)
 HAYSTACK_FILE = "haystack.txt"
 CARD_FILE = "MODEL_CARD.json"
 MAX_BYTES = 20 * 1024 * 1024  # what the package may carry for its default model
+
+
+def load_checkpoint(ckpt_dir: str, map_location: str = "cpu") -> Tuple[LM, Optional[Tokenizer]]:
+    """(model in eval mode, tokenizer or None) of a ``fwpkm train`` output directory."""
+    check_checkpoint_dir(ckpt_dir, "ckpt_dir")
+    model = LM.from_pretrained(ckpt_dir, map_location=map_location)
+    tpath = os.path.join(ckpt_dir, TOKENIZER_FILENAME)
+    tok = Tokenizer.load(tpath) if os.path.isfile(tpath) else None
+    return model.eval(), tok
 
 
 def has_default_model() -> bool:
@@ -42,11 +60,9 @@ def default_model_dir() -> str:
 
 def load_default_model(map_location: str = "cpu"):
     """``(model, tokenizer)`` of the bundled default model, in float32, in eval mode."""
-    from .stream import load_checkpoint
-
     model, tok = load_checkpoint(default_model_dir(), map_location=map_location)
     if tok is None:
-        raise FileNotFoundError(f"bundled default model: tokenizer.model missing in "
+        raise FileNotFoundError(f"bundled default model: {TOKENIZER_FILENAME} missing in "
                                 f"{DEFAULT_MODEL_DIR}")
     return model, tok
 
@@ -77,17 +93,13 @@ def export_model(ckpt_dir: str, out_dir: str, *, dtype: torch.dtype = torch.floa
     ``dtype``, tokenizer, training arguments, ``card`` as MODEL_CARD.json, and
     ``haystack_tokens`` tokens of text sampled from the model (temperature 1, ``seed``).
     Raises ``ValueError`` when the result exceeds ``max_bytes``. Returns file sizes."""
-    from .stream import load_checkpoint
-
     model, tok = load_checkpoint(ckpt_dir)
     if tok is None:
-        raise ValueError(f"{ckpt_dir!r} has no tokenizer.model: the export needs one")
+        raise ValueError(f"{ckpt_dir!r} has no {TOKENIZER_FILENAME}: the export needs one")
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, dtype=dtype)
-    tok.save(os.path.join(out_dir, "tokenizer.model"))
-    targs = os.path.join(ckpt_dir, "train_args.json")
-    if os.path.isfile(targs):
-        shutil.copyfile(targs, os.path.join(out_dir, "train_args.json"))
+    tok.save(os.path.join(out_dir, TOKENIZER_FILENAME))
+    copy_training_args(ckpt_dir, out_dir)  # its paths made relative: the export is shipped
     if haystack_tokens > 0:
         # the exported (rounded) weights write the text, so the demo reads what it would write
         small, _ = load_checkpoint(out_dir)

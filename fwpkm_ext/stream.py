@@ -15,24 +15,16 @@ read (that is what the mode means) and is written by the final flush.
 ``snapshot_every``); ``resume(path)`` on a new reader and ``read(doc)`` with the same document
 continue it and give the same report (bit for bit, apart from timings) as an uninterrupted read.
 
-CLI: ``fwpkm stream PATH --model CKPT`` (also ``python -m fwpkm_ext.stream``).
+The command: ``fwpkm stream PATH`` (``fwpkm_ext.cli.stream``; also ``python -m fwpkm_ext.stream``).
 """
 from __future__ import annotations
 
-import argparse
-import codecs
-import dataclasses
-import gzip
 import hashlib
 import itertools
-import json
 import math
 import os
-import pathlib
-import re
 import sys
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -40,16 +32,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._fileio import CHECKSUM_KEY, atomic_torch_save, checksum_ok, seal
-from .model import LM, LMCache, LMConfig, PRESETS, config_overrides
+from ._fileio import CHECKSUM_KEY, damaged, read_sealed, write_sealed
+from .data import read_document
+from .model import LM, LMCache, LMConfig
+from .pretrained import load_checkpoint
 
 __all__ = [
     "StreamingReader", "StreamReport", "Bucket", "ByteTokenizer", "SyntheticTokens",
     "TokenSource", "open_document", "position_buckets", "bucket_label", "format_tokens",
-    "load_checkpoint", "peak_rss_mb", "add_model_args", "load_model_from_args",
-    "add_stream_subcommands", "stream_cmd", "main", "SNAPSHOT_VERSION", "FULL_READ_CHUNK",
-    "check_document", "check_input_file", "check_output_path", "check_checkpoint_dir",
-    "check_corpus", "check_model_args", "non_text_fraction",
+    "peak_rss_mb", "load_snapshot", "SNAPSHOT_VERSION", "FULL_READ_CHUNK", "MODEL_CHUNK",
 ]
 
 SNAPSHOT_FORMAT = "fwpkm_ext.StreamSnapshot"
@@ -248,8 +239,6 @@ def open_document(doc, tokenizer=None, encoding_errors: str = "strict") -> Token
     if isinstance(doc, TokenSource):
         return doc
     if isinstance(doc, (str, os.PathLike)):
-        from .data import read_document
-
         if _is_path_like(doc):
             path = os.fspath(doc)
             if not os.path.isfile(path):
@@ -263,112 +252,6 @@ def open_document(doc, tokenizer=None, encoding_errors: str = "strict") -> Token
                              "fwpkm_ext.stream.ByteTokenizer() to read UTF-8 bytes)")
         return TokenSource(np.asarray(tokenizer.encode(text), dtype=np.int64), name)
     return TokenSource(doc, repr(doc) if isinstance(doc, SyntheticTokens) else "<tokens>")
-
-
-# --------------------------------------------------------------------------------------------
-# Checks of the commands' path arguments (run before a model is loaded: they take milliseconds,
-# loading and warming up a model takes seconds)
-# --------------------------------------------------------------------------------------------
-#: how much of a document (decompressed, for .gz) `check_document` looks at
-TEXT_SNIFF_BYTES = 64 * 1024
-#: share of those bytes that are not text (undecodable as UTF-8, or control characters other
-#: than \t \n \r \f) above which a document is refused as binary. Latin-script text in a legacy
-#: 8-bit encoding (a few percent of such bytes; read with --encoding-errors latin1) stays far
-#: below it; random or compressed data (about 55 %) and UTF-16 (about 50 %) are far above.
-BINARY_FRACTION = 0.3
-# control characters (C0 but \t \n \f \r, DEL, C1) and the lone surrogates that
-# "surrogateescape" decodes each undecodable byte to
-_NOT_TEXT = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f\udc80-\udcff]")
-FORCE_BINARY_HELP = ("read input documents even when they do not look like text (by default a "
-                     "document whose first 64 KiB are mostly undecodable UTF-8 or control bytes "
-                     "is refused)")
-
-
-def non_text_fraction(raw: bytes, final: bool = True) -> float:
-    """Share of the bytes of ``raw`` that are not UTF-8 text or are control characters other
-    than tab, newline, carriage return and form feed (``final=False``: ``raw`` is a prefix, a
-    character cut at its end is not counted)."""
-    if not raw:
-        return 0.0
-    text = codecs.getincrementaldecoder("utf-8")("surrogateescape").decode(raw, final=final)
-    return len(_NOT_TEXT.findall(text)) / len(raw)
-
-
-def check_document(path: PathLike, name: str = "path", force_binary: bool = False) -> None:
-    """Fail fast, with an error starting with ``name``, on a document the commands cannot read:
-    missing, a directory, unreadable, a damaged .gz, or (unless ``force_binary``) data that is
-    not text (see ``BINARY_FRACTION``; a .gz is judged by its decompressed start)."""
-    p = os.fspath(path)
-    if not os.path.exists(p):
-        raise FileNotFoundError(f"{name}: no such file: {p!r}")
-    if os.path.isdir(p):
-        raise ValueError(f"{name}: {p!r} is a directory, not a document")
-    gz = p.endswith(".gz")
-    try:
-        with (gzip.open(p, "rb") if gz else open(p, "rb")) as f:
-            raw = f.read(TEXT_SNIFF_BYTES)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise ValueError(f"{name}: cannot read {p!r} ({exc})") from None
-    if force_binary:
-        return
-    frac = non_text_fraction(raw, final=len(raw) < TEXT_SNIFF_BYTES)
-    if frac > BINARY_FRACTION:
-        raise ValueError(f"{name}: {p!r} does not look like text: {frac:.0%} of its first "
-                         f"{len(raw)} bytes{' (decompressed)' if gz else ''} are not UTF-8 text "
-                         f"or are control characters; pass --force-binary to read it anyway")
-
-
-def check_input_file(path: PathLike, name: str) -> None:
-    """``path`` is an existing, readable regular file (else an error starting with ``name``)."""
-    p = os.fspath(path)
-    if not os.path.exists(p):
-        raise FileNotFoundError(f"{name}: no such file: {p!r}")
-    if not os.path.isfile(p):
-        raise ValueError(f"{name}: {p!r} is not a file")
-    if not os.access(p, os.R_OK):
-        raise ValueError(f"{name}: {p!r} is not readable")
-
-
-def check_output_path(path: PathLike, name: str, directory: bool = False) -> None:
-    """``path`` can be written: no directory (``directory=False``) or file (``True``) in its
-    place, and its nearest existing parent is a writable directory (missing parents are
-    created by the writers)."""
-    p = os.path.abspath(os.fspath(path))
-    if directory and os.path.exists(p) and not os.path.isdir(p):
-        raise ValueError(f"{name}: {os.fspath(path)!r} exists and is not a directory")
-    if not directory and os.path.isdir(p):
-        raise ValueError(f"{name}: {os.fspath(path)!r} is a directory")
-    parent = os.path.dirname(p)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"{name}: cannot create {os.fspath(path)!r}: {parent!r} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{name}: cannot write {os.fspath(path)!r}: {parent!r} is not writable")
-
-
-def check_checkpoint_dir(ckpt_dir: PathLike, name: str = "--model") -> None:
-    """``ckpt_dir`` is a ``fwpkm train`` output directory (config.json, model.safetensors)."""
-    d = os.fspath(ckpt_dir)
-    if not os.path.isdir(d):
-        raise FileNotFoundError(f"{name}: checkpoint directory not found: {d!r}")
-    for f in ("config.json", "model.safetensors"):
-        if not os.path.isfile(os.path.join(d, f)):
-            raise FileNotFoundError(f"{name}: {d!r} is not a checkpoint: {f} missing")
-
-
-def check_corpus(corpus: str, name: str = "--corpus", force_binary: bool = False) -> None:
-    """``corpus`` is a .txt/.txt.gz file or a directory holding some, each a readable text."""
-    from .data import list_corpus_files
-
-    try:
-        files = list_corpus_files(corpus)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{name}: {exc}") from None
-    except ValueError as exc:
-        raise ValueError(f"{name}: {exc}") from None
-    for f in files:
-        check_document(f, name, force_binary)
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,36 +425,6 @@ def _chain(digest: str, tokens: np.ndarray) -> str:
                           ).hexdigest()
 
 
-def _state_payload(st) -> Dict[str, Any]:
-    from .state import STATE_FORMAT, STATE_VERSION
-
-    tensors = {f.name: getattr(st, f.name).detach().cpu() for f in dataclasses.fields(st)
-               if isinstance(getattr(st, f.name), Tensor)}
-    return {"format": STATE_FORMAT, "version": STATE_VERSION, "config": st.config.as_dict(),
-            "per_sequence": bool(st.per_sequence), "gate_sum": float(st.gate_sum),
-            "tokens": int(st.tokens), "extras": {str(k): float(v) for k, v in st.extras.items()},
-            "tensors": tensors}
-
-
-def _state_from_payload(d: Dict[str, Any], device, where: str = "snapshot") -> Any:
-    from .state import STATE_FORMAT, STATE_VERSION, MemoryConfig, MemoryState, _checked_extras
-
-    # entries of older snapshots carry state version 1; the snapshot's own checksum covers the
-    # entries, they carry none
-    if not isinstance(d, dict) or d.get("format") != STATE_FORMAT or \
-            type(d.get("version")) is not int or d.get("version") not in (1, STATE_VERSION):
-        raise ValueError(f"{where}: a memory state entry has an unknown format or version")
-    try:
-        st = MemoryState(config=MemoryConfig(**d["config"]), per_sequence=bool(d["per_sequence"]),
-                         gate_sum=float(d["gate_sum"]), tokens=int(d["tokens"]),
-                         extras=_checked_extras(d.get("extras", {}), f"{where}: memory state extras"),
-                         **d["tensors"])
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"{where}: malformed memory state ({exc!r})") from exc
-    st._validate(where=where)
-    return st.to(device)
-
-
 class StreamingReader:
     """Reads documents through ``model`` segment by segment with the cache carried.
 
@@ -632,11 +485,7 @@ class StreamingReader:
 
     def _new_cache(self, batch_size: int) -> LMCache:
         chunk = FULL_READ_CHUNK if self.update_chunk is None else self.update_chunk
-        cache = LMCache(pos=0, kv=[None] * self.model.cfg.n_layers)
-        for i, b in enumerate(self.model.blocks):
-            if b.fwpkm is not None:
-                cache.mem[i] = b.fwpkm.init_state(batch_size, chunk_size=chunk)
-        return cache
+        return LMCache.empty(self.model, batch_size, chunk_size=chunk)
 
     def _new_session(self, batch_size: int) -> _Session:
         return _Session(cache=self._new_cache(batch_size), pos=0,
@@ -815,13 +664,8 @@ class StreamingReader:
                     sess.nll_parts[b].append(nll[b, :m].astype(np.float32))
 
     def _report(self, sess, lengths, seconds, tokens_timed, complete, srcs) -> StreamReport:
-        tel = {}
-        state_bytes = 0
-        for i, st in sess.cache.mem.items():
-            tel[i] = st.telemetry()
-            state_bytes += sum(t.numel() * t.element_size() for t in
-                               (getattr(st, f.name) for f in dataclasses.fields(st))
-                               if isinstance(t, Tensor))
+        tel = {i: st.telemetry() for i, st in sess.cache.mem.items()}
+        state_bytes = sum(st.nbytes() for st in sess.cache.mem.values())
         buckets = _merge_buckets([s.buckets() for s in sess.stats])
         docs = []
         for b, s in enumerate(sess.stats):
@@ -872,7 +716,7 @@ class StreamingReader:
                              "snapshot_every/snapshot_path)")
         if len(sess.stats) != 1:
             raise ValueError("snapshot: only single-document reads can be snapshot")
-        c = sess.cache
+        cache = sess.cache.to_payload()
         payload = {
             "format": SNAPSHOT_FORMAT,
             "version": SNAPSHOT_VERSION,
@@ -881,12 +725,12 @@ class StreamingReader:
             "dtype": str(next(self.model.parameters()).dtype),
             "reader": self._settings(),
             "pos": int(sess.pos),
-            "cache_pos": int(c.pos),
+            "cache_pos": cache["pos"],
             "digest": sess.digest,
             "segments": int(sess.segments),
-            "kv": [None if p is None else [p[0].detach().cpu(), p[1].detach().cpu()] for p in c.kv],
-            "mem": {int(i): _state_payload(st) for i, st in c.mem.items()},
-            "conv": {int(i): t.detach().cpu() for i, t in c.conv.items()},
+            "kv": cache["kv"],
+            "mem": cache["mem"],
+            "conv": cache["conv"],
             "stats": {"first": sess.stats[0].first, "sums": list(sess.stats[0].sums),
                       "counts": list(sess.stats[0].counts)},
             "prev_row": None if sess.prev_row is None else sess.prev_row.detach().cpu(),
@@ -895,7 +739,7 @@ class StreamingReader:
                                            else np.zeros(0, dtype=np.float32))),
         }
         # atomic and fsynced: a crash or kill mid-write leaves the previous snapshot whole
-        atomic_torch_save(seal(payload), path)
+        write_sealed(payload, path)
 
     def resume(self, path: PathLike) -> "StreamingReader":
         """Load a snapshot; the next ``read(doc)`` (same document, from its start) continues it.
@@ -932,67 +776,33 @@ class StreamingReader:
                 if theirs.get(k) != v]
         if diff:
             raise ValueError(f"{where} was taken with other reader settings ({'; '.join(diff)})")
-        dev = self.device
-        kv = []
-        for p in payload["kv"]:
-            kv.append(None if p is None else (p[0].to(dev), p[1].to(dev)))
-        if len(kv) != cfg.n_layers:
-            raise ValueError(f"{where}: holds {len(kv)} attention caches, the model has "
-                             f"{cfg.n_layers} layers")
-        mem = {int(i): _state_from_payload(d, dev, where) for i, d in payload["mem"].items()}
-        if sorted(mem) != list(cfg.fwpkm_layers):
-            raise ValueError(f"{where}: memory states for layers {sorted(mem)}, the model has "
-                             f"FwPKM layers {cfg.fwpkm_layers}")
-        for i, st in mem.items():
-            self.model.blocks[i].fwpkm._check_state(st)
+        # snapshots older than short convolutions have no "conv" entry
+        cache = LMCache.from_payload({"pos": payload["cache_pos"], "kv": payload["kv"],
+                                      "mem": payload["mem"], "conv": payload.get("conv") or {}},
+                                     self.model, where)
         st = payload["stats"]
         prev = payload["prev_row"]
         tn = payload["token_nll"]
-        conv = {int(i): t.to(dev) for i, t in (payload.get("conv") or {}).items()}
-        # a cache that has read something holds one tail per FwPKM layer with a convolution
-        started = int(payload["cache_pos"]) > 0
-        want = list(cfg.fwpkm_layers) if cfg.fwpkm_short_conv and started else []
-        if sorted(conv) != want:
-            raise ValueError(f"{where}: short-convolution tails for layers {sorted(conv)}, the "
-                             f"model needs {want}")
-        sess = _Session(cache=LMCache(pos=int(payload["cache_pos"]), kv=kv, mem=mem, conv=conv),
-                        pos=int(payload["pos"]), stats=[_Stats(int(st["first"]), st["sums"], st["counts"])],
-                        prev_row=None if prev is None else prev.to(dev), digest=str(payload["digest"]),
-                        segments=int(payload["segments"]),
+        return _Session(cache=cache.to(self.device), pos=int(payload["pos"]),
+                        stats=[_Stats(int(st["first"]), st["sums"], st["counts"])],
+                        prev_row=None if prev is None else prev.to(self.device),
+                        digest=str(payload["digest"]), segments=int(payload["segments"]),
                         nll_parts=None if tn is None else [[tn.numpy()]])
-        return sess
 
 
 def load_snapshot(path: PathLike) -> Dict[str, Any]:
     """Read and check the envelope of a snapshot file (format, version, checksum, entries);
     a file that is not one, or is damaged, raises a ValueError starting with ``path``."""
-    path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"path: snapshot not found: {path!r}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"path: {path!r} is not a readable fwpkm_ext stream snapshot ({exc})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != SNAPSHOT_FORMAT:
-        raise ValueError(f"path: {path!r} is not a fwpkm_ext stream snapshot")
-    version = payload.get("version")
-    is_int = isinstance(version, int) and not isinstance(version, bool)  # True is not 1
-    if not is_int or version != SNAPSHOT_VERSION:
-        newer = " (written by a newer fwpkm_ext)" if is_int and version > SNAPSHOT_VERSION else ""
-        raise ValueError(f"path: snapshot {path!r} has version {version!r}{newer}; this "
-                         f"fwpkm_ext reads version {SNAPSHOT_VERSION}")
-    unknown = sorted(map(str, set(payload) - _SNAPSHOT_KEYS))
-    if unknown:
-        # also what a damaged entry name looks like (the checksum's own included)
-        raise ValueError(f"path: snapshot {path!r} is damaged or not a snapshot (unknown entries "
-                         f"{unknown})")
+        raise FileNotFoundError(f"path: snapshot not found: {os.fspath(path)!r}")
     # snapshots written before checksums existed have none; every newer one is verified
-    if CHECKSUM_KEY in payload and not checksum_ok(payload):
-        raise ValueError(f"path: snapshot {path!r} is damaged: its checksum does not match its "
-                         f"contents")
+    payload, intact = read_sealed(path, SNAPSHOT_FORMAT, "stream snapshot",
+                                  {SNAPSHOT_VERSION: _SNAPSHOT_KEYS})
+    if not intact:
+        raise damaged(path)
     missing = [k for k in _SNAPSHOT_ENTRIES if k not in payload]
     if missing:
-        raise ValueError(f"path: snapshot {path!r} is malformed (missing {missing})")
+        raise ValueError(f"path: snapshot {os.fspath(path)!r} is malformed (missing {missing})")
     return payload
 
 
@@ -1019,318 +829,7 @@ def _merge_reports(reports: List[StreamReport], reader: StreamingReader) -> Stre
         documents=[d for r in reports for d in r.documents])
 
 
-# --------------------------------------------------------------------------------------------
-# Model loading (shared by the stream / eval / niah commands)
-# --------------------------------------------------------------------------------------------
-def load_checkpoint(ckpt_dir: str, map_location: str = "cpu"):
-    """(model, tokenizer or None) of a ``fwpkm train`` output directory."""
-    check_checkpoint_dir(ckpt_dir, "ckpt_dir")
-    model = LM.from_pretrained(ckpt_dir, map_location=map_location)
-    tok = None
-    tpath = os.path.join(ckpt_dir, "tokenizer.model")
-    if os.path.isfile(tpath):
-        from .tokenizer import Tokenizer
+if __name__ == "__main__":  # `python -m fwpkm_ext.stream ...`: the `fwpkm stream` command
+    from fwpkm_ext.cli.stream import main
 
-        tok = Tokenizer.load(tpath)
-    return model.eval(), tok
-
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model / --preset --random-init / --config / --tokenizer / --device / --dtype / --threads."""
-    g = p.add_argument_group("model")
-    g.add_argument("--model", metavar="CKPT", default=None,
-                   help="checkpoint directory written by `fwpkm train` (config.json, "
-                        "model.safetensors, tokenizer.model); default: the model bundled with "
-                        "the package (docs/RESULTS.md)")
-    g.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="with --random-init: an untrained model of this preset")
-    g.add_argument("--config", default=None,
-                   help="LMConfig overrides for --preset (inline JSON object or a JSON file)")
-    g.add_argument("--random-init", action="store_true",
-                   help="use a randomly initialised model (--preset), no checkpoint")
-    g.add_argument("--tokenizer", default=None,
-                   help="sentencepiece model (default: CKPT/tokenizer.model; without one, text "
-                        "is read as UTF-8 bytes)")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    g.add_argument("--dtype", default="float32", choices=sorted(_DTYPES),
-                   help="model dtype (fast weights stay float32, or float64 with float64)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-
-
-def check_model_args(args: argparse.Namespace) -> None:
-    """The path arguments of ``add_model_args`` exist (checked before any model is loaded)."""
-    if args.model:
-        check_checkpoint_dir(args.model, "--model")
-    if args.tokenizer:
-        check_input_file(args.tokenizer, "--tokenizer")
-    if args.config and not args.config.strip().startswith("{"):  # else inline JSON
-        check_input_file(args.config.strip(), "--config")
-
-
-def load_model_from_args(args: argparse.Namespace, seed: int = 0):
-    """(model, tokenizer or None) from the --model / --preset --random-init arguments."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dev = args.device
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    tok = None
-    if args.model:
-        if args.preset or args.random_init or args.config:
-            raise ValueError("--model loads a checkpoint: --preset/--config/--random-init are for "
-                             "an untrained model instead")
-        model, tok = load_checkpoint(args.model)
-    elif not (args.preset or args.random_init or args.config):
-        from .pretrained import default_model_dir
-
-        args.model = default_model_dir()
-        print(f"model: the bundled default ({args.model})", file=sys.stderr, flush=True)
-        model, tok = load_checkpoint(args.model)
-    else:
-        if not (args.preset and args.random_init):
-            raise ValueError("pass --model CKPT, or --preset NAME --random-init for an untrained "
-                             "model (or neither, for the bundled default model)")
-        cfg = LMConfig.preset(args.preset, **config_overrides(args.config))
-        if args.tokenizer:
-            from .tokenizer import Tokenizer
-
-            tok = Tokenizer.load(args.tokenizer)
-            if tok.vocab_size != cfg.vocab_size:
-                cfg = cfg.replace(vocab_size=tok.vocab_size)
-        torch.manual_seed(seed)
-        model = LM(cfg)
-    if args.tokenizer and args.model:
-        from .tokenizer import Tokenizer
-
-        tok = Tokenizer.load(args.tokenizer)
-    if tok is not None and tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} ids, the model's vocab_size is "
-                         f"{model.cfg.vocab_size}")
-    model = model.to(device=dev, dtype=_DTYPES[args.dtype]).eval()
-    return model, tok
-
-
-def byte_fallback(model: LM, tok):
-    """``tok`` or, when None, a :class:`ByteTokenizer` (checking the vocabulary is large enough)."""
-    if tok is not None:
-        return tok
-    if model.cfg.vocab_size < 256:
-        raise ValueError(f"reading text without a tokenizer uses UTF-8 bytes (256 ids); the model's "
-                         f"vocab_size is {model.cfg.vocab_size}: pass --tokenizer")
-    return ByteTokenizer()
-
-
-def parse_update_chunk(s: Optional[str]):
-    """CLI value: 'model' (default), 'full' (one update per full read) or a positive int."""
-    if s is None or s == "model":
-        return MODEL_CHUNK
-    if s in ("full", "none", "None"):
-        return None
-    try:
-        v = int(s)
-    except ValueError:
-        raise ValueError(f"--update-chunk: expected 'model', 'full' or a positive int, got {s!r}") from None
-    if v < 1:
-        raise ValueError(f"--update-chunk: must be positive, got {v}")
-    return v
-
-
-def cli_errors(fn):
-    """Command wrapper: user errors (bad path, config, checkpoint, snapshot, missing optional
-    package) -> message on stderr, exit code 2."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return int(fn(args) or 0)
-        except (ValueError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            return 2
-        except ImportError as exc:  # checkpoints and tokenizers need the LM extras
-            print(f"error: {exc} (checkpoints and tokenizers need: pip install 'fwpkm_ext[lm]')",
-                  file=sys.stderr, flush=True)
-            return 2
-
-    run.__name__ = run.__qualname__ = fn.__name__
-    run.__doc__ = fn.__doc__
-    return run
-
-
-def _as_option(fn, option: str):
-    """``fn`` with its errors about its ``path`` argument named after the command-line option."""
-
-    def run(*a, **kw):
-        try:
-            return fn(*a, **kw)
-        except (ValueError, FileNotFoundError) as exc:
-            msg = str(exc)
-            if not msg.startswith("path: "):
-                raise
-            raise type(exc)(f"{option}: {msg[len('path: '):]}") from exc
-
-    return run
-
-
-def write_json(path: str, obj: Any) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, allow_nan=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------------------------
-# `fwpkm stream`
-# --------------------------------------------------------------------------------------------
-def _add_reader_args(p: argparse.ArgumentParser, segment_default: Optional[int] = 2048) -> None:
-    g = p.add_argument_group("reading")
-    g.add_argument("--segment-tokens", type=int, default=segment_default,
-                   help="tokens per forward call (default 2048)")
-    g.add_argument("--update-chunk", default=None,
-                   help="FwPKM update window: 'model' (default: the layers' chunk size), 'full' "
-                        "(one update per full read: every token stays pending until the end), "
-                        "or a number of tokens")
-    g.add_argument("--bucket-tokens", type=int, default=None,
-                   help="width of the first position bucket (default 1024): [0,b) [b,2b) [2b,4b) ...")
-    g.add_argument("--encoding-errors", default="latin1", choices=["strict", "latin1", "replace"],
-                   help="text files that are not valid UTF-8 (default: decode as Latin-1)")
-    g.add_argument("--force-binary", action="store_true", help=FORCE_BINARY_HELP)
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def add_stream_subcommands(subparsers) -> None:
-    """Registers ``stream`` on an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "stream", help="read a long document segment by segment, fast weights carried",
-        description="Stream a document through the model with the cache (attention window and "
-                    "FwPKM states) carried across segments; prints tokens/s, peak memory, "
-                    "perplexity by position bucket and memory telemetry.")
-    p.add_argument("path", nargs="?", default=None,
-                   help="a .txt / .txt.gz document (or use --synthetic-tokens)")
-    add_model_args(p)
-    _add_reader_args(p, segment_default=None)
-    g = p.add_argument_group("input and output")
-    g.add_argument("--synthetic-tokens", type=int, default=None, metavar="N",
-                   help="read N random token ids (seeded) instead of a document")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seed of --random-init weights and --synthetic-tokens (default 0)")
-    g.add_argument("--max-tokens", type=int, default=None, help="read at most N tokens")
-    g.add_argument("--stop-at", type=int, default=None,
-                   help="pause after N tokens (rounded up to a segment boundary); with "
-                        "--snapshot, save the paused read there")
-    g.add_argument("--snapshot", default=None, metavar="FILE",
-                   help="snapshot file written at --stop-at / every --snapshot-every tokens")
-    g.add_argument("--snapshot-every", type=int, default=None, metavar="N")
-    g.add_argument("--resume", default=None, metavar="FILE",
-                   help="continue the read saved in this snapshot (same document and model)")
-    g.add_argument("--no-warmup", action="store_true",
-                   help="time from the first segment on (default: one untimed warm-up segment "
-                        "first, so one-time costs of the process are not counted per token)")
-    g.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")
-    p.set_defaults(func=cli_errors(stream_cmd))
-
-
-def _reader_settings_from_args(args, snapshot: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Reader keyword arguments; flags left unset take the snapshot's values when resuming."""
-    prev = snapshot["reader"] if snapshot else {}
-    seg = args.segment_tokens if args.segment_tokens is not None else prev.get("segment_tokens", 2048)
-    if args.update_chunk is not None:
-        chunk = parse_update_chunk(args.update_chunk)
-    elif snapshot:
-        chunk = prev.get("update_chunk")
-    else:
-        chunk = MODEL_CHUNK
-    bucket = args.bucket_tokens if args.bucket_tokens is not None else prev.get("bucket_tokens", 1024)
-    return dict(segment_tokens=seg, update_chunk=chunk, bucket_tokens=bucket)
-
-
-def stream_cmd(args: argparse.Namespace) -> int:
-    """`fwpkm stream`: read one document (or synthetic tokens) and print the report."""
-    if (args.path is None) == (args.synthetic_tokens is None):
-        raise ValueError("give a document PATH or --synthetic-tokens N (one of them)")
-    if args.snapshot_every is not None and not args.snapshot:
-        raise ValueError("--snapshot-every needs --snapshot FILE")
-    # every path first: a wrong one must not wait for the model to load and warm up
-    if args.path is not None:
-        check_document(args.path, "path", args.force_binary)
-    check_model_args(args)
-    snap = None
-    if args.resume:
-        check_input_file(args.resume, "--resume")
-        snap = _as_option(load_snapshot, "--resume")(args.resume)
-    for name, out in (("--snapshot", args.snapshot), ("--json", args.json)):
-        if out:
-            check_output_path(out, name)
-    model, tok = load_model_from_args(args, seed=args.seed)
-    kw = _reader_settings_from_args(args, snap)
-    if args.synthetic_tokens is not None:
-        if args.synthetic_tokens < 1:
-            raise ValueError(f"--synthetic-tokens: must be positive, got {args.synthetic_tokens}")
-        doc: Any = SyntheticTokens(args.synthetic_tokens, model.cfg.vocab_size, args.seed)
-        source = f"{args.synthetic_tokens} synthetic tokens (seed {args.seed})"
-    else:
-        tok = byte_fallback(model, tok)
-        # a Path: read as a file whatever its name ends with (a str is a file only if .txt/.txt.gz)
-        doc = pathlib.Path(args.path)
-        source = f"{args.path} ({'UTF-8 bytes' if isinstance(tok, ByteTokenizer) else 'sentencepiece'})"
-    reader = StreamingReader(model, tokenizer=tok, progress=not args.no_progress,
-                             encoding_errors=args.encoding_errors, **kw)
-    if args.max_tokens is not None:
-        doc = open_document(doc, tok, args.encoding_errors).limit(args.max_tokens)
-    if args.resume:
-        _as_option(reader.resume, "--resume")(args.resume)
-    stop_at = args.stop_at
-    if stop_at is not None:
-        S = reader.segment_tokens
-        stop_at = -(-stop_at // S) * S
-    cfg = model.cfg
-    print(f"model: {args.model or 'random-init ' + str(args.preset)} dim={cfg.dim} "
-          f"layers={cfg.n_layers} window={cfg.window} fwpkm_layers={cfg.fwpkm_layers} | "
-          f"input: {source}", flush=True)
-    if not args.no_warmup:
-        print(f"warm-up: one segment in {reader.warmup():.2f} s (not timed)", flush=True)
-    rep = reader.read(doc, stop_at=stop_at,
-                      snapshot_every=args.snapshot_every if args.snapshot else None,
-                      snapshot_path=args.snapshot if args.snapshot_every else None)
-    if not rep.complete and args.snapshot:
-        reader.snapshot(args.snapshot)
-    print(rep.table())
-    for line in rep.telemetry_lines():
-        print(line)
-    print(f"attention cache {rep.kv_bytes / 2**20:.1f} MiB, memory states {rep.state_bytes / 2**20:.1f} MiB")
-    if not rep.complete:
-        print(f"paused at token {rep.tokens}" + (f"; snapshot written to {args.snapshot}"
-                                                   if args.snapshot else ""))
-    print(rep.summary(), flush=True)
-    if args.json:
-        d = rep.to_dict()
-        d["input"] = source
-        d["peak_rss_mb_process"] = peak_rss_mb()
-        write_json(args.json, d)
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fwpkm_ext.stream",
-                                     description="Stream long documents through an FwPKM model")
-    sub = parser.add_subparsers(dest="command", metavar="{stream}")
-    sub.required = True
-    add_stream_subcommands(sub)
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m fwpkm_ext.stream [stream] PATH ...`` (the word ``stream`` may be left out)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "stream":
-        argv = ["stream"] + argv
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
     sys.exit(main())

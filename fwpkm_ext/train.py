@@ -1,11 +1,12 @@
-"""Training CLI: ``fwpkm train`` and ``fwpkm tokenizer train`` (also ``python -m fwpkm_ext.train``).
+"""The training run behind ``fwpkm train`` (its options: ``fwpkm_ext.cli.train``).
 
     fwpkm tokenizer train --corpus DIR --vocab-size 8192 --out tok.model
     fwpkm train --preset tiny --corpus DIR --steps 200 --out runs/tiny
 
 The output directory holds ``config.json`` (the :class:`LMConfig`), ``model.safetensors``,
-``tokenizer.model``, ``train_state.pt`` (optimizer, scheduler, RNG states, data position) and
-``metrics.jsonl``. ``--resume`` continues from it exactly. Data parallel runs use torchrun:
+``tokenizer.model``, ``train_state.pt`` (optimizer, scheduler, RNG states, data position),
+``train_args.json`` and ``metrics.jsonl``. ``--resume`` continues from it exactly. Data parallel
+runs use torchrun (``python -m fwpkm_ext.train`` is the command line):
 
     torchrun --nproc_per_node 2 -m fwpkm_ext.train train ...
 
@@ -22,175 +23,23 @@ import random
 import sys
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import LM, LMConfig, PRESETS, config_overrides
+from ._fileio import atomic_torch_save
+from .data import VARIED_WORDINGS, build_datasets, read_corpus, resolve_corpus, split_documents
+from .input_checks import check_corpus, check_input_file, check_output_path
+from .layers import param_groups
+from .model import LM, LMConfig, config_overrides
+from .run_args import portable_args, write_training_args
+from .tokenizer import TOKENIZER_FILENAME, Tokenizer, train_tokenizer
 
-__all__ = ["add_train_subcommands", "main", "train", "train_tokenizer_cmd", "lr_lambda",
-           "evaluate"]
+__all__ = ["train", "lr_lambda", "heldout_loss", "STATE_FILE"]
 
 STATE_FILE = "train_state.pt"
-TOKENIZER_FILE = "tokenizer.model"
-
-
-# --------------------------------------------------------------------------------------------
-# Argument parsing
-# --------------------------------------------------------------------------------------------
-def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from .stream import FORCE_BINARY_HELP
-
-    g = p.add_argument_group("model")
-    g.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                   help="model preset (default: tiny)")
-    g.add_argument("--config", default=None,
-                   help="LMConfig overrides: a JSON file or an inline JSON object, applied on top "
-                        "of the preset (e.g. '{\"dim\": 128, \"n_layers\": 2}')")
-    g = p.add_argument_group("data")
-    g.add_argument("--corpus", default=None,
-                   help="directory of .txt/.txt.gz files (default: ../shared/data/gutenberg)")
-    g.add_argument("--tokenizer", default=None,
-                   help="sentencepiece model; if absent, one is trained on the training split "
-                        "into OUT/tokenizer.model (or reused from there)")
-    g.add_argument("--seq-len", type=int, default=None,
-                   help="tokens per training sequence (default: 4096 on GPU; 1024 on CPU, so "
-                        "the tiny preset trains in minutes)")
-    g.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of documents held out for validation (default 0.1)")
-    g.add_argument("--needle-rate", type=float, default=0.0,
-                   help="probability that a training sequence gets synthetic needles")
-    g.add_argument("--needles-per-seq", type=int, default=1,
-                   help="needle facts (and later queries) in a sequence that gets needles "
-                        "(default 1); the loss on their answers is logged as needle_loss")
-    g.add_argument("--needle-loss-weight", type=float, default=0.0,
-                   help="extra weight of the needle answers' mean loss in the objective (default "
-                        "0: plain next-token loss); the logged loss stays the plain one")
-    g.add_argument("--needle-wordings", default="spec", choices=["spec", "varied"],
-                   help="needle sentences: SPEC's wording only (default), or each needle drawn "
-                        "from 8 wordings (data.VARIED_WORDINGS; data.HELD_OUT_WORDING is never "
-                        "used, so `fwpkm niah --wording` can test an unseen one)")
-    g.add_argument("--encoding-errors", default="latin1", choices=["strict", "latin1", "replace"],
-                   help="files that are not valid UTF-8: fail (strict), decode as Latin-1 with a "
-                        "warning (default), or replace bad bytes")
-    g.add_argument("--force-binary", action="store_true", help=FORCE_BINARY_HELP)
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help="sequences per micro-batch and process (default: 8 on GPU, 1 on CPU)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1,
-                   help="final lr of the cosine decay as a fraction of --lr (default 0.1)")
-    g.add_argument("--warmup", type=int, default=None,
-                   help="linear warmup steps (default: 5%% of --steps, at most 1000)")
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--pkm-value-lr-scale", type=float, default=1.0,
-                   help="lr multiplier of static PKM value tables (default 1.0)")
-    g.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0: off)")
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("run")
-    g.add_argument("--out", required=True, help="output directory (checkpoints, logs)")
-    g.add_argument("--init-from", default=None, metavar="DIR",
-                   help="start from the weights of a saved model (model.safetensors + config.json, "
-                        "e.g. a run's output or fwpkm_ext/default_model): every tensor of the same "
-                        "name and shape is loaded, the FwPKM initial tables follow --config, new "
-                        "tensors (e.g. query batch-norm statistics) keep their fresh values")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run saved in --out exactly where it stopped")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="autocast dtype: auto = bfloat16 on GPU, float32 on CPU")
-    g.add_argument("--val-every", type=int, default=100,
-                   help="validate every N steps (and at the start and the end; 0: only those)")
-    g.add_argument("--val-batches", type=int, default=4, help="batches per validation")
-    g.add_argument("--save-every", type=int, default=0,
-                   help="checkpoint every N steps (default: at validations and at the end)")
-    g.add_argument("--stop-at", type=int, default=None,
-                   help="checkpoint and stop after this step (the schedule still follows "
-                        "--steps); continue later with --resume")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def add_train_subcommands(subparsers) -> None:
-    """Registers ``train`` and ``tokenizer`` on an argparse subparsers object."""
-    from .stream import FORCE_BINARY_HELP
-
-    p = subparsers.add_parser("train", help="train a language model (optionally with FwPKM)",
-                              description="Train the reference LM on a text corpus.")
-    _add_train_args(p)
-    p.set_defaults(func=_cli_errors(train))
-
-    t = subparsers.add_parser("tokenizer", help="tokenizer tools",
-                              description="SentencePiece BPE tokenizer (byte fallback).")
-    tsub = t.add_subparsers(dest="tokenizer_cmd", metavar="{train}")
-    tsub.required = True
-    tt = tsub.add_parser("train", help="train a tokenizer on a corpus")
-    tt.add_argument("--corpus", default=None,
-                    help="directory of .txt/.txt.gz files (default: ../shared/data/gutenberg)")
-    tt.add_argument("--vocab-size", type=int, default=8192)
-    tt.add_argument("--out", required=True, help="path of the .model file to write")
-    tt.add_argument("--max-lines", type=int, default=2_000_000,
-                    help="sample at most this many lines for training")
-    tt.add_argument("--seed", type=int, default=0)
-    tt.add_argument("--encoding-errors", default="latin1", choices=["strict", "latin1", "replace"])
-    tt.add_argument("--force-binary", action="store_true", help=FORCE_BINARY_HELP)
-    tt.set_defaults(func=_cli_errors(train_tokenizer_cmd))
-
-
-def _cli_errors(fn):
-    """Command wrapper: user errors (bad corpus, config, checkpoint) -> message and exit code 2."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return int(fn(args) or 0)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            return 2
-
-    run.__name__ = run.__qualname__ = fn.__name__
-    run.__doc__ = fn.__doc__
-    return run
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fwpkm_ext.train",
-                                     description="FwPKM language-model training tools")
-    sub = parser.add_subparsers(dest="command", metavar="{train,tokenizer}")
-    sub.required = True
-    add_train_subcommands(sub)
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenizer command
-# --------------------------------------------------------------------------------------------
-def train_tokenizer_cmd(args: argparse.Namespace) -> int:
-    from .data import resolve_corpus
-    from .stream import check_corpus, check_output_path
-    from .tokenizer import train_tokenizer
-
-    corpus = resolve_corpus(args.corpus)
-    check_corpus(corpus, "--corpus", getattr(args, "force_binary", False))
-    check_output_path(args.out, "--out")
-    t0 = time.time()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        tok = train_tokenizer(corpus, vocab_size=args.vocab_size, max_lines=args.max_lines,
-                              seed=args.seed, out=args.out, encoding_errors=args.encoding_errors)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
-    print(f"tokenizer: vocab_size={tok.vocab_size} written to {args.out} "
-          f"({time.time() - t0:.1f}s)")
-    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,23 +134,7 @@ def _set_rng_state(st: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    from ._fileio import atomic_torch_save
-
-    atomic_torch_save(obj, path)  # unique tmp name, fsync, rename: a killed run keeps the last one
-
-
-def _param_groups(model: torch.nn.Module, lr: float, weight_decay: float,
-                  pkm_value_lr_scale: float = 1.0):
-    """AdamW groups from the core package's ``param_groups`` (no fast-weight initial tables;
-    no weight decay on 1-D parameters; PKM value tables at ``lr * pkm_value_lr_scale``)."""
-    from .layers import param_groups
-
-    return param_groups(model, weight_decay=weight_decay, lr=lr,
-                        pkm_value_lr_scale=pkm_value_lr_scale)
-
-
-def evaluate(model: torch.nn.Module, data, indices: List[int], batch_size: int,
+def heldout_loss(model: torch.nn.Module, data, indices: List[int], batch_size: int,
              device: torch.device, amp_dtype: Optional[torch.dtype], dist: Optional[_Dist] = None
              ) -> Dict[str, float]:
     """Mean token loss over the given sequences (split over processes) -> loss, ppl, tokens."""
@@ -338,9 +171,7 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
 # Training
 # --------------------------------------------------------------------------------------------
 def train(args: argparse.Namespace) -> int:
-    from .data import build_datasets, read_corpus, resolve_corpus, split_documents
-    from .tokenizer import Tokenizer, train_tokenizer
-
+    """One training run (the options of ``fwpkm train``, as parsed); 0 when it ends."""
     if args.steps < 1:
         raise ValueError(f"--steps must be positive, got {args.steps}")
     if args.grad_accum < 1:
@@ -359,17 +190,13 @@ def train(args: argparse.Namespace) -> int:
     dist = _Dist(args.device)
     device = dist.device
     try:
-        return _train(args, dist, device, build_datasets, read_corpus, resolve_corpus,
-                      split_documents, Tokenizer, train_tokenizer)
+        return _train(args, dist, device)
     finally:
         dist.close()
 
 
 def _check_paths(args: argparse.Namespace) -> None:
     """Every path argument, before the process group, the corpus and the model are set up."""
-    from .data import resolve_corpus
-    from .stream import check_corpus, check_input_file, check_output_path
-
     check_output_path(args.out, "--out", directory=True)
     check_corpus(resolve_corpus(args.corpus), "--corpus", getattr(args, "force_binary", False))
     if args.tokenizer:
@@ -425,8 +252,7 @@ def _log(dist: _Dist, msg: str, bar=None) -> None:
         print(msg, flush=True)
 
 
-def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, split_documents,
-           Tokenizer, train_tokenizer) -> int:
+def _train(args: argparse.Namespace, dist: _Dist, device: torch.device) -> int:
     out = args.out
     state_path = os.path.join(out, STATE_FILE)
     if args.resume and not os.path.isfile(state_path):
@@ -456,7 +282,7 @@ def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, spli
     if dist.main:
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
-    tok_out = os.path.join(out, TOKENIZER_FILE)
+    tok_out = os.path.join(out, TOKENIZER_FILENAME)
     if args.tokenizer:
         tok = Tokenizer.load(args.tokenizer)
     elif os.path.isfile(tok_out):
@@ -515,7 +341,10 @@ def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, spli
         amp_dtype = None if args.dtype == "float32" else torch.bfloat16
     warmup = args.warmup if args.warmup is not None else min(1000, max(1, args.steps // 20))
 
-    groups = _param_groups(model, args.lr, args.weight_decay, args.pkm_value_lr_scale)
+    # no fast-weight initial tables; no weight decay on 1-D parameters; PKM value tables at
+    # lr * pkm_value_lr_scale
+    groups = param_groups(model, weight_decay=args.weight_decay, lr=args.lr,
+                          pkm_value_lr_scale=args.pkm_value_lr_scale)
     opt_kw: Dict[str, Any] = dict(lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     if device.type == "cuda":
         opt_kw["fused"] = True
@@ -563,8 +392,7 @@ def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, spli
     n_params = model.num_params()
     if dist.main:
         cfg.save(os.path.join(out, "config.json"))
-        with open(os.path.join(out, "train_args.json"), "w", encoding="utf-8") as f:
-            json.dump({k: v for k, v in vars(args).items() if k != "func"}, f, indent=2)
+        write_training_args(out, vars(args))
     _log(dist, f"model: preset={args.preset} params={n_params / 1e6:.2f}M "
                f"fwpkm_layers={cfg.fwpkm_layers} pkm_layers={cfg.pkm_layers} window={cfg.window}"
                f" | data: {len(ds.train_files)} train docs ({train_data.num_tokens} tokens, "
@@ -591,12 +419,13 @@ def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, spli
         if not dist.main:
             return
         model.save_pretrained(out)  # model.safetensors + config.json (atomic enough: small)
-        tok.save(os.path.join(out, TOKENIZER_FILE))
-        _atomic_torch_save({
+        tok.save(os.path.join(out, TOKENIZER_FILENAME))
+        # unique tmp name, fsync, rename: a killed run keeps the last checkpoint
+        atomic_torch_save({
             "step": step_now, "samples_seen": samples_seen, "world_size": dist.world,
             "seq_len": train_data.seq_len, "batch_size": batch_size,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": rngs, "args": {k: v for k, v in vars(args).items() if k != "func"},
+            "rng": rngs, "args": portable_args(vars(args)),
             "config": cfg.to_dict(), "tokenizer_sha": tok.fingerprint(),
         }, state_path)
 
@@ -605,7 +434,7 @@ def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, spli
     def validate(step_now: int, bar=None) -> Optional[Dict[str, float]]:
         if val_data is None:
             return None
-        r = evaluate(model, val_data, val_idx, batch_size, device, amp_dtype, dist)
+        r = heldout_loss(model, val_data, val_idx, batch_size, device, amp_dtype, dist)
         _log(dist, f"step {step_now}: val_loss={r['loss']:.4f} val_ppl={r['ppl']:.2f} "
                    f"({r['tokens']} tokens)", bar)
         log_metrics({"step": step_now, "val_loss": r["loss"], "val_ppl": r["ppl"]})
@@ -627,8 +456,6 @@ def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, spli
     ema_loss = None
     train_loss = float("nan")
     needles_per_seq = getattr(args, "needles_per_seq", 1)
-    from .data import VARIED_WORDINGS
-
     wordings = VARIED_WORDINGS if getattr(args, "needle_wordings", "spec") == "varied" else None
     needle_weight = float(getattr(args, "needle_loss_weight", 0.0))
     needle_stats = [0.0, 0.0, 0]  # answer-token loss sum, correct argmax, count (since last log)
@@ -726,5 +553,7 @@ def _train(args, dist, device, build_datasets, read_corpus, resolve_corpus, spli
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m fwpkm_ext.train train|tokenizer ...` (torchrun runs this)
+    from fwpkm_ext.cli.train import main
+
     sys.exit(main())

@@ -15,7 +15,7 @@ import pytest
 import fwpkm_ext
 from fwpkm_ext import cli
 from fwpkm_ext.demo import run_demo
-from fwpkm_ext.stream import check_document, non_text_fraction
+from fwpkm_ext.input_checks import check_document, non_text_fraction
 
 
 def test_demo_recalls_associations_and_reports():

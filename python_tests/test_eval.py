@@ -14,14 +14,15 @@ pytest.importorskip("sentencepiece")
 pytest.importorskip("safetensors")
 
 import fwpkm_ext  # noqa: E402
-from fwpkm_ext import niah  # noqa: E402
+from fwpkm_ext.cli import niah  # noqa: E402
 from fwpkm_ext.data import needle_query, needle_sentence, split_documents  # noqa: E402
-from fwpkm_ext.evaluate import GateStats, held_out_documents, main as eval_main, memory_report  # noqa: E402
-from fwpkm_ext.model import LM, LMConfig  # noqa: E402
+from fwpkm_ext.cli.eval import main as eval_main  # noqa: E402
+from fwpkm_ext.evaluate import GateStats, held_out_documents, memory_report  # noqa: E402
+from fwpkm_ext.model import LM, LMCache, LMConfig  # noqa: E402
 from fwpkm_ext.niah import (  # noqa: E402
     build_sample, evaluate_samples, extract_answer, haystack_tokens, make_needles, query_reserve,
-    score_answer, summarize)
-from fwpkm_ext.stream import ByteTokenizer, StreamingReader, SyntheticTokens  # noqa: E402
+    read_context, score_answer, summarize)
+from fwpkm_ext.stream import FULL_READ_CHUNK, ByteTokenizer, StreamingReader, SyntheticTokens  # noqa: E402
 from fwpkm_ext.tokenizer import train_tokenizer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(fwpkm_ext.__file__)))
@@ -176,12 +177,12 @@ def test_extra_pass_writes_memory_final_pass_does_not(ckpt, tok, corpus):
     x = torch.from_numpy(s.context)[None]
     layer = model.blocks[1].fwpkm
     # the final pass (update chunk = whole input) only reads: no pending kept, tables untouched
-    st0 = layer.init_state(1, chunk_size=niah.FULL_READ_CHUNK)
-    _, cache = niah._feed(model, x, niah._fresh_cache(model, {1: st0}), 64, read_only=True)
+    st0 = layer.init_state(1, chunk_size=FULL_READ_CHUNK)
+    _, cache = read_context(model, x, LMCache.empty(model, mem={1: st0}), 64, read_only=True)
     assert cache.mem[1].pending == 0 and torch.equal(cache.mem[1].values, st0.values)
     # an extra pass (chunk = context length) is one write at its end
     st1 = layer.init_state(1, chunk_size=x.shape[1])
-    _, cache = niah._feed(model, x, niah._fresh_cache(model, {1: st1}), 64)
+    _, cache = read_context(model, x, LMCache.empty(model, mem={1: st1}), 64)
     assert cache.mem[1].pending == 0 and not torch.equal(cache.mem[1].values, st1.values)
 
 
@@ -222,7 +223,7 @@ def test_eval_ppl_cli(ckpt, tmp_path, capsys):
     assert len(d["documents"]) == 2 and d["split"]["seed"] == 3
     assert d["predicted"] == sum(x["predicted"] for x in d["documents"])
     assert "[0, 64)" in text and "tokens/s" in text
-    from fwpkm_ext.evaluate import have_matplotlib
+    from fwpkm_ext.plots import have_matplotlib
 
     if have_matplotlib():
         assert plot.stat().st_size > 1000 and "plot written" in text

@@ -12,9 +12,9 @@ import torch
 
 import fwpkm_ext
 from fwpkm_ext.model import LM, LMConfig
+from fwpkm_ext.cli.stream import main
 from fwpkm_ext.stream import (
-    ByteTokenizer, StreamingReader, SyntheticTokens, TokenSource, load_snapshot, main,
-    position_buckets)
+    ByteTokenizer, StreamingReader, SyntheticTokens, TokenSource, load_snapshot, position_buckets)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(fwpkm_ext.__file__)))
 

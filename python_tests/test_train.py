@@ -15,7 +15,8 @@ pytest.importorskip("safetensors")
 from safetensors.torch import load_file  # noqa: E402
 
 import fwpkm_ext  # noqa: E402
-from fwpkm_ext.train import add_train_subcommands, lr_lambda, main  # noqa: E402
+from fwpkm_ext.cli.train import add_subcommand as add_train_subcommands, main  # noqa: E402
+from fwpkm_ext.train import lr_lambda  # noqa: E402
 from test_data import write_corpus  # noqa: E402
 
 

@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fwpkm_ext.evaluate import held_out_documents  # noqa: E402
 from fwpkm_ext.niah import haystack_tokens, run_niah  # noqa: E402
-from fwpkm_ext.stream import StreamingReader, load_checkpoint, open_document  # noqa: E402
+from fwpkm_ext.pretrained import load_checkpoint  # noqa: E402
+from fwpkm_ext.stream import StreamingReader, open_document  # noqa: E402
 
 
 def main() -> int:

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fwpkm_ext.data import insert_needles  # noqa: E402
 from fwpkm_ext.evaluate import held_out_documents  # noqa: E402
-from fwpkm_ext.stream import load_checkpoint  # noqa: E402
+from fwpkm_ext.pretrained import load_checkpoint  # noqa: E402
 
 
 @torch.no_grad()
