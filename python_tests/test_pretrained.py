@@ -33,6 +33,12 @@ def test_bundled_model_is_present_small_and_loads():
     assert len(tok.encode(text)) > 1000
 
 
+def test_bundled_files_hold_no_absolute_path():
+    d = pretrained.default_model_dir()
+    args = json.loads(open(os.path.join(d, "train_args.json"), encoding="utf-8").read())
+    assert not [v for v in args.values() if isinstance(v, str) and os.path.isabs(v)], args
+
+
 def test_demo_runs_on_the_bundled_model(capsys):
     assert cli.main(["demo", "--length", "4096", "--threads", "1"]) == 0
     out = capsys.readouterr().out

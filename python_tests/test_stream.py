@@ -173,6 +173,22 @@ def _check_snapshot_resume(model, tokens, tmp_path):
     assert rd3.read(tokens).nll_sum == full.nll_sum
 
 
+def test_snapshot_written_before_checksums_still_loads(model, tokens, tmp_path):
+    """A version 1 snapshot as written before checksums and convolution tails: no checksum, no
+    "conv" entry, memory states of state version 1 (which still carried extras)."""
+    full = reader(model).read(tokens)
+    rd = reader(model)
+    rd.read(tokens, stop_at=80)
+    rd.snapshot(tmp_path / "new.pt")
+    old = torch.load(tmp_path / "new.pt", weights_only=True)
+    del old["sha256"], old["conv"]
+    for st in old["mem"].values():
+        st["version"] = 1
+    torch.save(old, tmp_path / "old.pt")
+    rest = reader(model).resume(tmp_path / "old.pt").read(tokens)
+    assert rest.complete and rest.nll_sum == full.nll_sum
+
+
 def test_snapshot_every(model, tokens, tmp_path):
     path = tmp_path / "s.pt"
     full = reader(model).read(tokens)

@@ -63,6 +63,23 @@ def test_subcommands_register():
     assert b.vocab_size == 500 and callable(b.func)
 
 
+def test_training_args_are_written_with_relative_paths(tmp_path, monkeypatch):
+    from fwpkm_ext.run_args import copy_training_args, training_args, write_training_args
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "a"
+    run.mkdir(parents=True)
+    write_training_args(str(run), {"corpus": str(tmp_path / "books"), "out": "runs/a",
+                                   "config": '{"dim": 64}', "steps": 3, "func": print})
+    assert training_args(str(run)) == {"corpus": "books", "out": "runs/a",
+                                       "config": '{"dim": 64}', "steps": 3}
+    # an export copies them, absolute paths made relative too
+    (run / "train_args.json").write_text(json.dumps({"out": str(run), "seed": 1}))
+    assert copy_training_args(str(run), str(tmp_path))
+    assert training_args(str(tmp_path)) == {"out": os.path.join("runs", "a"), "seed": 1}
+    assert not copy_training_args(str(tmp_path / "none"), str(tmp_path))
+
+
 def test_loss_falls_and_checkpoint(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     rc, stdout, err = run_main(capsys, *train_args(corpus, out, 40, SMALL, "--val-every", "20"))
