@@ -257,22 +257,30 @@ def open_document(doc, tokenizer=None, encoding_errors: str = "strict") -> Token
 # --------------------------------------------------------------------------------------------
 # Reports
 # --------------------------------------------------------------------------------------------
+class _Perplexity:
+    """``nll`` (mean over the predicted tokens, NaN with none) and ``ppl`` of ``nll_sum``; the
+    field ``_predicted`` names counts the predicted tokens."""
+
+    _predicted = "tokens"
+
+    @property
+    def nll(self) -> float:
+        n = getattr(self, self._predicted)
+        return self.nll_sum / n if n else float("nan")
+
+    @property
+    def ppl(self) -> float:
+        return _nan_exp(self.nll)
+
+
 @dataclass
-class Bucket:
+class Bucket(_Perplexity):
     """Predicted tokens at positions [lo, hi) of a document and the sum of their NLL (nats)."""
 
     lo: int
     hi: int
     tokens: int
     nll_sum: float
-
-    @property
-    def nll(self) -> float:
-        return self.nll_sum / self.tokens if self.tokens else float("nan")
-
-    @property
-    def ppl(self) -> float:
-        return _nan_exp(self.nll)
 
     @property
     def label(self) -> str:
@@ -321,7 +329,7 @@ def _merge_buckets(lists: Sequence[Sequence[Bucket]]) -> List[Bucket]:
 
 
 @dataclass
-class StreamReport:
+class StreamReport(_Perplexity):
     """What a read measured. ``tokens``: positions read (all streams); ``predicted``: tokens with
     an NLL (every token but the first of each document); ``seconds`` / ``tokens_timed``: wall time
     and tokens of the reading loop in this process (a resumed read times only its own part)."""
@@ -343,14 +351,7 @@ class StreamReport:
     documents: List[Dict[str, Any]] = field(default_factory=list)
     token_nll: Optional[np.ndarray] = None
     cpu_seconds: float = float("nan")  # process CPU time of the reading loop (all threads)
-
-    @property
-    def nll(self) -> float:
-        return self.nll_sum / self.predicted if self.predicted else float("nan")
-
-    @property
-    def ppl(self) -> float:
-        return _nan_exp(self.nll)
+    _predicted = "predicted"
 
     @property
     def tokens_per_s(self) -> float:

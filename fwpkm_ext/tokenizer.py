@@ -77,21 +77,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return int(self.sp.get_piece_size())
 
-    @property
-    def bos_id(self) -> int:
-        return int(self.sp.bos_id())
-
-    @property
-    def eos_id(self) -> int:
-        return int(self.sp.eos_id())
-
-    @property
-    def pad_id(self) -> int:
-        return int(self.sp.pad_id())
-
-    @property
-    def unk_id(self) -> int:
-        return int(self.sp.unk_id())
+    # the special ids (fixed when trained: see the module doc)
+    bos_id = property(lambda self: int(self.sp.bos_id()))
+    eos_id = property(lambda self: int(self.sp.eos_id()))
+    pad_id = property(lambda self: int(self.sp.pad_id()))
+    unk_id = property(lambda self: int(self.sp.unk_id()))
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self.model_proto).hexdigest()[:16]

@@ -39,6 +39,14 @@ def build_parser(commands: Iterable[AddCommand], required: bool = False) -> argp
     return parser
 
 
+def add_command(subparsers, name: str, func: Callable[[argparse.Namespace], int], help: str,
+                description: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser of command ``name`` on ``subparsers``; ``run`` calls ``func`` for it."""
+    p = subparsers.add_parser(name, help=help, description=description)
+    p.set_defaults(func=func)
+    return p
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the parsed command. User errors (a bad path, config, checkpoint, snapshot, a missing
     package) are a message on stderr and exit code 2, not a traceback."""

@@ -9,16 +9,17 @@ from ..data import read_document
 from ..demo import run_demo, run_lm_demo
 from ..input_checks import check_checkpoint_dir, check_document
 from ..pretrained import load_checkpoint
-from .common import FORCE_BINARY_HELP
+from .common import FORCE_BINARY_HELP, add_command
 
 
 def add_subcommand(sub) -> None:
     """Registers ``demo`` on an argparse subparsers object."""
-    p = sub.add_parser(
-        "demo", help="the main job: a trained LM recalls needles from a long text (bundled model)",
-        description="Needles in a long text, answered by the bundled FwPKM language model (or "
-                    "--model CKPT); --synthetic: a FwPKM layer with random projections memorizing "
-                    "associations among random distractors (no trained weights).")
+    p = add_command(
+        sub, "demo", demo_cmd,
+        "the main job: a trained LM recalls needles from a long text (bundled model)",
+        "Needles in a long text, answered by the bundled FwPKM language model (or "
+        "--model CKPT); --synthetic: a FwPKM layer with random projections memorizing "
+        "associations among random distractors (no trained weights).")
     p.add_argument("--model", default=None, metavar="CKPT",
                    help="checkpoint directory (default: the bundled model)")
     p.add_argument("--length", type=int, default=16384,
@@ -42,7 +43,6 @@ def add_subcommand(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=demo_cmd)
 
 
 def demo_cmd(a: argparse.Namespace) -> int:

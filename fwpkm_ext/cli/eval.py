@@ -11,7 +11,7 @@ from ..evaluate import held_out_documents, memory_report
 from ..input_checks import check_corpus, check_document
 from ..plots import plot_ppl
 from ..stream import SyntheticTokens, open_document
-from .common import (add_model_args, add_reader_args, add_split_args, byte_fallback,
+from .common import (add_command, add_model_args, add_reader_args, add_split_args, byte_fallback,
                      check_model_args, check_outputs, command_main, load_model_from_args,
                      reader_from_args, write_json)
 
@@ -23,12 +23,10 @@ def add_subcommand(subparsers) -> None:
     sub = p.add_subparsers(dest="eval_cmd", metavar="{ppl,memory}")
     sub.required = True
 
-    pp = sub.add_parser("ppl", help="perplexity by position on held-out documents",
-                        description="Held-out documents read in order, fast weights carried "
-                                    "across segments; perplexity by position bucket.")
-    add_model_args(pp)
-    add_split_args(pp)
-    add_reader_args(pp)
+    pp = add_command(sub, "ppl", eval_ppl_cmd, "perplexity by position on held-out documents",
+                     "Held-out documents read in order, fast weights carried across segments; "
+                     "perplexity by position bucket.")
+    _add_reading_args(pp)
     g = pp.add_argument_group("documents and output")
     g.add_argument("--files", nargs="+", default=None, metavar="PATH",
                    help="these documents instead of the held-out split")
@@ -39,23 +37,27 @@ def add_subcommand(subparsers) -> None:
     g.add_argument("--plot", default="ppl_by_position.png", help="PNG plot path (needs matplotlib)")
     g.add_argument("--no-plot", action="store_true")
     g.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
-    pp.set_defaults(func=eval_ppl_cmd)
 
-    pm = sub.add_parser("memory", help="memory usage statistics after reading a document",
-                        description="Coverage, collision rate, KL to uniform and gate statistics "
-                                    "per FwPKM layer after reading a document.")
+    pm = add_command(sub, "memory", eval_memory_cmd,
+                     "memory usage statistics after reading a document",
+                     "Coverage, collision rate, KL to uniform and gate statistics per FwPKM layer "
+                     "after reading a document.")
     pm.add_argument("path", nargs="?", default=None,
                     help="a .txt/.txt.gz document (default: the first held-out document)")
-    add_model_args(pm)
-    add_split_args(pm)
-    add_reader_args(pm)
+    _add_reading_args(pm)
     g = pm.add_argument_group("input and output")
     g.add_argument("--synthetic-tokens", type=int, default=None, metavar="N",
                    help="read N random token ids instead of a document")
     g.add_argument("--seed", type=int, default=0, help="seed of --random-init and synthetic tokens")
     g.add_argument("--max-tokens", type=int, default=None, help="read at most N tokens")
     g.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
-    pm.set_defaults(func=eval_memory_cmd)
+
+
+
+def _add_reading_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_split_args(p)
+    add_reader_args(p)
 
 
 def eval_ppl_cmd(args: argparse.Namespace) -> int:

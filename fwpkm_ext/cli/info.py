@@ -7,12 +7,12 @@ import json
 import torch
 
 from .. import build_info
+from .common import add_command
 
 
 def add_subcommand(sub) -> None:
     """Registers ``info`` on an argparse subparsers object."""
-    info = sub.add_parser("info", help="print build and runtime information as JSON")
-    info.set_defaults(func=info_cmd)
+    add_command(sub, "info", info_cmd, "print build and runtime information as JSON")
 
 
 def info_cmd(_args: argparse.Namespace) -> int:

@@ -13,18 +13,18 @@ from ..input_checks import check_corpus, check_document
 from ..niah import NEEDLES, format_table, haystack_tokens, run_niah
 from ..plots import plot_heatmap
 from ..stream import format_tokens
-from .common import (add_encoding_args, add_model_args, add_split_args, byte_fallback,
+from .common import (add_command, add_encoding_args, add_model_args, add_split_args, byte_fallback,
                      check_model_args, check_outputs, command_main, load_model_from_args,
                      parse_update_chunk, write_json)
 
 
 def add_subcommand(subparsers) -> None:
     """Registers ``niah`` on an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "niah", help="needle-in-a-haystack accuracy by length, n-iter and depth",
-        description="SPEC needle protocol: 5 needles 'The secret number for ID-xxxx is dddddd.' "
-                    "in held-out book text, greedy decoding, exact match; n-iter reads the "
-                    "haystack n-1 extra times first (memory kept).")
+    p = add_command(
+        subparsers, "niah", niah_cmd, "needle-in-a-haystack accuracy by length, n-iter and depth",
+        "SPEC needle protocol: 5 needles 'The secret number for ID-xxxx is dddddd.' in held-out "
+        "book text, greedy decoding, exact match; n-iter reads the haystack n-1 extra times "
+        "first (memory kept).")
     add_model_args(p)
     add_split_args(p)
     g = p.add_argument_group("protocol")
@@ -53,7 +53,6 @@ def add_subcommand(subparsers) -> None:
                    help="heatmap PNG (default: OUT.png next to --json, else niah.png)")
     g.add_argument("--no-plot", action="store_true")
     g.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=niah_cmd)
 
 
 def int_list(s: str, name: str) -> List[int]:

@@ -8,18 +8,19 @@ from typing import Any, Optional, Sequence
 
 from ..input_checks import check_document, check_input_file
 from ..stream import ByteTokenizer, SyntheticTokens, load_snapshot, open_document, peak_rss_mb
-from .common import (add_model_args, add_reader_args, as_option, byte_fallback, check_model_args,
+from .common import (add_command, add_model_args, add_reader_args, as_option, byte_fallback, check_model_args,
                      check_outputs, command_main, load_model_from_args, reader_from_args,
                      write_json)
 
 
 def add_subcommand(subparsers) -> None:
     """Registers ``stream`` on an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "stream", help="read a long document segment by segment, fast weights carried",
-        description="Stream a document through the model with the cache (attention window and "
-                    "FwPKM states) carried across segments; prints tokens/s, peak memory, "
-                    "perplexity by position bucket and memory telemetry.")
+    p = add_command(
+        subparsers, "stream", stream_cmd,
+        "read a long document segment by segment, fast weights carried",
+        "Stream a document through the model with the cache (attention window and FwPKM states) "
+        "carried across segments; prints tokens/s, peak memory, perplexity by position bucket "
+        "and memory telemetry.")
     p.add_argument("path", nargs="?", default=None,
                    help="a .txt / .txt.gz document (or use --synthetic-tokens)")
     add_model_args(p)
@@ -42,7 +43,6 @@ def add_subcommand(subparsers) -> None:
                    help="time from the first segment on (default: one untimed warm-up segment "
                         "first, so one-time costs of the process are not counted per token)")
     g.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")
-    p.set_defaults(func=stream_cmd)
 
 
 def stream_cmd(args: argparse.Namespace) -> int:

@@ -13,21 +13,20 @@ from ..input_checks import check_corpus, check_output_path
 from ..model import PRESETS
 from ..tokenizer import train_tokenizer
 from ..train import train
-from .common import add_encoding_args, command_main
+from .common import add_command, add_encoding_args, command_main
 
 
 def add_subcommand(subparsers) -> None:
     """Registers ``train`` and ``tokenizer`` on an argparse subparsers object."""
-    p = subparsers.add_parser("train", help="train a language model (optionally with FwPKM)",
-                              description="Train the reference LM on a text corpus.")
-    _add_train_args(p)
-    p.set_defaults(func=train)
+    _add_train_args(add_command(subparsers, "train", train,
+                                "train a language model (optionally with FwPKM)",
+                                "Train the reference LM on a text corpus."))
 
     t = subparsers.add_parser("tokenizer", help="tokenizer tools",
                               description="SentencePiece BPE tokenizer (byte fallback).")
     tsub = t.add_subparsers(dest="tokenizer_cmd", metavar="{train}")
     tsub.required = True
-    tt = tsub.add_parser("train", help="train a tokenizer on a corpus")
+    tt = add_command(tsub, "train", train_tokenizer_cmd, "train a tokenizer on a corpus")
     tt.add_argument("--corpus", default=None,
                     help="directory of .txt/.txt.gz files (default: ../shared/data/gutenberg)")
     tt.add_argument("--vocab-size", type=int, default=8192)
@@ -36,7 +35,6 @@ def add_subcommand(subparsers) -> None:
                     help="sample at most this many lines for training")
     tt.add_argument("--seed", type=int, default=0)
     add_encoding_args(tt)
-    tt.set_defaults(func=train_tokenizer_cmd)
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
