@@ -94,8 +94,14 @@ def read_kid(idx: Tensor, grp: Tensor, H: int, n: int) -> Tensor:
 # the per-pair work reduces to the four native kernels; no (pairs x d2) temporaries.
 
 
-def seg_sum(segs, coef: Tensor, R: int) -> Tensor:
-    """Dense (R,) vector: per row, the sum of the pair coefficients (deterministic)."""
+def seg_sum(segs, coef: Tensor, R: int, rows: Optional[Tensor] = None) -> Tensor:
+    """Dense (R,) vector: per row, the sum of the pair coefficients (deterministic).
+
+    On CPU with the pairs' `rows` given: a weighted bincount, which adds in pair order, the order
+    of the segments too, and needs no sorted segments; elsewhere the one-writer-per-row kernel
+    (CUDA's bincount uses atomics: not deterministic)."""
+    if rows is not None and coef.device.type == "cpu":
+        return torch.bincount(rows.reshape(-1), weights=coef.reshape(-1), minlength=R).to(coef.dtype)
     urows, offsets, order, _ = segs
     out = torch.zeros(R, 1, dtype=coef.dtype, device=coef.device)
     ones = torch.ones(coef.numel(), 1, dtype=coef.dtype, device=coef.device)
@@ -143,7 +149,7 @@ class Pairs:
             a2 = 2.0 * a * self.inv  # ds/dK = a2 (x - K), ds/dx = -a2 (x - K)
             gx = gather_w(K, self.rows, a2) - a2.sum(1, keepdim=True) * x
             _native.scatter_rows(gk, *self.segs[:3], a2.reshape(-1).contiguous(), x, a2.shape[1])
-            gk -= seg_sum(self.segs, a2, R).unsqueeze(1) * K
+            gk -= seg_sum(self.segs, a2, R, self.rows).unsqueeze(1) * K
             return gx
         gx = gather_w(K, self.rows, a)
         _native.scatter_rows(gk, *self.segs[:3], a.reshape(-1).contiguous(), x, a.shape[1])
@@ -221,7 +227,7 @@ class Window:
             P = torch.softmax(hp.s, dim=-1)
             if self.row_on is not None:
                 P = P * self.row_on
-            pbar = self._per_row(seg_sum(hp.segs, P, self.kflat.shape[0]))
+            pbar = self._per_row(seg_sum(hp.segs, P, self.kflat.shape[0], hp.rows))
             w, d = self.cfg.addr_loss_weight, ENTROPY_EPS
             pe = pbar + d
             phi = w * (torch.log(pe) + pbar / pe)  # dL/dpbar
@@ -249,7 +255,7 @@ class Window:
         else:
             psi = lx
         pdot = P * (psi - (P * psi).sum(-1, keepdim=True))
-        dpbar = self._per_row(seg_sum(hp.segs, pdot, K.shape[0]))
+        dpbar = self._per_row(seg_sum(hp.segs, pdot, K.shape[0], hp.rows))
         du = self._per_pair((dphi * dpbar)[hp.rows])
         chi = pdot * (u - (P * u).sum(-1, keepdim=True)) + P * (
             du - (pdot * u).sum(-1, keepdim=True) - (P * du).sum(-1, keepdim=True))
@@ -260,8 +266,8 @@ class Window:
             beta = 2.0 * hp.inv * gamma
             gx = alpha.sum(1, keepdim=True) * x - gather_w(K, hp.rows, alpha) + gather_w(lam, hp.rows, beta)
             _native.scatter_rows(gk, urows, offsets, order, (-alpha).reshape(-1).contiguous(), x, alpha.shape[1])
-            gk += seg_sum(hp.segs, alpha, K.shape[0]).unsqueeze(1) * K
-            gk -= seg_sum(hp.segs, beta, K.shape[0]).unsqueeze(1) * lam
+            gk += seg_sum(hp.segs, alpha, K.shape[0], hp.rows).unsqueeze(1) * K
+            gk -= seg_sum(hp.segs, beta, K.shape[0], hp.rows).unsqueeze(1) * lam
         else:
             gx = gather_w(K, hp.rows, chi) + gather_w(lam, hp.rows, gamma)
             _native.scatter_rows(gk, urows, offsets, order, chi.reshape(-1).contiguous(), x, chi.shape[1])
@@ -282,6 +288,15 @@ def contributing(v_w, g_w, mask_w, la):
         contrib[:, : L - la] = mask_w[:, : L - la] > 0
     wt = g_w * mask_w * contrib
     return y, contrib, wt
+
+
+def inv_counts(rows: Tensor, contrib: Tensor, HK: int, R: int) -> Tensor:
+    """Per pair 1 / N_row over the contributing pairs (0 for the others), rows < R: what
+    value_pairs computes, without sorting (the backward needs only this)."""
+    on = contrib.reshape(-1, 1).expand(-1, HK).reshape(-1)
+    flat = rows.reshape(-1)
+    cnt = torch.bincount(flat, weights=on.to(torch.float64), minlength=R)
+    return torch.where(on, 1.0 / cnt[flat].clamp_min(1.0), torch.zeros((), dtype=torch.float64))
 
 
 def value_pairs(rows: Tensor, contrib: Tensor, HK: int):
@@ -588,8 +603,7 @@ def backward(gvhat, gkeys, gvalues, q, v, g, mask, hist, idx_all, half_all, w_al
             gq[:, s0:s1] -= cfg.lr * dq_sec.view(B, L, H, 2, d2)
             # values: V' = V + sum_p coef_p r_t(p),  coef_p = -lr * HK * w_p / N_row(p)
             y, contrib, wt = contributing(v[:, s0:s1], g[:, s0:s1], mask[:, s0:s1], cfg.lookahead)
-            rows = (idx_all[:, s0:s1].reshape(B, L, HK) + (grp * N).view(B, 1, 1)).reshape(M, HK)
-            _, _, _, inv_count = value_pairs(rows, contrib, HK)
+            inv_count = inv_counts(cid_w, contrib, HK, A.shape[0])
             fac = ((-cfg.lr * HK) * inv_count.to(dt)).view(M, HK)
             diff = vhat_w - y.reshape(M, dv)
             r = (wt.reshape(M, 1) * diff).contiguous()

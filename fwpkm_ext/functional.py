@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _memory, _native, ops
+from . import _memory, _native, ops, threads
 
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 SCORES = ("idw", "dot")
@@ -368,6 +368,7 @@ def memory_step(q: Tensor, v: Tensor, g: Tensor, state, *, mask: Optional[Tensor
     call whose final state is not kept).
     """
     _check_state(state)
+    threads.tick()  # no-op unless fwpkm_ext.threads.enable() (the fwpkm command turns it on)
     c = state.config
     mask = check_tokens(q, v, g, mask)
     B, T = q.shape[:2]
