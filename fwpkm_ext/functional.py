@@ -252,12 +252,12 @@ def memory_call(q, v, g, mask, keys5, values3, pend_idx, pend_half, *, topk, chu
     keep = torch.is_grad_enabled() and any(t.requires_grad for t in (q, v, g, keys5, values3))
     writes = flush or T >= chunk_size
     if not keep and (inplace or not writes) and not torch.compiler.is_compiling():
-        cfg = _memory.Config(topk, chunk_size, lookahead, float(lr), float(addr_loss_weight), score,
-                             float(eps), bool(flush))
+        # in place (or nothing to write): the registered mutating op, no copy of the tables
         with torch.no_grad():
-            out = _memory.forward(q, v, g, mask, keys5, values3, pend_idx, pend_half, cfg, False,
-                                  inplace=True)
-        return out[:5]
+            vhat, idx, half = ops.memory_inplace(q, v, g, mask, keys5, values3, pend_idx, pend_half,
+                                                 topk, chunk_size, lookahead, float(lr),
+                                                 float(addr_loss_weight), score, float(eps), bool(flush))
+        return vhat, keys5, values3, idx, half
     vhat, nk, nv, idx, half, _, _, _ = ops.memory(q, v, g, mask, keys5, values3, pend_idx, pend_half,
                                                   topk, chunk_size, lookahead, float(lr),
                                                   float(addr_loss_weight), score, float(eps),
@@ -512,10 +512,10 @@ def memory_read(q: Tensor, state) -> Tensor:
     z = torch.zeros(B, T, dtype=dt, device=q.device)
     v = torch.zeros(B, T, c.value_dim, dtype=dt, device=q.device)
     # chunk_size > T and flush=False: no window completes, nothing is written
-    cfg = _memory.Config(c.topk, T + 1, c.lookahead, c.lr, c.addr_loss_weight, c.score, c.eps, False)
     pend_idx = torch.empty(B, 0, c.heads, c.topk, dtype=torch.long, device=q.device)
     pend_half = torch.empty(B, 0, c.heads, 2, c.topk, dtype=torch.long, device=q.device)
     with torch.no_grad():
-        out = _memory.forward(q.detach().to(dt).contiguous(), v, z, z, state.keys, state.values,
-                              pend_idx, pend_half, cfg, False, inplace=True)
-    return out[0]
+        vhat, _, _ = ops.memory_inplace(q.detach().to(dt).contiguous(), v, z, z, state.keys, state.values,
+                                        pend_idx, pend_half, c.topk, T + 1, c.lookahead, float(c.lr),
+                                        float(c.addr_loss_weight), c.score, float(c.eps), False)
+    return vhat

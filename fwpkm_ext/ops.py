@@ -4,6 +4,8 @@
   fwpkm_ext::gather      weighted row gather, differentiable w.r.t. the table and the weights
   fwpkm_ext::memory      one complete FwPKM call (every window read and written), differentiable
                          w.r.t. q, v, g, keys and values through every fast update
+  fwpkm_ext::memory_inplace  the same call writing the given tables in place (declared mutation):
+                         streaming inference without autograd
   fwpkm_ext::*_backward  their backward passes, ops of their own so that compiled graphs can
                          call them
 
@@ -177,6 +179,27 @@ def _(gvhat, gkeys, gvalues, q, v, g, mask, hist, idx, half_idx, w, saved, vhat,
     e = hist.new_empty
     return (e(q.shape), e(v.shape), e(g.shape), e(hist.shape[1:]),
             e(tuple(values_shape) if need_gvalues else (0,)))
+
+
+@torch.library.custom_op(f"{_NS}::memory_inplace", mutates_args=("keys", "values"))
+def memory_inplace(q: Tensor, v: Tensor, g: Tensor, mask: Tensor, keys: Tensor, values: Tensor,
+                   pend_idx: Tensor, pend_half: Tensor, topk: int, chunk_size: int, lookahead: int,
+                   lr: float, addr_loss_weight: float, score: str, eps: float,
+                   flush: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """The inference twin of `memory`: the same call, writing the given keys (S,H,2,n,d2) and
+    values (S,N,dv) in place (declared: they are mutated), once, after every window succeeded.
+    Returns (vhat, idx, half_idx). Not differentiable: the streaming path without autograd."""
+    cfg = _cfg(topk, chunk_size, lookahead, lr, addr_loss_weight, score, eps, flush)
+    out = _memory.forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg, False, inplace=True)
+    return out[0], out[3], out[4]
+
+
+@memory_inplace.register_fake
+def _(q, v, g, mask, keys, values, pend_idx, pend_half, topk, chunk_size, lookahead, lr,
+      addr_loss_weight, score, eps, flush):
+    B, T, H, _ = q.shape
+    e = values.new_empty
+    return e(B, T, values.shape[-1]), e(B, T, H, topk, dtype=torch.long), e(B, T, H, 2, topk, dtype=torch.long)
 
 
 _SCALARS = ("topk", "chunk_size", "lookahead", "lr", "addr_loss_weight", "score", "eps", "flush")

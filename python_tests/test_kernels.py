@@ -494,6 +494,23 @@ def test_opcheck_memory(case):
     torch.library.opcheck(torch.ops.fwpkm_ext.memory.default, args)
 
 
+@pytest.mark.parametrize("case", [
+    dict(seed=53, B=2, T=7, H=2, dk=4, n=4, dv=3, k=2, C=3, per_seq=False),
+    dict(seed=59, B=2, T=6, H=1, dk=6, n=3, dv=2, k=2, C=4, per_seq=True, la=2, mask_zeros=True,
+         score="dot"),
+])
+def test_opcheck_memory_inplace(case):
+    """The in-place streaming op: declared mutation of keys and values (opcheck's schema test
+    fails an op that writes what it does not declare), and it writes exactly what the
+    functional op returns."""
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in memory_args(**case)][:-1]
+    torch.library.opcheck(torch.ops.fwpkm_ext.memory_inplace.default, args)
+    keys, values = args[4].clone(), args[5].clone()
+    want = torch.ops.fwpkm_ext.memory(*args[:4], keys, values, *args[6:], False)
+    got = torch.ops.fwpkm_ext.memory_inplace(*args[:4], keys, values, *args[6:])
+    assert torch.equal(got[0], want[0]) and torch.equal(keys, want[1]) and torch.equal(values, want[2])
+
+
 # ================================================================================ bad inputs
 
 
