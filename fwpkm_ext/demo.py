@@ -21,6 +21,7 @@ import time
 from typing import Dict, List, Optional
 
 import torch
+from tqdm import tqdm
 
 from . import functional
 from .layers import FwPKM
@@ -80,8 +81,6 @@ def run_demo(*, dim: int = 512, n_subkeys: int = 512, key_dim: int = 512, value_
         done, elapsed = 0, 0.0
         bar = None
         if progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=distractors, unit="tok", desc="distractors", dynamic_ncols=True)
         for target in points[1:]:
             while done < target:

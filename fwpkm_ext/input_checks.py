@@ -8,12 +8,13 @@ import gzip
 import os
 import re
 import zlib
-from typing import Union
+from typing import Optional, Union
 
 from .data import list_corpus_files
 
 __all__ = ["TEXT_SNIFF_BYTES", "BINARY_FRACTION", "non_text_fraction", "check_document",
-           "check_input_file", "check_output_path", "check_checkpoint_dir", "check_corpus"]
+           "check_input_file", "check_json_or_file", "check_output_path", "check_checkpoint_dir",
+           "check_corpus"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -72,6 +73,12 @@ def check_input_file(path: PathLike, name: str) -> None:
         raise ValueError(f"{name}: {p!r} is not a file")
     if not os.access(p, os.R_OK):
         raise ValueError(f"{name}: {p!r} is not readable")
+
+
+def check_json_or_file(value: Optional[str], name: str) -> None:
+    """``value`` (when given) is inline JSON (it starts with "{") or names a readable file."""
+    if value and not value.strip().startswith("{"):
+        check_input_file(value.strip(), name)
 
 
 def check_output_path(path: PathLike, name: str, directory: bool = False) -> None:

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from .layers import FwPKM, PKM, RMSNorm
 from .state import MemoryState
@@ -564,8 +565,6 @@ class LM(nn.Module):
         written (they are most of the bytes and are regenerated on load). ``dtype`` (e.g.
         ``torch.float16``) stores the trained weights in that precision, for a smaller file;
         loading casts them back to the model's dtype."""
-        from safetensors.torch import save_file
-
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
         os.makedirs(out_dir, exist_ok=True)
@@ -601,8 +600,6 @@ class LM(nn.Module):
 
     def load_weights(self, path: str, map_location: str = "cpu", *,
                      _tables_seeded: bool = False) -> None:
-        from safetensors.torch import load_file
-
         state = load_file(path, device=map_location)
         own = self.state_dict()
         # absent initial tables are the seeded ones (see save_pretrained)

@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .data import check_wording, make_needles, needle_query, needle_sentence
 from .model import LM, LMCache
@@ -257,8 +258,6 @@ def run_niah(model: LM, tok, haystack: np.ndarray, lengths: Sequence[int], iters
     records: List[Dict[str, Any]] = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(lengths) * samples, unit="sample", leave=False, file=sys.stderr,
                    desc="niah")
     try:

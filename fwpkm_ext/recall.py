@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .layers import param_groups
+
 IGNORE = -100
 
 
@@ -145,8 +147,6 @@ def train_recall(model, task: RecallTask, *, steps: int, batch_size: int, seq_le
                  warmup: int = 20, log: Optional[Callable[[Dict], None]] = None,
                  log_every: int = 25) -> Dict[str, float]:
     """AdamW on the recall loss (cosine schedule, clip 1.0). Returns the last logged numbers."""
-    from .layers import param_groups
-
     gen = np.random.default_rng(seed)
     opt = torch.optim.AdamW(param_groups(model, weight_decay=weight_decay), lr=lr, betas=(0.9, 0.95))
 

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ._fileio import CHECKSUM_KEY, damaged, read_sealed, write_sealed
 from .data import read_document
@@ -579,8 +580,6 @@ class StreamingReader:
             total = sum(s.length for s in srcs)
         bar = None
         if self.progress:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=total, initial=sess.pos * B, unit="tok", unit_scale=True,
                        dynamic_ncols=True, leave=False, file=sys.stderr, desc="stream")
         tokens_timed, complete = 0, True

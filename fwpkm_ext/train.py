@@ -27,11 +27,15 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
 
 from ._fileio import atomic_torch_save
 from .data import VARIED_WORDINGS, build_datasets, read_corpus, resolve_corpus, split_documents
-from .input_checks import check_corpus, check_input_file, check_output_path
+from .input_checks import check_corpus, check_input_file, check_json_or_file, check_output_path
 from .layers import param_groups
 from .model import LM, LMConfig, config_overrides
 from .run_args import portable_args, write_training_args
@@ -78,10 +82,8 @@ class _Dist:
         self.device = dev
         self.enabled = self.world > 1
         if self.enabled:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+            if not tdist.is_initialized():
+                tdist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
 
     @property
     def main(self) -> bool:
@@ -89,26 +91,20 @@ class _Dist:
 
     def barrier(self) -> None:
         if self.enabled:
-            import torch.distributed as dist
-
-            dist.barrier()
+            tdist.barrier()
 
     def all_sum(self, values: List[float]) -> List[float]:
         if not self.enabled:
             return values
-        import torch.distributed as dist
-
         t = torch.tensor(values, dtype=torch.float64,
                          device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(t)
+        tdist.all_reduce(t)
         return t.tolist()
 
     def close(self) -> None:
         if self.enabled:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -201,8 +197,7 @@ def _check_paths(args: argparse.Namespace) -> None:
     check_corpus(resolve_corpus(args.corpus), "--corpus", getattr(args, "force_binary", False))
     if args.tokenizer:
         check_input_file(args.tokenizer, "--tokenizer")
-    if args.config and not args.config.strip().startswith("{"):  # else inline JSON
-        check_input_file(args.config.strip(), "--config")
+    check_json_or_file(args.config, "--config")
     if args.init_from and not args.resume:
         if not os.path.isdir(args.init_from):
             raise FileNotFoundError(f"--init-from: directory not found: {args.init_from!r}")
@@ -211,8 +206,6 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 def _init_from(model: LM, ckpt_dir: str) -> str:
     """Load the matching tensors of a saved model into ``model`` (see --init-from)."""
-    from safetensors.torch import load_file
-
     path = os.path.join(ckpt_dir, "model.safetensors")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--init-from: {path} not found")
@@ -379,8 +372,6 @@ def _train(args: argparse.Namespace, dist: _Dist, device: torch.device) -> int:
 
     ddp_model = model
     if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         # The FwPKM initial tables are constant buffers (the same on every rank after DDP's
         # initial broadcast): do not re-broadcast them (up to 512 MB each) every forward.
         ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -411,8 +402,6 @@ def _train(args: argparse.Namespace, dist: _Dist, device: torch.device) -> int:
     def save(step_now: int) -> None:
         rngs = {str(dist.rank): _rng_state()}
         if dist.enabled:
-            import torch.distributed as tdist
-
             gathered: List[Any] = [None] * dist.world
             tdist.all_gather_object(gathered, rngs)
             rngs = {k: v for g in gathered for k, v in g.items()}
@@ -446,8 +435,6 @@ def _train(args: argparse.Namespace, dist: _Dist, device: torch.device) -> int:
     stop_at = min(args.steps, args.stop_at) if args.stop_at is not None else args.steps
     bar = None
     if dist.main and not args.no_progress and step < stop_at:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=stop_at, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr)
 
     model.train()

@@ -10,7 +10,8 @@ from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
-from ..input_checks import check_checkpoint_dir, check_input_file, check_output_path
+from ..input_checks import (check_checkpoint_dir, check_input_file, check_json_or_file,
+                            check_output_path)
 from ..model import LM, LMConfig, PRESETS, config_overrides
 from ..pretrained import default_model_dir, load_checkpoint
 from ..stream import MODEL_CHUNK, ByteTokenizer, StreamingReader
@@ -117,19 +118,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
-def check_config_arg(config: Optional[str]) -> None:
-    """A --config that is not inline JSON names a readable file."""
-    if config and not config.strip().startswith("{"):
-        check_input_file(config.strip(), "--config")
-
-
 def check_model_args(args: argparse.Namespace) -> None:
     """The path arguments of ``add_model_args`` exist (checked before any model is loaded)."""
     if args.model:
         check_checkpoint_dir(args.model, "--model")
     if args.tokenizer:
         check_input_file(args.tokenizer, "--tokenizer")
-    check_config_arg(args.config)
+    check_json_or_file(args.config, "--config")
 
 
 def load_model_from_args(args: argparse.Namespace, seed: int = 0):
