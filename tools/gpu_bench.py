@@ -50,6 +50,7 @@ except ImportError:  # running from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import fwpkm_ext
 from fwpkm_ext.functional import fwpkm_memory
+from fwpkm_ext.layers import zscore
 
 PAPER = dict(n_subkeys=512, dk=512, dv=512, heads=1, topk=8, chunk_size=512)
 QUICK = dict(n_subkeys=16, dk=32, dv=32, heads=1, topk=4, chunk_size=16)
@@ -89,8 +90,7 @@ def make_inputs(cfg, B, T, device, seed, grad):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     n, dk, dv, H = cfg["n_subkeys"], cfg["dk"], cfg["dv"], cfg["heads"]
     q = torch.randn(B, T, H, dk, generator=gen)
-    v = torch.randn(B, T, dv, generator=gen)
-    v = (v - v.mean(-1, keepdim=True)) / (v.std(-1, keepdim=True) + 1e-6)
+    v = zscore(torch.randn(B, T, dv, generator=gen))  # the layer's (and tools/bench.py's) z-score
     g = torch.sigmoid(torch.randn(B, T, generator=gen))
     keys = (torch.rand(H, 2, n, dk // 2, generator=gen) * 2 - 1) / math.sqrt(dk)
     values = torch.randn(n * n, dv, generator=gen) * dv ** -0.5
