@@ -30,6 +30,3 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parser.parse_args(["demo"] + argv)
     return run(args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

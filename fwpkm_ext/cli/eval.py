@@ -53,8 +53,8 @@ def add_subcommand(subparsers) -> None:
     g.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
 
 
-
 def _add_reading_args(p: argparse.ArgumentParser) -> None:
+    """The model, the held-out split and how documents are read (both eval commands)."""
     add_model_args(p)
     add_split_args(p)
     add_reader_args(p)
@@ -169,6 +169,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m fwpkm_ext.evaluate [eval] {ppl,memory} ...``"""
     return command_main(add_subcommand, "eval", argv)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

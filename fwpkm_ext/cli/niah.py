@@ -148,6 +148,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m fwpkm_ext.niah [niah] ...`` (the word ``niah`` may be left out)."""
     return command_main(add_subcommand, "niah", argv)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

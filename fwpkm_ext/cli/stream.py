@@ -111,6 +111,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m fwpkm_ext.stream [stream] PATH ...`` (the word ``stream`` may be left out)."""
     return command_main(add_subcommand, "stream", argv)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

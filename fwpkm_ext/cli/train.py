@@ -129,6 +129,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m fwpkm_ext.train {train,tokenizer} ...``"""
     return command_main(add_subcommand, None, argv)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
