@@ -99,7 +99,7 @@ def _has_ninja_module() -> bool:
 
 
 setup(
-    packages=["fwpkm_ext", "fwpkm_ext.cli"],
+    packages=["fwpkm_ext", "fwpkm_ext.cli", "fwpkm_ext.integrations"],
     # the bundled default model (docs/RESULTS.md), under 20 MB
     package_data={"fwpkm_ext": ["default_model/*"]},
     ext_modules=[CMakeExtension("fwpkm_ext._C")],
