@@ -257,6 +257,12 @@ def test_stream_document_constant_memory():
     rep = stream_document(m, doc, segment_tokens=10, window=128, progress=False, flush_at_end=False)
     assert rep.tokens == 96 and rep.predicted == 95 and rep.segments == 10
     assert rep.nll == pytest.approx(full_nll, rel=1e-5, abs=1e-5)
+    # generating from the streamed cache (the whole sequence given, only the prompt is fed)
+    prompt = ids(1, 5, seed=2)
+    seq = torch.cat([doc[None], prompt], 1)
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert torch.equal(m.generate(seq, cache=rep.cache, **kw),
+                       m.generate(seq, cache=FwPKMCache(config=m.config), **kw))
     # a short window: the attention cache stays bounded, the memory keeps a constant size
     rep = stream_document(m, doc.tolist(), segment_tokens=8, window=16, progress=False)
     assert rep.max_kv_positions == 16 and rep.kv_positions_per_segment[-6:] == [16] * 6
