@@ -58,22 +58,23 @@ def _group_of_batch(B: int, S: int, device) -> Tensor:
     return torch.arange(B, device=device) if S > 1 else torch.zeros(B, dtype=torch.long, device=device)
 
 
-def segments(rows: Tensor, pairs: Optional[Tensor] = None):
+def segments(rows: Tensor, pairs: Optional[Tensor] = None, counts: bool = False):
     """Bucket (row, pair) pairs by row for a one-writer-per-row scatter.
 
     rows: flat row id of every pair; pairs: the pair ids to keep (default all).
     Returns (urows, offsets, order, count_of_pair_row) with `order` the kept pair ids grouped by
-    row in increasing pair order (stable sort: deterministic summation order).
+    row in increasing pair order (stable sort: deterministic summation order);
+    count_of_pair_row (each kept pair's row count, in `order`) only with `counts`, else None.
     """
     if pairs is None:
         pairs = torch.arange(rows.numel(), device=rows.device)
     prow = rows[pairs]
     srt, perm = torch.sort(prow, stable=True)
     order = pairs[perm]
-    urows, counts = torch.unique_consecutive(srt, return_counts=True)
+    urows, cnt = torch.unique_consecutive(srt, return_counts=True)
     offsets = torch.zeros(urows.numel() + 1, dtype=torch.long, device=rows.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    return urows, offsets, order, counts.repeat_interleave(counts)
+    torch.cumsum(cnt, 0, out=offsets[1:])
+    return urows, offsets, order, (cnt.repeat_interleave(cnt) if counts else None)
 
 
 def key_rows(half_rows: Tensor, grp: Tensor, H: int, n: int) -> Tensor:
@@ -302,7 +303,7 @@ def inv_counts(rows: Tensor, contrib: Tensor, HK: int, R: int) -> Tensor:
 def value_pairs(rows: Tensor, contrib: Tensor, HK: int):
     """Segments of the contributing (row, pair) pairs and the per-pair factor 1 / N_row."""
     pid = torch.nonzero(contrib.reshape(-1, 1).expand(-1, HK).reshape(-1)).squeeze(1)
-    urows, offsets, order, cnt = segments(rows.reshape(-1), pid)
+    urows, offsets, order, cnt = segments(rows.reshape(-1), pid, counts=True)
     inv_count = torch.zeros(rows.numel(), dtype=torch.float64, device=rows.device)
     inv_count[order] = 1.0 / cnt.to(torch.float64)
     return urows, offsets, order, inv_count

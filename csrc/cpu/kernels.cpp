@@ -79,6 +79,12 @@ inline int64_t idw_topk(const T* d, T q2, const T* k2, int64_t n, int64_t k, T t
   return out;
 }
 
+// Below this many multiply-adds (or candidate visits) a kernel runs on the calling thread: an
+// OpenMP parallel region costs a few microseconds on a quiet machine and a whole scheduler time
+// slice when another process holds a core, and the FwPKM windows of a small model call the
+// kernels hundreds of times per step on a few thousand rows each.
+constexpr int64_t kSerialWork = int64_t(1) << 15;
+
 }  // namespace
 
 template <typename T>
@@ -86,7 +92,7 @@ void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t
                      int64_t k, int64_t tokens_per_group, int kind, double eps, int64_t* idx,
                      T* score, int64_t* half_idx, T* half_score) {
   const T teps = static_cast<T>(eps);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * H * 2 * n > kSerialWork)
   for (int64_t mh = 0; mh < M * H; ++mh) {
     const int64_t m = mh / H, h = mh % H;
     const int64_t grp = m / tokens_per_group;
@@ -129,7 +135,7 @@ template <typename T>
 void gather_rows_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* w,
                      int64_t M, int64_t L, T* out, T* saved) {
   (void)R;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * L * D > kSerialWork)
   for (int64_t m = 0; m < M; ++m) {
     T* o = out + m * D;
     for (int64_t d = 0; d < D; ++d) o[d] = T(0);
@@ -146,7 +152,7 @@ template <typename T>
 void gather_dot_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* x,
                     int64_t M, int64_t L, T* gw) {
   (void)R;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * L * D > kSerialWork)
   for (int64_t ml = 0; ml < M * L; ++ml) {
     const T* row = table + rows[ml] * D;
     const T* xm = x + (ml / L) * D;
@@ -160,7 +166,7 @@ template <typename T>
 void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, const int64_t* offsets,
                       int64_t U, const int64_t* order, const T* coef, const T* x, int64_t L) {
   (void)R;
-#pragma omp parallel for schedule(dynamic, 16)
+#pragma omp parallel for schedule(dynamic, 16) if ((offsets[U] - offsets[0]) * D > kSerialWork)
   for (int64_t u = 0; u < U; ++u) {
     T* row = table + urows[u] * D;
     for (int64_t p = offsets[u]; p < offsets[u + 1]; ++p) {
