@@ -75,7 +75,7 @@ _MEMORY_FORMAT = "fwpkm_ext.hf_memory"
 # --------------------------------------------------------------------------------------------
 # Retrofitting
 # --------------------------------------------------------------------------------------------
-def _decoder_layers(model: nn.Module) -> Tuple[str, nn.ModuleList]:
+def _decoder_layers(model: nn.Module, with_owner: bool = False):
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -84,7 +84,7 @@ def _decoder_layers(model: nn.Module) -> Tuple[str, nn.ModuleList]:
             f"{model_type!r}); supported model types: {', '.join(sorted(SUPPORTED_MODEL_TYPES))} "
             f"(their *ForCausalLM classes or base models)")
     path = SUPPORTED_MODEL_TYPES[model_type]
-    obj = model
+    obj = owner = model
     for i, part in enumerate(path.split(".")):
         if not hasattr(obj, part):
             # a base model (LlamaModel, GPT2Model) has the layers one level up
@@ -92,10 +92,10 @@ def _decoder_layers(model: nn.Module) -> Tuple[str, nn.ModuleList]:
                 continue
             raise ValueError(f"add_fwpkm: {type(model).__name__} has no {path} (expected a "
                              f"{model_type} causal LM or its base model)")
-        obj = getattr(obj, part)
+        owner, obj = obj, getattr(obj, part)
     if not isinstance(obj, nn.ModuleList):
         raise ValueError(f"add_fwpkm: {type(model).__name__}.{path} is not a ModuleList")
-    return model_type, obj
+    return (model_type, obj, owner) if with_owner else (model_type, obj)
 
 
 def fwpkm_layers(model: nn.Module) -> Dict[int, FwPKM]:
@@ -132,7 +132,7 @@ def add_fwpkm(model: nn.Module, layers: Sequence[int], *, seed: int = 0,
     ``seed`` (and the layer index), so ``save_pretrained`` does not store them. The retrofit is
     recorded in ``model.config.fwpkm`` (what :func:`load_fwpkm_model` rebuilds).
     """
-    model_type, blocks = _decoder_layers(model)
+    model_type, blocks, owner = _decoder_layers(model, with_owner=True)
     if fwpkm_layers(model):
         raise ValueError(f"add_fwpkm: the model already has FwPKM sublayers at layers "
                          f"{sorted(fwpkm_layers(model))}")
@@ -181,6 +181,11 @@ def add_fwpkm(model: nn.Module, layers: Sequence[int], *, seed: int = 0,
         block = blocks[i]
         block.add_module("fwpkm", fw)
         block._fwpkm_hook = block.register_forward_pre_hook(_memory_pre_hook, with_kwargs=True)
+    # the model body (LlamaModel, GPT2Model) hands its 2-D attention mask to the sublayers: padding
+    # tokens are kept out of the memory (see _memory_pre_hook)
+    owner._fwpkm_modules = [built[i] for i in sorted(built)]
+    owner._fwpkm_mask_hooks = (owner.register_forward_pre_hook(_mask_pre_hook, with_kwargs=True),
+                               owner.register_forward_hook(_mask_post_hook))
     model.config.fwpkm = {"version": _SPEC_VERSION, "layers": sorted(idx), "seed": int(seed),
                           "options": _jsonable(options), "model_type": model_type}
     return model
@@ -206,6 +211,31 @@ def _find_cache(args: tuple, kwargs: dict) -> Optional[Cache]:
     return None
 
 
+def _mask_pre_hook(owner: nn.Module, args: tuple, kwargs: dict):
+    """Pass the call's 2-D attention mask (B, past + T), if any, to the FwPKM sublayers."""
+    am = kwargs.get("attention_mask")
+    am = am if isinstance(am, Tensor) and am.dim() == 2 else None
+    for fw in getattr(owner, "_fwpkm_modules", ()):
+        fw._hf_attention_mask = am
+    return None
+
+
+def _mask_post_hook(owner: nn.Module, args, output):
+    for fw in getattr(owner, "_fwpkm_modules", ()):
+        fw._hf_attention_mask = None
+    return None
+
+
+def _token_mask(fw: FwPKM, h: Tensor) -> Optional[Tensor]:
+    """(B, T) bool of the real (non-padding) tokens of this call, None when all are real."""
+    am = getattr(fw, "_hf_attention_mask", None)
+    B, T = h.shape[:2]
+    if am is None or am.shape[0] != B or am.shape[1] < T:
+        return None
+    tm = am[:, am.shape[1] - T:].to(device=h.device) != 0
+    return None if bool(tm.all()) else tm
+
+
 def _memory_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     """h = h + FwPKM(h) before the decoder layer's own computation; the memory state of the
     layer lives in the cache transformers passes to the layer."""
@@ -219,15 +249,22 @@ def _memory_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     cache = _find_cache(args, kwargs)
     if cache is not None and hasattr(cache, "self_attention_cache"):  # EncoderDecoderCache
         cache = cache.self_attention_cache
+    tm = _token_mask(fw, h)
     if cache is None:
-        # one call = one whole document from the initial tables, one memory for the batch
-        y, _ = fw(h, state=None, flush=True, return_state=False)
+        # one call = one whole document from the initial tables, one memory for the batch;
+        # padding tokens are read but write nothing
+        y, _ = fw(h, state=None, flush=True, return_state=False,
+                  mask=None if tm is None else tm.to(h.dtype))
     else:
         cache = FwPKMCache.adopt(cache)
         i = fw.fwpkm_layer_index
-        state = cache._state_for(i, fw, h.shape[0])
         inplace = cache.inplace_memory and not torch.is_grad_enabled()
-        y, state = fw(h, state=state, flush=False, inplace=inplace)
+        state = cache.memory_states.get(i)
+        if tm is None and not isinstance(state, list):
+            state = cache._state_for(i, fw, h.shape[0])
+            y, state = fw(h, state=state, flush=False, inplace=inplace)
+        else:
+            y, state = _ragged_step(fw, h, tm, cache._rows_for(i, fw, h.shape[0]), inplace)
         cache.memory_states[i] = state
     h = h + y
     if args:
@@ -235,6 +272,31 @@ def _memory_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     kwargs = dict(kwargs)
     kwargs["hidden_states"] = h
     return args, kwargs
+
+
+def _ragged_step(fw: FwPKM, h: Tensor, tm: Optional[Tensor], rows: List[MemoryState],
+                 inplace: bool) -> Tuple[Tensor, List[MemoryState]]:
+    """Padded batch: each sequence's memory reads and writes its real tokens only (its own
+    absolute update windows, as if it ran alone); padding positions get a zero output. The
+    states stay one per row (their pending windows differ in length)."""
+    B, T, D = h.shape
+    outs, new_rows = [], []
+    for b in range(B):
+        keep = None if tm is None else tm[b]
+        if keep is not None and not bool(keep.any()):
+            outs.append(h.new_zeros(T, D))
+            new_rows.append(rows[b])
+            continue
+        hb = h[b:b + 1] if keep is None or bool(keep.all()) else h[b:b + 1, keep]
+        yb, st = fw(hb, state=rows[b], flush=False, inplace=inplace)
+        if hb.shape[1] == T:
+            outs.append(yb[0])
+        else:
+            full = h.new_zeros(T, D)
+            full[keep] = yb[0]
+            outs.append(full)
+        new_rows.append(st)
+    return torch.stack(outs), new_rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,21 +382,42 @@ class FwPKMCache(DynamicCache):
                              f"has {batch_size}")
         return state
 
+    def _rows_for(self, i: int, fw: FwPKM, batch_size: int) -> List[MemoryState]:
+        """The memory of layer ``i`` as one state per row (a padded batch: ragged windows)."""
+        state = self.memory_states.get(i)
+        if isinstance(state, list):
+            if len(state) != batch_size:
+                raise ValueError(f"FwPKMCache: the memory of layer {i} holds {len(state)} "
+                                 f"sequences, the batch has {batch_size}")
+            return state
+        if state is None:
+            return [fw.init_state(1) for _ in range(batch_size)]
+        state = self._state_for(i, fw, batch_size)
+        return [_select(state, [b]) for b in range(batch_size)]
+
+    @staticmethod
+    def _pick(st, idx) -> Union[MemoryState, List[MemoryState]]:
+        idx = _batch_index(idx, "cpu")
+        if isinstance(st, list):  # ragged rows: copies, so no two rows share tables
+            return [_select(st[int(j)], [0]) for j in idx]
+        return _select(st, idx)
+
     # -- batch handling -----------------------------------------------------------------------
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
-        self.memory_states = {i: _select(st, beam_idx) for i, st in self.memory_states.items()}
+        self.memory_states = {i: self._pick(st, beam_idx) for i, st in self.memory_states.items()}
 
     def batch_select_indices(self, indices: torch.Tensor):
         super().batch_select_indices(indices)
-        self.memory_states = {i: _select(st, indices) for i, st in self.memory_states.items()}
+        self.memory_states = {i: self._pick(st, indices) for i, st in self.memory_states.items()}
 
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
         out = {}
         for i, st in self.memory_states.items():
-            B = st.keys.shape[0] if st.per_sequence else max(1, st.pending_q.shape[0] if st.pending else 1)
-            out[i] = _select(st, torch.arange(B).repeat_interleave(repeats))
+            B = len(st) if isinstance(st, list) else st.keys.shape[0] if st.per_sequence else \
+                max(1, st.pending_q.shape[0] if st.pending else 1)
+            out[i] = self._pick(st, torch.arange(B).repeat_interleave(repeats))
         self.memory_states = out
 
     def reset(self):
@@ -353,17 +436,18 @@ class FwPKMCache(DynamicCache):
         return False
 
     # -- memory -------------------------------------------------------------------------------
-    def memory_snapshot(self) -> Dict[int, MemoryState]:
+    def memory_snapshot(self) -> Dict[int, Union[MemoryState, List[MemoryState]]]:
         """Copies of the memory states (detached, cloned)."""
-        out = {}
-        for i, st in self.memory_states.items():
+        def copy(st: MemoryState) -> MemoryState:
             d = st.detach()
-            out[i] = MemoryState(**{k: (v.clone() if isinstance(v, Tensor) else v)
-                                    for k, v in vars(d).items()})
-        return out
+            return MemoryState(**{k: (v.clone() if isinstance(v, Tensor) else v)
+                                  for k, v in vars(d).items()})
+        return {i: [copy(r) for r in st] if isinstance(st, list) else copy(st)
+                for i, st in self.memory_states.items()}
 
     def memory_nbytes(self) -> int:
-        return sum(st.nbytes() for st in self.memory_states.values())
+        return sum(sum(r.nbytes() for r in st) if isinstance(st, list) else st.nbytes()
+                   for st in self.memory_states.values())
 
     def kv_nbytes(self) -> int:
         """Bytes of the attention keys/values held."""
@@ -387,7 +471,8 @@ class FwPKMCache(DynamicCache):
         """Write the pending tokens of every unfinished update window (end of a document)."""
         layers = fwpkm_layers(model)
         for i, st in list(self.memory_states.items()):
-            self.memory_states[i] = layers[i].flush(st)
+            self.memory_states[i] = [layers[i].flush(r) for r in st] if isinstance(st, list) \
+                else layers[i].flush(st)
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,6 +571,10 @@ def save_memory(cache_or_states: Union[FwPKMCache, Dict[int, MemoryState]], dire
         else dict(cache_or_states)
     if not states:
         raise ValueError("save_memory: no memory states (nothing was read through a FwPKM layer)")
+    if any(isinstance(st, list) for st in states.values()):
+        raise ValueError("save_memory: the cache holds the per-row memories of a padded batch; "
+                         "save one row's: save_memory({layer: rows[b] for layer, rows in "
+                         "cache.memory_states.items()}, directory)")
     os.makedirs(directory, exist_ok=True)
     files = {}
     for i, st in sorted(states.items()):
