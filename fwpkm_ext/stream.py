@@ -40,7 +40,7 @@ from .pretrained import load_checkpoint
 
 __all__ = [
     "StreamingReader", "StreamReport", "Bucket", "ByteTokenizer", "SyntheticTokens",
-    "TokenSource", "open_document", "position_buckets", "bucket_label", "format_tokens",
+    "TokenSource", "open_document", "position_buckets", "bucket_label", "bucket_table", "format_tokens",
     "peak_rss_mb", "load_snapshot", "SNAPSHOT_VERSION", "FULL_READ_CHUNK", "MODEL_CHUNK",
 ]
 
@@ -292,6 +292,16 @@ class Bucket(_Perplexity):
                 "nll_sum": self.nll_sum, "nll": self.nll, "ppl": self.ppl}
 
 
+def bucket_table(buckets: Sequence[Bucket], predicted: int, nll: float, ppl: float) -> str:
+    """NLL and perplexity by position bucket, one row each, then the whole read (``predicted``
+    tokens, ``nll``, ``ppl``): the table of a report."""
+    rows = [f"{'position':<18}{'tokens':>10}{'nll':>10}{'ppl':>12}"]
+    for b in buckets:
+        rows.append(f"{b.label:<18}{b.tokens:>10}{b.nll:>10.4f}{b.ppl:>12.2f}")
+    rows.append(f"{'all':<18}{predicted:>10}{nll:>10.4f}{ppl:>12.2f}")
+    return "\n".join(rows)
+
+
 class _Stats:
     """Per-stream NLL sums by position bucket (float64, summed per segment: deterministic for a
     given segmentation)."""
@@ -377,11 +387,7 @@ class StreamReport(_Perplexity):
         return d
 
     def table(self) -> str:
-        rows = [f"{'position':<18}{'tokens':>10}{'nll':>10}{'ppl':>12}"]
-        for b in self.buckets:
-            rows.append(f"{b.label:<18}{b.tokens:>10}{b.nll:>10.4f}{b.ppl:>12.2f}")
-        rows.append(f"{'all':<18}{self.predicted:>10}{self.nll:>10.4f}{self.ppl:>12.2f}")
-        return "\n".join(rows)
+        return bucket_table(self.buckets, self.predicted, self.nll, self.ppl)
 
     def summary(self) -> str:
         chunk = "full read" if self.update_chunk is None else str(self.update_chunk)
