@@ -40,8 +40,9 @@ from .pretrained import load_checkpoint
 
 __all__ = [
     "StreamingReader", "StreamReport", "Bucket", "ByteTokenizer", "SyntheticTokens",
-    "TokenSource", "open_document", "position_buckets", "bucket_label", "bucket_table", "format_tokens",
-    "peak_rss_mb", "load_snapshot", "SNAPSHOT_VERSION", "FULL_READ_CHUNK", "MODEL_CHUNK",
+    "TokenSource", "open_document", "position_buckets", "bucket_label", "bucket_table",
+    "format_tokens", "peak_rss_mb", "load_snapshot", "SNAPSHOT_VERSION", "FULL_READ_CHUNK",
+    "MODEL_CHUNK",
 ]
 
 SNAPSHOT_FORMAT = "fwpkm_ext.StreamSnapshot"
