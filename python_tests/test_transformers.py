@@ -332,6 +332,21 @@ def test_training_plain_loop_reduces_loss():
             assert torch.equal(v, base[k]), k
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """The FwPKM hook runs outside the checkpointed layer (once per forward); under gradient
+    checkpointing transformers drops the cache, so the memory is the whole-document one."""
+    x = ids(2, 16, seed=14)
+    grads = []
+    for gc in (False, True):
+        m = freeze_base(retrofit("llama")).train()
+        if gc:
+            m.gradient_checkpointing_enable()
+        m(input_ids=x, labels=x, use_cache=False if not gc else None).loss.backward()
+        grads.append(fwpkm_layers(m)[1].to_q.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    assert grads[0].abs().sum() > 0
+
+
 def test_training_with_trainer(tmp_path):
     from transformers import Trainer, TrainingArguments
 

@@ -149,8 +149,7 @@ def add_fwpkm(model: nn.Module, layers: Sequence[int], *, seed: int = 0,
         idx.append(i % L)
     if not idx or len(set(idx)) != len(idx):
         raise ValueError(f"layers: expected distinct layer indices, got {list(layers)}")
-    options = dict(DEFAULT_MEMORY_OPTIONS)
-    options.update(memory_options)
+    options = _jsonable({**DEFAULT_MEMORY_OPTIONS, **memory_options})
     if "dim" in options:
         raise TypeError("add_fwpkm: the memory's dim is the model's hidden size; do not pass dim")
     config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") \
@@ -187,7 +186,7 @@ def add_fwpkm(model: nn.Module, layers: Sequence[int], *, seed: int = 0,
     owner._fwpkm_mask_hooks = (owner.register_forward_pre_hook(_mask_pre_hook, with_kwargs=True),
                                owner.register_forward_hook(_mask_post_hook))
     model.config.fwpkm = {"version": _SPEC_VERSION, "layers": sorted(idx), "seed": int(seed),
-                          "options": _jsonable(options), "model_type": model_type}
+                          "options": dict(options), "model_type": model_type}
     return model
 
 
