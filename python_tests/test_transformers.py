@@ -48,8 +48,9 @@ def make(kind: str, seed: int = 0):
 
 def retrofit(kind: str, layers=(1,), seed: int = 0, active: bool = True, **opts):
     """A tiny model with FwPKM at ``layers``; ``active``: a non-zero output projection, as after
-    training, so the memory changes the logits."""
-    m = add_fwpkm(make(kind, seed), list(layers), **{**OPTS, **opts})
+    training, so the memory changes the logits. ``tables_seed``: the seed of the fast weights."""
+    tables_seed = opts.pop("tables_seed", 0)
+    m = add_fwpkm(make(kind, seed), list(layers), seed=tables_seed, **{**OPTS, **opts})
     if active:
         g = torch.Generator().manual_seed(123)
         with torch.no_grad():
@@ -111,6 +112,18 @@ def test_incremental_equals_full_forward(kind):
         torch.testing.assert_close(inc, full, rtol=1e-5, atol=2e-5)
         st = cache.memory_states[1]
         assert st.tokens == 23 and st.pending == 23 % 4
+
+
+def test_bfloat16_model_keeps_float32_fast_weights():
+    m = retrofit("llama").to(torch.bfloat16)
+    fw = fwpkm_layers(m)[1]
+    assert fw.to_q.weight.dtype == torch.bfloat16 and fw.init_values.dtype == torch.float32
+    x = ids(1, 13, seed=15)
+    with torch.no_grad():
+        full = m(x, use_cache=False).logits.float()
+    inc, cache = incremental(m, x, [6, 7])
+    assert cache.memory_states[1].values.dtype == torch.float32
+    torch.testing.assert_close(inc.float(), full, rtol=0.05, atol=0.05)
 
 
 def test_default_dynamic_cache_is_adopted():
@@ -252,11 +265,12 @@ def test_padded_batch_memories_equal_running_alone(kind):
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_save_load_round_trip(kind, tmp_path):
-    m = retrofit(kind, layers=(0, 1))
+    m = retrofit(kind, layers=(0, 1), query_norm="zscore", gate_bias=-1.0, tables_seed=3)
     path = str(tmp_path / "model")
     m.save_pretrained(path)
     cfg = json.load(open(os.path.join(path, "config.json")))
     assert cfg["fwpkm"]["layers"] == [0, 1] and cfg["fwpkm"]["options"]["n_subkeys"] == 16
+    assert cfg["fwpkm"]["seed"] == 3 and cfg["fwpkm"]["options"]["query_norm"] == "zscore"
     from safetensors import safe_open
     with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
         keys = list(f.keys())
