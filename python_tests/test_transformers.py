@@ -295,6 +295,53 @@ def test_save_load_round_trip(kind, tmp_path):
     assert restored.memory_states[1].tokens == 14 + 6
 
 
+def test_short_conv_streams_and_round_trips(tmp_path):
+    """short_conv=W: the memory reads h + causal_conv(h); the conv's last W-1 inputs travel in the
+    cache (any split == one call; padded rows; beams; saved beside the memory)."""
+    x = ids(2, 19, seed=16)
+    base = make("llama")
+    with torch.no_grad():
+        ref = base(x, use_cache=False).logits
+    m = retrofit("llama", active=False, short_conv=3)
+    with torch.no_grad():
+        assert torch.equal(m(x, use_cache=False).logits, ref)  # still an identity
+    m = retrofit("llama", short_conv=3)
+    assert fwpkm_layers(m)[1].short_conv.kernel_size == (3,)
+    x1 = x[:1]
+    with torch.no_grad():
+        full = m(x1, use_cache=False).logits
+    for pieces in ([1] * 19, [2, 5, 1, 11]):
+        inc, cache = incremental(m, x1, pieces)
+        torch.testing.assert_close(inc, full, rtol=1e-5, atol=2e-5)
+        assert cache.conv_tails[1].shape == (1, 2, 64)
+    # padded rows keep their own tails
+    am = torch.ones(2, 19, dtype=torch.long)
+    am[0, :5] = 0
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    out = m.generate(x, attention_mask=am, cache=FwPKMCache(config=m.config), **kw)
+    for b in range(2):
+        alone = m.generate(x[b:b + 1, am[b] == 1], cache=FwPKMCache(config=m.config), **kw)
+        assert torch.equal(out[b, -4:], alone[0, -4:])
+    m.generate(x1, num_beams=3, cache=FwPKMCache(config=m.config), **kw)
+    # save/load: model, memory and tails
+    m.save_pretrained(str(tmp_path))
+    m2 = load_fwpkm_model(str(tmp_path))
+    assert torch.equal(fwpkm_layers(m2)[1].short_conv.weight, fwpkm_layers(m)[1].short_conv.weight)
+    _, cache = incremental(m, x1, [19])
+    save_memory(cache, str(tmp_path))
+    restored = load_memory(m2, str(tmp_path))
+    assert torch.equal(restored.conv_tails[1], cache.conv_tails[1])
+    y = ids(1, 5, seed=17)
+    fresh = FwPKMCache(config=m.config, memory=cache.memory_snapshot(), conv_tails=dict(cache.conv_tails))
+    with torch.no_grad():
+        a = m(y, cache=fresh, use_cache=True).logits
+        b = m2(y, cache=restored, use_cache=True).logits
+        c = m2(y, cache=FwPKMCache(config=m.config, memory=cache.memory_snapshot()),
+               use_cache=True).logits
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)  # the tail matters
+
+
 def test_stream_document_constant_memory():
     m = retrofit("llama")
     doc = ids(1, 96, seed=9)[0]

@@ -127,6 +127,9 @@ def add_fwpkm(model: nn.Module, layers: Sequence[int], *, seed: int = 0,
     ``memory_options`` go to :class:`fwpkm_ext.FwPKM` (``n_subkeys``, ``mem_k_dim``, ``mem_v_dim``,
     ``heads``, ``topk``, ``chunk_size``, ``lookahead``, ``lr``, ``query_norm``, ``gate_bias``, ...);
     unset ones take :data:`DEFAULT_MEMORY_OPTIONS`. Its ``dim`` is the model's hidden size.
+    ``short_conv=W`` (default 0, off) adds a depthwise causal convolution of width W on the
+    memory's input (``h + conv(h)``; its last W-1 inputs are carried in the cache), as
+    ``fwpkm_ext.model.LMConfig.fwpkm_short_conv``.
     The output projection (``to_out``, weight and bias) starts at zero, so the retrofitted model
     gives bit-identical logits until it is trained. The initial fast-weight tables are drawn from
     ``seed`` (and the layer index), so ``save_pretrained`` does not store them. The retrofit is
@@ -152,12 +155,20 @@ def add_fwpkm(model: nn.Module, layers: Sequence[int], *, seed: int = 0,
     options = _jsonable({**DEFAULT_MEMORY_OPTIONS, **memory_options})
     if "dim" in options:
         raise TypeError("add_fwpkm: the memory's dim is the model's hidden size; do not pass dim")
+    fw_options = dict(options)
+    short_conv = fw_options.pop("short_conv", 0)
+    if isinstance(short_conv, bool) or not isinstance(short_conv, int) or short_conv < 0:
+        raise ValueError(f"short_conv: expected an int >= 0 (0 = off), got {short_conv!r}")
     config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") \
         else model.config
     dim = int(config.hidden_size)
     built = {}
     for i in sorted(idx):  # build every layer first: a bad option leaves the model untouched
-        fw = FwPKM(dim, **options)
+        fw = FwPKM(dim, **fw_options)
+        if short_conv:
+            # as fwpkm_ext.model's fwpkm_short_conv: the memory reads h + causal_conv(h), so a
+            # query sees the few tokens before it
+            fw.add_module("short_conv", nn.Conv1d(dim, dim, short_conv, groups=dim, bias=False))
         keys, values = _seeded_tables(fw, seed, i)
         with torch.no_grad():
             fw.init_keys.copy_(keys)
@@ -252,7 +263,8 @@ def _memory_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     if cache is None:
         # one call = one whole document from the initial tables, one memory for the batch;
         # padding tokens are read but write nothing
-        y, _ = fw(h, state=None, flush=True, return_state=False,
+        x, _ = _conv_input(fw, h, None)
+        y, _ = fw(x, state=None, flush=True, return_state=False,
                   mask=None if tm is None else tm.to(h.dtype))
     else:
         cache = FwPKMCache.adopt(cache)
@@ -261,10 +273,14 @@ def _memory_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
         state = cache.memory_states.get(i)
         if tm is None and not isinstance(state, list):
             state = cache._state_for(i, fw, h.shape[0])
-            y, state = fw(h, state=state, flush=False, inplace=inplace)
+            x, tail = _conv_input(fw, h, cache._tail_for(i, h.shape[0]))
+            y, state = fw(x, state=state, flush=False, inplace=inplace)
         else:
-            y, state = _ragged_step(fw, h, tm, cache._rows_for(i, fw, h.shape[0]), inplace)
+            rows, tails = cache._rows_for(i, fw, h.shape[0])
+            y, state, tail = _ragged_step(fw, h, tm, rows, tails, inplace)
         cache.memory_states[i] = state
+        if tail is not None:
+            cache.conv_tails[i] = tail
     h = h + y
     if args:
         return (h,) + tuple(args[1:]), kwargs
@@ -273,21 +289,38 @@ def _memory_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     return args, kwargs
 
 
+def _conv_input(fw: FwPKM, h: Tensor, tail: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+    """The memory's input: h, or h + causal depthwise conv(h) with ``tail`` the previous call's
+    last width-1 inputs (zeros at the start of a stream). Returns it and the new tail."""
+    conv = getattr(fw, "short_conv", None)
+    if conv is None:
+        return h, None
+    w = conv.kernel_size[0]
+    if tail is None:
+        tail = h.new_zeros(h.shape[0], w - 1, h.shape[2])
+    full = torch.cat([tail.to(h.dtype), h], dim=1)
+    y = conv(full.transpose(1, 2)).transpose(1, 2)
+    return h + y, full[:, full.shape[1] - (w - 1):]
+
+
 def _ragged_step(fw: FwPKM, h: Tensor, tm: Optional[Tensor], rows: List[MemoryState],
-                 inplace: bool) -> Tuple[Tensor, List[MemoryState]]:
+                 tails: List[Optional[Tensor]], inplace: bool):
     """Padded batch: each sequence's memory reads and writes its real tokens only (its own
     absolute update windows, as if it ran alone); padding positions get a zero output. The
-    states stay one per row (their pending windows differ in length)."""
+    states stay one per row (their pending windows differ in length). Returns (y, rows, tails
+    or None)."""
     B, T, D = h.shape
-    outs, new_rows = [], []
+    outs, new_rows, new_tails = [], [], []
     for b in range(B):
         keep = None if tm is None else tm[b]
         if keep is not None and not bool(keep.any()):
             outs.append(h.new_zeros(T, D))
             new_rows.append(rows[b])
+            new_tails.append(tails[b])
             continue
         hb = h[b:b + 1] if keep is None or bool(keep.all()) else h[b:b + 1, keep]
-        yb, st = fw(hb, state=rows[b], flush=False, inplace=inplace)
+        xb, tb = _conv_input(fw, hb, tails[b])
+        yb, st = fw(xb, state=rows[b], flush=False, inplace=inplace)
         if hb.shape[1] == T:
             outs.append(yb[0])
         else:
@@ -295,7 +328,9 @@ def _ragged_step(fw: FwPKM, h: Tensor, tm: Optional[Tensor], rows: List[MemorySt
             full[keep] = yb[0]
             outs.append(full)
         new_rows.append(st)
-    return torch.stack(outs), new_rows
+        new_tails.append(tb)
+    has_conv = getattr(fw, "short_conv", None) is not None
+    return torch.stack(outs), new_rows, (new_tails if has_conv else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,7 +368,7 @@ class FwPKMCache(DynamicCache):
     def __init__(self, ddp_cache_data=None, config=None, offloading: bool = False,
                  offload_only_non_sliding: bool = False, *, window: Optional[int] = None,
                  num_layers: Optional[int] = None, memory: Optional[Dict[int, MemoryState]] = None,
-                 inplace_memory: bool = True):
+                 inplace_memory: bool = True, conv_tails: Optional[Dict[int, Tensor]] = None):
         if window is not None:
             if isinstance(window, bool) or not isinstance(window, int) or window < 1:
                 raise ValueError(f"window: expected a positive int (positions kept), got {window!r}")
@@ -350,6 +385,8 @@ class FwPKMCache(DynamicCache):
                              offload_only_non_sliding=offload_only_non_sliding)
         self.window = window
         self.memory_states: Dict[int, MemoryState] = dict(memory or {})
+        #: per FwPKM layer with a short convolution: its last width-1 inputs (B, width-1, dim)
+        self.conv_tails: Dict[int, Any] = dict(conv_tails or {})
         self.inplace_memory = bool(inplace_memory)
 
     @classmethod
@@ -362,6 +399,7 @@ class FwPKMCache(DynamicCache):
             cache.__class__ = cls
             cache.window = None
             cache.memory_states = {}
+            cache.conv_tails = {}
             cache.inplace_memory = True
             return cache
         raise TypeError(f"FwPKM layers keep their memory in the cache: pass an FwPKMCache (or a "
@@ -381,18 +419,27 @@ class FwPKMCache(DynamicCache):
                              f"has {batch_size}")
         return state
 
-    def _rows_for(self, i: int, fw: FwPKM, batch_size: int) -> List[MemoryState]:
-        """The memory of layer ``i`` as one state per row (a padded batch: ragged windows)."""
-        state = self.memory_states.get(i)
+    def _tail_for(self, i: int, batch_size: int) -> Optional[Tensor]:
+        tail = self.conv_tails.get(i)
+        if isinstance(tail, Tensor) and tail.shape[0] == 1 and batch_size > 1:
+            tail = tail.expand(batch_size, -1, -1)  # one restored stream for every row
+        return tail
+
+    def _rows_for(self, i: int, fw: FwPKM, batch_size: int):
+        """The memory of layer ``i`` (and its convolution tails) as one entry per row (a padded
+        batch: ragged windows)."""
+        state, tails = self.memory_states.get(i), self.conv_tails.get(i)
         if isinstance(state, list):
             if len(state) != batch_size:
                 raise ValueError(f"FwPKMCache: the memory of layer {i} holds {len(state)} "
                                  f"sequences, the batch has {batch_size}")
-            return state
+            return state, (tails if isinstance(tails, list) else [None] * batch_size)
+        tails = self._tail_for(i, batch_size)
+        tails = [None] * batch_size if tails is None else [tails[b:b + 1] for b in range(batch_size)]
         if state is None:
-            return [fw.init_state(1) for _ in range(batch_size)]
+            return [fw.init_state(1) for _ in range(batch_size)], tails
         state = self._state_for(i, fw, batch_size)
-        return [_select(state, [b]) for b in range(batch_size)]
+        return [_select(state, [b]) for b in range(batch_size)], tails
 
     @staticmethod
     def _pick(st, idx) -> Union[MemoryState, List[MemoryState]]:
@@ -401,14 +448,23 @@ class FwPKMCache(DynamicCache):
             return [_select(st[int(j)], [0]) for j in idx]
         return _select(st, idx)
 
+    @staticmethod
+    def _pick_tail(tail, idx):
+        idx = _batch_index(idx, "cpu")
+        if isinstance(tail, list):
+            return [tail[int(j)] for j in idx]  # tails are never written in place
+        return tail.index_select(0, idx.to(tail.device))
+
     # -- batch handling -----------------------------------------------------------------------
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
         self.memory_states = {i: self._pick(st, beam_idx) for i, st in self.memory_states.items()}
+        self.conv_tails = {i: self._pick_tail(t, beam_idx) for i, t in self.conv_tails.items()}
 
     def batch_select_indices(self, indices: torch.Tensor):
         super().batch_select_indices(indices)
         self.memory_states = {i: self._pick(st, indices) for i, st in self.memory_states.items()}
+        self.conv_tails = {i: self._pick_tail(t, indices) for i, t in self.conv_tails.items()}
 
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
@@ -418,10 +474,14 @@ class FwPKMCache(DynamicCache):
                 max(1, st.pending_q.shape[0] if st.pending else 1)
             out[i] = self._pick(st, torch.arange(B).repeat_interleave(repeats))
         self.memory_states = out
+        self.conv_tails = {i: self._pick_tail(t, torch.arange(len(t) if isinstance(t, list) else
+                                                            t.shape[0]).repeat_interleave(repeats))
+                           for i, t in self.conv_tails.items()}
 
     def reset(self):
         super().reset()
         self.memory_states = {}
+        self.conv_tails = {}
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove != 0 and self.memory_states:
@@ -566,8 +626,9 @@ def save_memory(cache_or_states: Union[FwPKMCache, Dict[int, MemoryState]], dire
     """Save the memory states of a cache (or a {layer: state} dict) into ``directory``, beside a
     model: one ``MemoryState`` file per layer (atomic, checksummed) and ``fwpkm_memory.json``.
     The attention cache is not saved."""
-    states = cache_or_states.memory_states if isinstance(cache_or_states, FwPKMCache) \
-        else dict(cache_or_states)
+    is_cache = isinstance(cache_or_states, FwPKMCache)
+    states = cache_or_states.memory_states if is_cache else dict(cache_or_states)
+    tails = dict(cache_or_states.conv_tails) if is_cache else {}
     if not states:
         raise ValueError("save_memory: no memory states (nothing was read through a FwPKM layer)")
     if any(isinstance(st, list) for st in states.values()):
@@ -580,9 +641,18 @@ def save_memory(cache_or_states: Union[FwPKMCache, Dict[int, MemoryState]], dire
         name = f"fwpkm_memory.layer{int(i)}.pt"
         st.save(os.path.join(directory, name))
         files[str(int(i))] = name
+    manifest = {"format": _MEMORY_FORMAT, "version": 1, "layers": files}
+    if tails:  # short convolutions: their last inputs, so the next token sees them
+        from safetensors.torch import save_file
+
+        name = "fwpkm_memory.conv.safetensors"
+        save_file({f"layer{int(i)}": t.detach().cpu().contiguous() for i, t in tails.items()},
+                  os.path.join(directory, name + ".tmp"))
+        os.replace(os.path.join(directory, name + ".tmp"), os.path.join(directory, name))
+        manifest["conv_tails"] = name
     tmp = os.path.join(directory, _MEMORY_MANIFEST + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"format": _MEMORY_FORMAT, "version": 1, "layers": files}, f, indent=2)
+        json.dump(manifest, f, indent=2)
     os.replace(tmp, os.path.join(directory, _MEMORY_MANIFEST))
 
 
@@ -604,7 +674,25 @@ def load_memory(model: nn.Module, directory: str, *, window: Optional[int] = Non
                          f"layers {sorted(layers)}")
     mem = {i: layers[i].load_state(os.path.join(directory, name), device=device)
            for i, name in saved.items()}
-    return FwPKMCache(config=model.config, window=window, memory=mem)
+    want = sorted(i for i, fw in layers.items() if getattr(fw, "short_conv", None) is not None)
+    tails = {}
+    if manifest.get("conv_tails"):
+        from safetensors.torch import load_file
+
+        raw = load_file(os.path.join(directory, manifest["conv_tails"]))
+        tails = {int(k[len("layer"):]): v for k, v in raw.items()}
+    if tails and sorted(tails) != want:
+        raise ValueError(f"{directory}: convolution tails for layers {sorted(tails)}, the model "
+                         f"has short convolutions at layers {want}")
+    for i, t in tails.items():
+        w = layers[i].short_conv.kernel_size[0]
+        S = mem[i].keys.shape[0]
+        if tuple(t.shape) != (S, w - 1, layers[i].dim):
+            raise ValueError(f"{directory}: convolution tail of layer {i} has shape "
+                             f"{tuple(t.shape)}, expected {(S, w - 1, layers[i].dim)}")
+        p = layers[i].short_conv.weight
+        tails[i] = t.to(device=device if device is not None else p.device, dtype=p.dtype)
+    return FwPKMCache(config=model.config, window=window, memory=mem, conv_tails=tails)
 
 
 # --------------------------------------------------------------------------------------------
