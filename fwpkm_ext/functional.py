@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _memory, _native, ops, threads
+from . import recurrence, _native, ops, threads
 
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 SCORES = ("idw", "dot")
@@ -131,7 +131,7 @@ def check_tokens(q: Tensor, v: Tensor, g: Tensor, mask: Optional[Tensor]) -> Ten
 
 
 NONFINITE = ("raise", "skip")
-MAX_ABS = _memory.MAX_ABS
+MAX_ABS = recurrence.MAX_ABS
 
 
 def _bad_tokens(name: str, t: Tensor) -> Tensor:
@@ -145,10 +145,10 @@ def screen_tokens(q: Tensor, v: Tensor, g: Tensor, mask: Tensor, nonfinite: str,
 
     q/v/g/mask are converted to the fast-weight dtype dt first (what would reach the tables).
     nonfinite="raise": nothing to do here; the memory op itself raises a ValueError naming the
-    argument and the first bad (batch, token) before it writes (_memory.check_tokens), so the
+    argument and the first bad (batch, token) before it writes (recurrence.check_tokens), so the
     check also runs inside compiled graphs.
     nonfinite="skip": bad entries are zeroed, the token gets mask -1 (no write, left out of the
-    addressing loss: see _memory.addr_mask) and a token whose *target* v is bad does not write.
+    addressing loss: see recurrence.addr_mask) and a token whose *target* v is bad does not write.
     Returns (q, v, g, mask, bad_v, n_skipped); mask >= 0 except for skipped tokens (-1).
     n_skipped is None inside a compiled graph (counting would break the graph)."""
     if nonfinite not in NONFINITE:
@@ -220,7 +220,7 @@ def fwpkm_memory(q: Tensor, v: Tensor, g: Tensor, keys: Tensor, values: Tensor, 
     if backend == "reference":
         from .reference import fwpkm_memory_reference
 
-        _memory.check_tokens(q, v, g, mask, 0)
+        recurrence.check_tokens(q, v, g, mask, 0)
         return fwpkm_memory_reference(q, v, g, keys, values, topk=topk,
                                       chunk_size=chunk_size, lookahead=lookahead, lr=lr,
                                       addr_loss_weight=addr_loss_weight, mask=mask,
@@ -292,9 +292,9 @@ def product_key_topk(q: Tensor, keys: Tensor, topk: int, *, score: str = "idw", 
                 e(B, T, H, 2, k))
     if not torch.compiler.is_compiling():
         # a NaN query has no top-k (every score NaN); refuse it like the memory does
-        _memory.check_tokens(q, q.new_zeros(B, T, 0), q.new_zeros(B, T), q.new_zeros(B, T), 0)
-        if keys.numel() and not bool((torch.isfinite(keys) & (keys.abs() <= _memory.MAX_ABS)).all()):
-            _fail(ValueError, "keys", f"non-finite values or values beyond +-{_memory.MAX_ABS:g}")
+        recurrence.check_tokens(q, q.new_zeros(B, T, 0), q.new_zeros(B, T), q.new_zeros(B, T), 0)
+        if keys.numel() and not bool((torch.isfinite(keys) & (keys.abs() <= recurrence.MAX_ABS)).all()):
+            _fail(ValueError, "keys", f"non-finite values or values beyond +-{recurrence.MAX_ABS:g}")
     return ops.topk(q.contiguous(), keys5.contiguous(), topk, score, float(eps))
 
 
@@ -434,8 +434,7 @@ def memory_step(q: Tensor, v: Tensor, g: Tensor, state, *, mask: Optional[Tensor
         idx_new = idx
     if not return_state:
         return vhat, None
-    new = state.with_(keys=nk, values=nv, pending_q=None, pending_v=None, pending_g=None,
-                      pending_mask=None, pending_idx=None, pending_half_idx=None)
+    new = state.without_pending().with_(keys=nk, values=nv)
     if tail:
         new = _append_pending(new, qa[:, -tail:], va[:, -tail:], ga[:, -tail:], ma[:, -tail:],
                               idx[:, -tail:], half[:, -tail:], 0)
@@ -454,8 +453,7 @@ def flush_state(state, inplace: bool = False):
                                   state.pending_half_idx, topk=c.topk, chunk_size=c.chunk_size,
                                   lookahead=c.lookahead, lr=c.lr, addr_loss_weight=c.addr_loss_weight,
                                   score=c.score, eps=c.eps, flush=True, inplace=inplace)
-    return state.with_(keys=nk, values=nv, pending_q=None, pending_v=None, pending_g=None,
-                       pending_mask=None, pending_idx=None, pending_half_idx=None)
+    return state.without_pending().with_(keys=nk, values=nv)
 
 
 def _append_pending(state, q, v, g, mask, idx, half, P):

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import _alloc, _memory, functional, ops
+from . import _alloc, recurrence, functional, ops
 from .state import MemoryConfig, MemoryState
 
 
@@ -293,7 +293,7 @@ class PKM(nn.Module):
         with torch.no_grad():
             idx = ops.topk_indices(q.detach().contiguous(), keys5.detach().contiguous(), k, "dot", 1e-3)
         grp = torch.zeros(B, dtype=torch.long, device=x.device)
-        kid = _memory.read_kid(idx, grp, H, n).reshape(-1, k)
+        kid = recurrence.read_kid(idx, grp, H, n).reshape(-1, k)
         d2 = self.k_dim // 2
         # exact scores of the selected pairs on the native kernels (no per-pair key copies)
         s = ops.pair_scores(q.reshape(-1, d2), self.keys.reshape(-1, d2), kid, "dot", 1e-3)

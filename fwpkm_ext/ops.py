@@ -18,13 +18,13 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _memory, _native
+from . import recurrence, _native
 
 _NS = "fwpkm_ext"
 
 
-def _cfg(topk, chunk_size, lookahead, lr, addr_loss_weight, score, eps, flush) -> _memory.Config:
-    return _memory.Config(int(topk), int(chunk_size), int(lookahead), float(lr),
+def _cfg(topk, chunk_size, lookahead, lr, addr_loss_weight, score, eps, flush) -> recurrence.RecurrenceConfig:
+    return recurrence.RecurrenceConfig(int(topk), int(chunk_size), int(lookahead), float(lr),
                           float(addr_loss_weight), str(score), float(eps), bool(flush))
 
 
@@ -42,9 +42,9 @@ def topk(q: Tensor, keys: Tensor, topk: int, score: str, eps: float) -> Tuple[Te
     d2 = dk // 2
     cfg = _cfg(topk, 1, 1, 0.0, 0.0, score, eps, True)
     qh = q.reshape(B, T, H, 2, d2).contiguous()
-    idx, half = _memory.search(qh, keys, keys.shape[0] > 1, cfg)
-    grp = _memory._group_of_batch(B, keys.shape[0], q.device)
-    win = _memory.Window(keys, qh, idx, half, grp, keys.shape[0] > 1, cfg)
+    idx, half = recurrence.search(qh, keys, keys.shape[0] > 1, cfg)
+    grp = recurrence._group_of_batch(B, keys.shape[0], q.device)
+    win = recurrence.Window(keys, qh, idx, half, grp, keys.shape[0] > 1, cfg)
     ss = win.read_sub_scores().view(B, T, H, 2, topk)
     hs = win.half.s.view(B, T, H, 2, topk)
     return idx, ss.sum(3), half, hs
@@ -67,7 +67,7 @@ def topk_indices(q: Tensor, keys: Tensor, topk: int, score: str, eps: float) -> 
         return q.new_empty(B, T, H, topk, dtype=torch.long)
     cfg = _cfg(topk, 1, 1, 0.0, 0.0, score, eps, True)
     qh = q.reshape(B, T, H, 2, dk // 2).contiguous()
-    return _memory.search(qh, keys, keys.shape[0] > 1, cfg)[0]
+    return recurrence.search(qh, keys, keys.shape[0] > 1, cfg)[0]
 
 
 @topk_indices.register_fake
@@ -100,7 +100,7 @@ def gather_backward(gout: Tensor, table: Tensor, rows: Tensor, w: Tensor, need_t
     _native.gather_dot(table, rows, gout, gw)
     if need_table:
         gt = torch.zeros_like(table)
-        urows, offsets, order, _ = _memory.segments(rows.reshape(-1))
+        urows, offsets, order, _ = recurrence.segments(rows.reshape(-1))
         _native.scatter_rows(gt, urows, offsets, order, w.reshape(-1).contiguous(), gout, rows.shape[1])
     else:
         gt = table.new_empty(0)
@@ -145,7 +145,7 @@ def memory(q: Tensor, v: Tensor, g: Tensor, mask: Tensor, keys: Tensor, values: 
     Tokens with mask < 0 are skipped (no write, outside the addressing loss).
     """
     cfg = _cfg(topk, chunk_size, lookahead, lr, addr_loss_weight, score, eps, flush)
-    return _memory.forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg, keep,
+    return recurrence.forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg, keep,
                            want_values=want_values)
 
 
@@ -169,7 +169,7 @@ def memory_backward(gvhat: Tensor, gkeys: Optional[Tensor], gvalues: Optional[Te
                     chunk_size: int, lookahead: int, lr: float, addr_loss_weight: float, score: str,
                     eps: float, flush: bool, need_gvalues: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     cfg = _cfg(topk, chunk_size, lookahead, lr, addr_loss_weight, score, eps, flush)
-    return _memory.backward(gvhat, gkeys, gvalues, q, v, g, mask, hist, idx, half_idx, w, saved,
+    return recurrence.backward(gvhat, gkeys, gvalues, q, v, g, mask, hist, idx, half_idx, w, saved,
                             vhat, tuple(values_shape), cfg, need_gvalues)
 
 
@@ -190,7 +190,7 @@ def memory_inplace(q: Tensor, v: Tensor, g: Tensor, mask: Tensor, keys: Tensor, 
     values (S,N,dv) in place (declared: they are mutated), once, after every window succeeded.
     Returns (vhat, idx, half_idx). Not differentiable: the streaming path without autograd."""
     cfg = _cfg(topk, chunk_size, lookahead, lr, addr_loss_weight, score, eps, flush)
-    out = _memory.forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg, False, inplace=True)
+    out = recurrence.forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg, False, inplace=True)
     return out[0], out[3], out[4]
 
 
@@ -246,7 +246,7 @@ def _pairs(x, kflat, rows, score, eps):
     x, kflat, rows = x.contiguous(), kflat.contiguous(), rows.contiguous()
     kn = (kflat * kflat).sum(-1) if score == "idw" else None
     xn = (x * x).sum(-1) if score == "idw" else None
-    return _memory.Pairs(kflat, kn, x, xn, rows, score, eps)
+    return recurrence.Pairs(kflat, kn, x, xn, rows, score, eps)
 
 
 @pair_scores.register_fake

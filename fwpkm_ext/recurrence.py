@@ -1,4 +1,6 @@
-"""Forward and backward of the FwPKM window recurrence on the native kernels.
+"""The fast twin of reference.py: the FwPKM window recurrence (forward and backward) on the
+native kernels. reference.py states SPEC literally and is the oracle every test compares this
+module against.
 
 Plain tensors in, plain tensors out: no autograd here (the ops module wires these functions into
 torch.library custom ops). Layouts used throughout:
@@ -8,11 +10,12 @@ torch.library custom ops). Layouts used throughout:
   vals (S * N, dv)         N = n * n; sequence b reads rows of memory grp(b) = b if S == B else 0
   per token, HK = H * topk selected (slot, weight) pairs, heads pooled in one softmax
 
-The value table is updated in place on a private clone, window by window (sparse write-back of the
-touched rows only). For the backward pass the forward keeps, per token, the rows it read
-(T * HK * dv floats) and one copy of the (small) key tables per window; the backward walks the
-windows in reverse and keeps the value-table adjoint only for rows some window touched (compact
-table indexed by the sorted unique touched rows), so memory never depends on N * dv per window.
+A call that writes reads and writes a compact copy of the value rows it touches (TouchedRows) and
+of the keys, window by window, and writes the given tables (or a new table, when asked for) once,
+after the last window and a finiteness check: all or nothing. For the backward pass the forward
+keeps, per token, the rows it read (T * HK * dv floats) and one copy of the (small) key tables per
+window; the backward walks the windows in reverse and keeps the value-table adjoint only for rows
+some window touched, so memory never depends on N * dv per window.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
-class Config:
+class RecurrenceConfig:
     topk: int
     chunk_size: int
     lookahead: int
@@ -178,7 +181,7 @@ class Window:
     so the read needs no pair computation of its own and its derivatives go through `half` too."""
 
     def __init__(self, K: Tensor, qh_w: Tensor, idx_w: Tensor, half_w: Tensor, grp: Tensor,
-                 per_seq: bool, cfg: "Config", amask: Optional[Tensor] = None):
+                 per_seq: bool, cfg: "RecurrenceConfig", amask: Optional[Tensor] = None):
         B, L, H, _, d2 = qh_w.shape
         n, k = K.shape[3], cfg.topk
         self.B, self.L, self.H, self.k = B, L, H, k
@@ -313,7 +316,7 @@ def value_pairs(rows: Tensor, contrib: Tensor, HK: int):
 # forward
 
 
-def search(qh_w: Tensor, K: Tensor, per_seq: bool, cfg: Config):
+def search(qh_w: Tensor, K: Tensor, per_seq: bool, cfg: RecurrenceConfig):
     """Native product-key top-k for the tokens of qh_w (B, L, H, 2, d2)."""
     B, L, H, _, d2 = qh_w.shape
     M = B * L
@@ -444,7 +447,7 @@ def check_tokens(q: Tensor, v: Tensor, g: Tensor, mask: Tensor, first: int) -> N
                          f"written.{hint}")
 
 
-def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: Config, keep: bool,
+def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: RecurrenceConfig, keep: bool,
             inplace: bool = False, want_values: bool = True):
     """Run every window of one call. Returns
     (vhat, new_keys, new_values, idx, half_idx, w, saved_rows, keys_hist); the last two are empty
@@ -564,7 +567,7 @@ def addr_mask(mask: Tensor) -> Optional[Tensor]:
 
 
 def backward(gvhat, gkeys, gvalues, q, v, g, mask, hist, idx_all, half_all, w_all, saved, vhat,
-             values_shape, cfg: Config, need_gvalues: bool = True):
+             values_shape, cfg: RecurrenceConfig, need_gvalues: bool = True):
     """Gradients (gq, gv, gg, gkeys_in, gvalues_in) of one forward call; gkeys/gvalues may be
     None (unused outputs). gvalues_in is an empty tensor unless need_gvalues."""
     B, T, H, dk = q.shape

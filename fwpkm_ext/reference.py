@@ -1,6 +1,6 @@
 """Pure-PyTorch reference (oracle) for Fast-weight Product Key Memory.
 
-This module implements ``/work/shared/SPEC.md`` literally, with autograd, and is the
+This module implements the project's SPEC.md (the algorithm contract) literally, with autograd, and is the
 ground truth every fast backend is tested against.  It is *never* the fast path:
 it favours clarity over speed, builds dense per-window tables (one ``N x dv`` value
 table per window, as the authors' code does) and keeps the whole autograd graph.
@@ -81,23 +81,27 @@ def _common_dtype(*xs: Optional[Tensor]) -> torch.dtype:
     return dt
 
 
+def _with_state_dim(name: str, t: Tensor, dims: int, shape: str, B: int) -> Tensor:
+    """A state table with its leading state dim: shared ``shape`` gets S = 1; a given leading
+    dim must be 1 (shared) or B (per sequence)."""
+    _check_float(name, t)
+    if t.dim() == dims:
+        t = t.unsqueeze(0)
+    elif t.dim() != dims + 1:
+        raise ValueError(f"{name} must have shape {shape} or (B, {shape[1:]}, got {tuple(t.shape)}")
+    if t.shape[0] not in (1, B):
+        raise ValueError(
+            f"{name} leading (state) dim must be 1 (shared) or B={B} (per sequence), got {t.shape[0]}")
+    return t
+
+
 def _normalize_keys(keys: Tensor, B: int, H: Optional[int] = None, dk: Optional[int] = None
                     ) -> Tuple[Tensor, bool]:
     """Return keys as ``(S, H, 2, n, d)`` and whether the state is per sequence (S == B > 1)."""
-    _check_float("keys", keys)
-    if keys.dim() == 4:
-        k5 = keys.unsqueeze(0)
-    elif keys.dim() == 5:
-        k5 = keys
-    else:
-        raise ValueError(
-            f"keys must have shape (H, 2, n, dk/2) or (B, H, 2, n, dk/2), got {tuple(keys.shape)}")
+    k5 = _with_state_dim("keys", keys, 4, "(H, 2, n, dk/2)", B)
     S, Hk, two, n, d = k5.shape
     if two != 2:
         raise ValueError(f"keys dim -3 must be 2 (the two halves), got shape {tuple(keys.shape)}")
-    if S not in (1, B):
-        raise ValueError(
-            f"keys leading (state) dim must be 1 (shared) or B={B} (per sequence), got {S}")
     if H is not None and Hk != H:
         raise ValueError(f"keys has {Hk} heads but q has H={H}")
     if dk is not None and 2 * d != dk:
@@ -110,18 +114,8 @@ def _normalize_keys(keys: Tensor, B: int, H: Optional[int] = None, dk: Optional[
 
 def _normalize_values(values: Tensor, B: int) -> Tuple[Tensor, bool]:
     """Return values as ``(S, N, dv)`` and whether the state is per sequence."""
-    _check_float("values", values)
-    if values.dim() == 2:
-        v3 = values.unsqueeze(0)
-    elif values.dim() == 3:
-        v3 = values
-    else:
-        raise ValueError(
-            f"values must have shape (N, dv) or (B, N, dv), got {tuple(values.shape)}")
+    v3 = _with_state_dim("values", values, 2, "(N, dv)", B)
     S = v3.shape[0]
-    if S not in (1, B):
-        raise ValueError(
-            f"values leading (state) dim must be 1 (shared) or B={B} (per sequence), got {S}")
     return v3, (S == B and S != 1)
 
 

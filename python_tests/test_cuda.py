@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import fwpkm_ext
-from fwpkm_ext import _C, _memory, _native
+from fwpkm_ext import _C, recurrence, _native
 from fwpkm_ext.functional import fwpkm_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def _scatter_case(device, dtype, R=40, D=7, M=30, L=3, seed=0):
     table = torch.randn(R, D, generator=g, dtype=dtype)
     coef = torch.randn(M * L, generator=g, dtype=dtype)
     x = torch.randn(M, D, generator=g, dtype=dtype)
-    urows, offsets, order, _ = _memory.segments(rows)
+    urows, offsets, order, _ = recurrence.segments(rows)
     return [t.to(device) for t in (table, urows, offsets, order, coef, x)] + [L]
 
 
@@ -274,7 +274,7 @@ def _scatter_inputs(R, D, M, L, dtype, seed, empty_segments=False, subset=False)
     pairs = None
     if subset and M * L:
         pairs = torch.nonzero(torch.rand(M * L, generator=g) > 0.4).squeeze(1)
-    urows, offsets, order, _ = _memory.segments(rows, pairs)
+    urows, offsets, order, _ = recurrence.segments(rows, pairs)
     if empty_segments and urows.numel():
         # extra rows with empty segments [offsets[u], offsets[u]) in the middle and at the end:
         # they must be left untouched

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fwpkm_ext
-from fwpkm_ext import _memory, _native, ops
+from fwpkm_ext import recurrence, _native, ops
 from fwpkm_ext import functional as F
 from fwpkm_ext import reference as ref
 
@@ -273,7 +273,7 @@ def test_scatter_rows_vs_index_add(dtype, R, D, M, L, subset):
     pairs = torch.arange(M * L)
     if subset:
         pairs = pairs[rand(g, M * L) < 0.6]
-    urows, offsets, order, cnt = _memory.segments(rows_flat, pairs, counts=True)
+    urows, offsets, order, cnt = recurrence.segments(rows_flat, pairs, counts=True)
     assert (cnt > 1).any()  # some segment holds several pairs of the same row
     table = randn(g, R, D, dtype=dtype)
     coef = randn(g, M * L, dtype=dtype)
@@ -290,7 +290,7 @@ def test_scatter_rows_vs_index_add(dtype, R, D, M, L, subset):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_scatter_rows_handmade_segments(dtype):
-    """Contract as documented, with segments built by hand (not via _memory.segments): rows in
+    """Contract as documented, with segments built by hand (not via recurrence.segments): rows in
     any order, pair ids in any order within a segment."""
     R, D, L = 8, 2, 2
     table = torch.arange(R * D, dtype=dtype).reshape(R, D)
@@ -319,7 +319,7 @@ def test_scatter_rows_empty_segments(dtype):
                          randn(g, 4, dtype=dtype), randn(g, 2, 3, dtype=dtype), 2)
     assert torch.equal(got, table)
     # segments of an empty pair list, through the same helper the ops use
-    urows, offsets, order, _ = _memory.segments(randint(g, 0, 5, 8), torch.empty(0, dtype=torch.long))
+    urows, offsets, order, _ = recurrence.segments(randint(g, 0, 5, 8), torch.empty(0, dtype=torch.long))
     assert urows.numel() == 0 and offsets.tolist() == [0]
     _native.scatter_rows(got, urows, offsets, order, randn(g, 8, dtype=dtype),
                          randn(g, 4, 3, dtype=dtype), 2)
@@ -333,7 +333,7 @@ def test_scatter_and_gather_deterministic(dtype):
     g = gen(17)
     R, D, M, L = 64, 33, 400, 8
     rows = randint(g, 0, R, M, L)
-    urows, offsets, order, _ = _memory.segments(rows.reshape(-1))
+    urows, offsets, order, _ = recurrence.segments(rows.reshape(-1))
     table = randn(g, R, D, dtype=dtype)
     coef = randn(g, M * L, dtype=dtype)
     x = randn(g, M, D, dtype=dtype)
@@ -367,7 +367,7 @@ def test_scatter_and_gather_deterministic(dtype):
                                                   (3, 4, 2, 2, 4, 3, True),
                                                   (1, 6, 2, 3, 2, 5, False)])
 def test_value_write_back_vs_reference(dtype, B, L, H, k, n, dv, per_seq):
-    """The write-back exactly as _memory.forward does it (value_pairs + scatter_rows) against
+    """The write-back exactly as recurrence.forward does it (value_pairs + scatter_rows) against
     reference.value_update_reference; slots drawn from a small range so they repeat."""
     g = gen(B * 100 + L * 10 + H + per_seq)
     N, HK, lr = n * n, H * k, 0.7
@@ -381,7 +381,7 @@ def test_value_write_back_vs_reference(dtype, B, L, H, k, n, dv, per_seq):
     contrib[-1, -1] = False
     grp = torch.arange(B) if per_seq else torch.zeros(B, dtype=torch.long)
     rows = (idx + (grp * N).view(B, 1, 1)).reshape(B * L, HK)
-    urows, offsets, order, inv_count = _memory.value_pairs(rows, contrib, HK)
+    urows, offsets, order, inv_count = recurrence.value_pairs(rows, contrib, HK)
     coef = (-lr * HK) * w.reshape(-1) * inv_count.to(dtype)
     V = values.reshape(S * N, dv).clone()
     _native.scatter_rows(V, urows, offsets, order, coef, r.reshape(B * L, dv).contiguous(), HK)
