@@ -337,10 +337,10 @@ def _ragged_step(fw: FwPKM, h: Tensor, tm: Optional[Tensor], rows: List[MemorySt
 # The cache
 # --------------------------------------------------------------------------------------------
 def _batch_index(idx, device) -> Tensor:
-    t = torch.as_tensor(idx, dtype=torch.long)
-    if t.dtype == torch.bool:
+    t = torch.as_tensor(idx)
+    if t.dtype == torch.bool:  # a mask of the rows to keep
         t = t.nonzero().flatten()
-    return t.to(device)
+    return t.to(device=device, dtype=torch.long).flatten()
 
 
 def _select(state: MemoryState, idx) -> MemoryState:
@@ -356,7 +356,9 @@ class FwPKMCache(DynamicCache):
     ``DynamicSlidingWindowLayer``; positions and masks stay absolute), so the cache has a constant
     size however long the stream: queries see the kept positions plus the causal part of their own
     call. ``None`` (default): what ``DynamicCache(config=config)`` keeps.
-    ``memory``: initial states {layer: MemoryState} (e.g. :func:`load_memory`).
+    ``memory``: initial states {layer: MemoryState} (e.g. :func:`load_memory`); ``conv_tails``:
+    the last inputs of the layers' short convolutions, if any (``add_fwpkm(short_conv=...)``).
+    In a padded batch ``memory_states[layer]`` becomes one state per row (a list).
     ``inplace_memory``: under ``torch.no_grad`` write the fast weights in place (no table copy per
     call). A state read out of ``memory_states`` is then live; :meth:`memory_snapshot` copies.
 
@@ -499,7 +501,8 @@ class FwPKMCache(DynamicCache):
         """Copies of the memory states (detached, cloned)."""
         def copy(st: MemoryState) -> MemoryState:
             d = st.detach()
-            return MemoryState(**{k: (v.clone() if isinstance(v, Tensor) else v)
+            return MemoryState(**{k: (v.clone() if isinstance(v, Tensor) else
+                                      dict(v) if isinstance(v, dict) else v)
                                   for k, v in vars(d).items()})
         return {i: [copy(r) for r in st] if isinstance(st, list) else copy(st)
                 for i, st in self.memory_states.items()}
