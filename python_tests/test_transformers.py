@@ -351,6 +351,7 @@ def test_stream_document_constant_memory():
     # a window longer than the document: the stream equals one forward
     rep = stream_document(m, doc, segment_tokens=10, window=128, progress=False, flush_at_end=False)
     assert rep.tokens == 96 and rep.predicted == 95 and rep.segments == 10
+    assert rep.table().splitlines()[-1].split()[:2] == ["all", "95"]
     assert rep.nll == pytest.approx(full_nll, rel=1e-5, abs=1e-5)
     # generating from the streamed cache (the whole sequence given, only the prompt is fed)
     prompt = ids(1, 5, seed=2)

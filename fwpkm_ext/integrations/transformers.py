@@ -732,11 +732,10 @@ class HFStreamReport:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
     def table(self) -> str:
-        rows = [f"{'position':<18}{'tokens':>10}{'nll':>10}{'ppl':>12}"]
-        for b in self.buckets:
-            rows.append(f"{b.label:<18}{b.tokens:>10}{b.nll:>10.4f}{b.ppl:>12.2f}")
-        rows.append(f"{'all':<18}{self.predicted:>10}{self.nll:>10.4f}{self.ppl:>12.2f}")
-        return "\n".join(rows)
+        """NLL / perplexity by position bucket (the table of ``fwpkm stream``)."""
+        from ..stream import bucket_table
+
+        return bucket_table(self.buckets, self.predicted, self.nll, self.ppl)
 
 
 def _document_ids(doc, tokenizer):
@@ -772,7 +771,7 @@ def stream_document(model: nn.Module, doc, tokenizer=None, *, segment_tokens: in
     (``report.cache``: generate from it, or :func:`save_memory`). ``cache``: continue a stream.
     GPT-2 has learned absolute positions: it reads at most ``n_positions`` tokens.
     """
-    from ..stream import _Stats, _merge_buckets, peak_rss_mb
+    from ..stream import _Stats, peak_rss_mb
     from tqdm.auto import tqdm
 
     for name, val in (("segment_tokens", segment_tokens), ("window", window),
@@ -841,7 +840,7 @@ def stream_document(model: nn.Module, doc, tokenizer=None, *, segment_tokens: in
     seconds = time.perf_counter() - t0
     if flush_at_end and cache.memory_states:
         cache.flush_memory(model)
-    buckets = _merge_buckets([stats.buckets()])
+    buckets = stats.buckets()
     return HFStreamReport(tokens=pos - pos0, predicted=sum(b.tokens for b in buckets),
                           nll_sum=sum(b.nll_sum for b in buckets), buckets=buckets,
                           segments=segments, seconds=seconds, max_kv_positions=kv_max,
