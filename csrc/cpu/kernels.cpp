@@ -49,8 +49,13 @@ inline int64_t idw_topk(const T* d, T q2, const T* k2, int64_t n, int64_t k, T t
     return dist < T(0) ? T(0) : dist;  // cancellation in ||q||^2 + ||k||^2 - 2 q.k
   };
   int64_t count = 0;
-  for (int64_t i = 0; i < n; ++i)  // -dist ranks like the score (NaN last, ties by index)
-    count = insert_sorted(bs, bi, count, k, -dist_of(i), i);
+  for (int64_t i = 0; i < n; ++i) {  // -dist ranks like the score (NaN last, ties by index)
+    const T nd = -dist_of(i);
+    // the common case, a candidate strictly worse than the k-th, in one comparison (NaN and
+    // ties take the full rule in insert_sorted)
+    if (count == k && nd < bs[k - 1]) continue;
+    count = insert_sorted(bs, bi, count, k, nd, i);
+  }
   const T dk = -bs[count - 1];
   // scores of the survivors, re-ranked in place: equal scores from unequal distances go by index
   for (int64_t j = 0; j < count; ++j) bs[j] = -std::log(teps - bs[j]);
@@ -106,8 +111,11 @@ void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t
         const T* k2 = kn + ((grp * H + h) * 2 + c) * n;
         count = idw_topk(d, q2, k2, n, k, teps, hsc + c * k, hidx + c * k);
       } else {
-        for (int64_t i = 0; i < n; ++i)
-          count = insert_sorted(hsc + c * k, hidx + c * k, count, k, d[i], i);
+        T* bs = hsc + c * k;
+        for (int64_t i = 0; i < n; ++i) {
+          if (count == k && d[i] < bs[k - 1]) continue;  // strictly worse than the k-th
+          count = insert_sorted(bs, hidx + c * k, count, k, d[i], i);
+        }
       }
     }
     // k x k candidate merge: the true top-k has both halves inside the per-half top-k.
@@ -156,7 +164,10 @@ void gather_dot_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, c
   for (int64_t ml = 0; ml < M * L; ++ml) {
     const T* row = table + rows[ml] * D;
     const T* xm = x + (ml / L) * D;
+    // a SIMD reduction: the lanes' partial sums are combined in an order fixed by the build,
+    // so results stay bit-identical from run to run and across thread counts
     T acc = T(0);
+#pragma omp simd reduction(+ : acc)
     for (int64_t d = 0; d < D; ++d) acc += row[d] * xm[d];
     gw[ml] = acc;
   }
