@@ -410,6 +410,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_training_with_trainer(tmp_path):
+    pytest.importorskip("accelerate")  # transformers.Trainer needs it; not in the test extra
     from transformers import Trainer, TrainingArguments
 
     m = retrofit("gpt2", active=False).train()
