@@ -354,7 +354,7 @@ def finite_within(t: Tensor, lim: Optional[float] = None) -> bool:
     boolean temporaries; a tenth of the cost of isfinite().all() on a large table."""
     if t.numel() == 0:
         return True
-    lo, hi = (float(x) for x in torch.aminmax(t.reshape(-1)))
+    lo, hi = (float(x) for x in torch.aminmax(t.detach().reshape(-1)))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return False
     return lim is None or max(-lo, hi) <= lim

@@ -722,21 +722,36 @@ def _lm(a, dev, memory: bool):
 
 
 def setup_lm_train(row, a, dev):
-    model, cfg = _lm(a, dev, row["impl"] == "lm_fwpkm")
+    """One training step of the LM. The with-memory row also times a step of the LM without
+    memory right after each of its own (interleaved, same process): step times drift by +-10 %
+    over a minute on this VM, so only the interleaved pairs give a trustworthy ratio."""
+    with_mem = row["impl"] == "lm_fwpkm"
+    model, cfg = _lm(a, dev, with_mem)
     model.train()
+    other = _lm(a, dev, False)[0].train() if with_mem else None
     gen = torch.Generator().manual_seed(a.seed)
     x = torch.randint(0, cfg.vocab_size, (row["B"], row["T"] + 1), generator=gen).to(dev)
 
-    def call():
-        logits, _ = model(x[:, :-1], use_cache=False)
+    def step(m):
+        logits, _ = m(x[:, :-1], use_cache=False)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
         loss.backward()
-        model.zero_grad(set_to_none=True)
+        m.zero_grad(set_to_none=True)
+
+    def call():
+        step(model)
+        if other is not None:
+            step(other)
 
     def run():
         with Timer(dev) as t:
-            call()
-        return t.ms, {}
+            step(model)
+        ex = {}
+        if other is not None:
+            with Timer(dev) as t2:
+                step(other)
+            ex["nomem_ms"] = [round(t2.ms, 3)]
+        return t.ms, ex
 
     return call, run, None
 
@@ -849,6 +864,8 @@ def _row_plan(row, a):
         return (1 if row["kind"] == "layer_stream" else 0), 1
     if row["kind"] == "stream" and row["T"] >= 65536:
         return 1, min(a.repeat, 2)
+    if row["kind"] == "lm_train" and not a.quick:
+        return 1, max(a.repeat, 9)
     return 1, a.repeat
 
 
@@ -1250,8 +1267,20 @@ def targets(rows, a):
         out[-1]["intra_run_ratio"] = intra
         out[-1]["detail"] += (f"; inside the T={Ts[-1]} run: last {last} segment(s) {last_ms:.0f} ms vs "
                               f"first {first_ms:.0f} ms = {intra:.2f}x")
-    ratio_target("LM training step with FwPKM >= 0.90x without", f"lm_train/lm_fwpkm/B1/T{T0}",
-                 f"lm_train/lm_nomem/B1/T{T0}", 0.9, f"LM forward+backward B1 T{T0}")
+    lm = ok(f"lm_train/lm_fwpkm/B1/T{T0}")
+    if lm is not None and lm.get("nomem_ms"):
+        # the interleaved pairs measured inside the with-memory row (see setup_lm_train)
+        wo = statistics.median(x for rep in lm["nomem_ms"] for x in rep)
+        val = wo / lm["ms"]
+        out.append(dict(name="LM training step with FwPKM >= 0.90x without", goal=0.9, value=val,
+                        status="PASS" if val >= 0.9 else "MISS", rows=[f"lm_train/lm_fwpkm/B1/T{T0}"],
+                        bg_cores=lm.get("bg_cores") or 0.0,
+                        detail=(f"LM forward+backward B1 T{T0}, {len(lm['times_ms'])} interleaved pairs: "
+                                f"median {lm['ms']:.0f} ms with vs {wo:.0f} ms without = {val:.2f}x "
+                                f"(goal >= 0.9x)")))
+    else:
+        ratio_target("LM training step with FwPKM >= 0.90x without", f"lm_train/lm_fwpkm/B1/T{T0}",
+                     f"lm_train/lm_nomem/B1/T{T0}", 0.9, f"LM forward+backward B1 T{T0}")
     ratio_target("LM streaming with FwPKM (no goal; reported)", f"lm_stream/lm_fwpkm/B1/T{T0}",
                  f"lm_stream/lm_nomem/B1/T{T0}", 0.0, f"LM streaming B1 T{T0}")
     ratio_target("streaming >= 0.50 of the machine floor", f"stream/native/B1/T{T0}",
