@@ -7,6 +7,7 @@ import argparse
 import sys
 from typing import List, Optional
 
+from .. import threads
 from . import demo, eval, info, niah, stream, train
 from .common import build_parser as _parser_of, run
 
@@ -28,5 +29,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         # no subcommand: the main job on its embedded defaults
         args = parser.parse_args(["demo"] + argv)
-    return run(args)
+    # a laptop is never quiet: one thread while other processes hold the cores (threads.py)
+    threads.enable()
+    try:
+        return run(args)
+    finally:
+        threads.disable()
 
