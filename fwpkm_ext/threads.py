@@ -3,9 +3,9 @@
 torch and the native kernels run many short OpenMP parallel regions. On a quiet machine every
 thread has its core and the regions are cheap. When another process occupies a core, the thread
 that shares it is descheduled for a whole time slice while the others spin at the region's
-barrier: on the 2-core development VM a streaming call then fell from ~33,000 to ~900 tokens/s,
-where one thread would have kept ~7,000. No OpenMP setting fixed both cases (measured in
-docs/BENCHMARKS.md: a passive wait policy costs 3x on a quiet machine).
+barrier: on the 2-core development VM a streaming call then fell from ~33,000 to 7,000-12,000
+tokens/s (~900 with two busy processes), where one thread keeps ~20,000. A passive OpenMP wait policy helps too, but it costs ~10 % of a
+training step on a quiet machine and must be set before torch loads (docs/BENCHMARKS.md).
 
 `AdaptiveThreads` watches how many cores *other* processes used since its last look (from
 /proc/stat, minus this process's own CPU time) and sets torch's intra-op thread count to the
