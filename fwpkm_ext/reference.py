@@ -138,6 +138,17 @@ def _check_topk(topk: int, n: int) -> None:
         raise ValueError(f"topk={topk} must be <= n_subkeys={n}")
 
 
+def _search_inputs(q: Tensor, keys: Tensor, topk: int, score: str):
+    """Checked queries and keys of a search, in their common dtype: (q, keys as (S, H, 2, n, d),
+    (B, T, H, dk))."""
+    _check_score(score)
+    B, T, H, dk = _check_q(q)
+    k5, _ = _normalize_keys(keys, B, H, dk)
+    _check_topk(topk, k5.shape[3])
+    dt = _common_dtype(q, keys)
+    return q.to(dt), k5.to(dt), (B, T, H, dk)
+
+
 def _sorted_desc_smaller_index_first(s: Tensor) -> Tensor:
     """Permutation sorting the last dim by value descending, ties -> smaller position first.
 
@@ -209,14 +220,8 @@ def product_key_topk_reference(
     The candidate trick is exact, also under the tie rule: a slot ``(i1, i2)`` in the true
     top-k has ``i1`` in the top-k of ``s_1`` and ``i2`` in the top-k of ``s_2``.
     """
-    _check_score(score)
-    B, T, H, dk = _check_q(q)
-    k5, _ = _normalize_keys(keys, B, H, dk)
+    q, k5, (B, T, H, dk) = _search_inputs(q, keys, topk, score)
     S, _, _, n, d = k5.shape
-    _check_topk(topk, n)
-    dt = _common_dtype(q, keys)
-    q = q.to(dt)
-    k5 = k5.to(dt)
     k = topk
 
     # rows grouped per state: (S, R, H, dk)
@@ -453,14 +458,8 @@ def addressing_loss_reference(
     Returns:
         Scalar loss, differentiable (to any order) w.r.t. ``keys`` and ``q``.
     """
-    _check_score(score)
-    B, T, H, dk = _check_q(q)
-    k5, _ = _normalize_keys(keys, B, H, dk)
+    q, k5, (B, T, H, dk) = _search_inputs(q, keys, topk, score)
     S, _, _, n, _ = k5.shape
-    _check_topk(topk, n)
-    dt = _common_dtype(keys, q)
-    k5 = k5.to(dt)
-    q = q.to(dt)
     if T == 0:
         return (k5.sum() * 0).reshape(())
     qs = q.reshape(S, (B // S) * T, H, dk)
