@@ -463,7 +463,7 @@ def addressing_loss_reference(
     if T == 0:
         return (k5.sum() * 0).reshape(())
     qs = q.reshape(S, (B // S) * T, H, dk)
-    ons = None if addr_mask is None else addr_mask.to(dt).reshape(S, (B // S) * T)
+    ons = None if addr_mask is None else addr_mask.to(q.dtype).reshape(S, (B // S) * T)
     losses = [
         _addressing_loss_one_memory(k5[s], qs[s], topk, score, eps, addr_loss_weight,
                                     None if ons is None else ons[s])
