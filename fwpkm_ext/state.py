@@ -200,10 +200,11 @@ class MemoryState:
         return sum(t.numel() * t.element_size() for t in
                    (getattr(self, f.name) for f in fields(self)) if isinstance(t, Tensor))
 
-    def select(self, index: Union[int, slice]) -> "MemoryState":
+    def select(self, index: Union[int, slice, Tensor]) -> "MemoryState":
         """The state of the sequences ``index`` of the batch (an int: that sequence, as a batch of
-        one): their own memories when per sequence, else the shared one, and their pending
-        tokens."""
+        one; a slice; or an int64 tensor of rows, repeats allowed, e.g. beams reordered by
+        generation): their own memories when per sequence, else the shared one, and their
+        pending tokens."""
         sl = slice(index, index + 1) if isinstance(index, int) else index
         per_batch = PENDING_FIELDS + (("keys", "values", "slot_reads") if self.per_sequence else ())
         return replace(self, **{name: getattr(self, name)[sl] for name in per_batch
