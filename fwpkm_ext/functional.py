@@ -134,12 +134,6 @@ NONFINITE = ("raise", "skip")
 MAX_ABS = recurrence.MAX_ABS
 
 
-def _bad_tokens(name: str, t: Tensor) -> Tensor:
-    """(B, T) True where token (b, t) of t holds a non-finite or too large value."""
-    ok = torch.isfinite(t) & (t.abs() <= MAX_ABS)
-    return ~ok.reshape(t.shape[0], t.shape[1], -1).all(-1)
-
-
 def screen_tokens(q: Tensor, v: Tensor, g: Tensor, mask: Tensor, nonfinite: str, dt: torch.dtype):
     """SPEC "Inputs that must never reach the tables", before anything is written.
 
@@ -160,7 +154,7 @@ def screen_tokens(q: Tensor, v: Tensor, g: Tensor, mask: Tensor, nonfinite: str,
     B, T = mask.shape
     if nonfinite == "raise" or B * T == 0:
         return q, v, g, mask, None, 0
-    bq, bv, bg = _bad_tokens("q", q), _bad_tokens("v", v), _bad_tokens("g", g)
+    bq, bv, bg = (recurrence.bad_tokens(t, MAX_ABS) for t in (q, v, g))
     any_bad = bq | bv | bg
     zero = lambda t, bad: torch.where(bad.view(B, T, *([1] * (t.dim() - 2))), torch.zeros_like(t), t)  # noqa: E731
     q, v, g = zero(q, bq), zero(v, bv), zero(g, bg)
@@ -293,7 +287,7 @@ def product_key_topk(q: Tensor, keys: Tensor, topk: int, *, score: str = "idw", 
     if not torch.compiler.is_compiling():
         # a NaN query has no top-k (every score NaN); refuse it like the memory does
         recurrence.check_tokens(q, q.new_zeros(B, T, 0), q.new_zeros(B, T), q.new_zeros(B, T), 0)
-        if keys.numel() and not bool((torch.isfinite(keys) & (keys.abs() <= recurrence.MAX_ABS)).all()):
+        if not recurrence.finite_within(keys, recurrence.MAX_ABS):
             _fail(ValueError, "keys", f"non-finite values or values beyond +-{recurrence.MAX_ABS:g}")
     return ops.topk(q.contiguous(), keys5.contiguous(), topk, score, float(eps))
 
@@ -321,25 +315,13 @@ def gather(table: Tensor, rows: Tensor, w: Tensor) -> Tensor:
 
 
 def _check_state(state) -> None:
-    """The cheap structural checks of a state given to a call (load() checks everything)."""
+    """The cheap checks of a state given to a call (`MemoryState.load` checks everything)."""
     from .state import MemoryState
 
     if not isinstance(state, MemoryState):
         _fail(TypeError, "state", f"expected a MemoryState, got {type(state).__name__}")
-    k, v = state.keys, state.values
-    if not isinstance(k, Tensor) or not isinstance(v, Tensor) or k.dim() != 5 or v.dim() != 3:
-        _fail(ValueError, "state", "keys must be (S, H, 2, n, dk/2) and values (S, n*n, dv) tensors")
-    if k.shape[0] < 1 or v.shape[0] != k.shape[0]:
-        _fail(ValueError, "state", f"needs at least one memory and as many value tables as key "
-              f"tables, got keys {tuple(k.shape)} and values {tuple(v.shape)}")
-    if k.dtype not in (torch.float32, torch.float64) or v.dtype != k.dtype:
-        _fail(TypeError, "state", f"fast weights must be float32 or float64, got {k.dtype}/{v.dtype}")
+    state.check_tables("state")
     c = state.config
-    if tuple(k.shape[1:]) != (c.heads, 2, c.n_subkeys, c.key_dim // 2) or \
-            tuple(v.shape[1:]) != (c.n_subkeys ** 2, c.value_dim):
-        _fail(ValueError, "state", f"tables {tuple(k.shape)}/{tuple(v.shape)} do not match its config")
-    if not k.is_contiguous() or not v.is_contiguous():
-        _fail(ValueError, "state", "tables must be contiguous")
     check_config(c.topk, c.chunk_size, c.lookahead, c.lr, c.addr_loss_weight, c.n_subkeys, c.score, c.eps)
 
 

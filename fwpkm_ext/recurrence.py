@@ -345,10 +345,6 @@ def search(qh_w: Tensor, K: Tensor, per_seq: bool, cfg: RecurrenceConfig):
     return idx.view(B, L, H, k), half_idx.view(B, L, H, 2, k)
 
 
-class Overflow(ValueError):
-    """A window's update left non-finite fast weights: raised before anything is committed."""
-
-
 def finite_within(t: Tensor, lim: Optional[float] = None) -> bool:
     """All of t finite (and |t| <= lim): one min/max pass (NaN propagates through aminmax), no
     boolean temporaries; a tenth of the cost of isfinite().all() on a large table."""
@@ -362,9 +358,9 @@ def finite_within(t: Tensor, lim: Optional[float] = None) -> bool:
 
 def _commit_check(K: Tensor, Cv: Tensor, wi: int) -> None:
     if not finite_within(K) or not finite_within(Cv):
-        raise Overflow(f"lr: the fast-weight update of window {wi} overflowed the float range "
-                       "(non-finite keys or values); nothing was written. Lower lr, or the scale "
-                       "of v and g")
+        raise ValueError(f"lr: the fast-weight update of window {wi} overflowed the float range "
+                         "(non-finite keys or values); nothing was written. Lower lr, or the scale "
+                         "of v and g")
 
 
 _WORK = threading.local()  # per-thread CPU workspaces of TouchedRows (reused across calls)
@@ -430,6 +426,12 @@ class TouchedRows:
         return self.rows[: self.U]
 
 
+def bad_tokens(t: Tensor, lim: Optional[float] = None) -> Tensor:
+    """(B, T) True where token (b, t) of t (B, T, ...) holds a non-finite value (or |x| > lim)."""
+    ok = torch.isfinite(t) if lim is None else torch.isfinite(t) & (t.abs() <= lim)
+    return ~ok.reshape(t.shape[0], t.shape[1], -1).all(-1)
+
+
 def check_tokens(q: Tensor, v: Tensor, g: Tensor, mask: Tensor, first: int) -> None:
     """SPEC "Inputs that must never reach the tables": a ValueError naming the argument and the
     first bad (batch, token) when a token of q, v or g is non-finite or beyond +-MAX_ABS, or the
@@ -439,10 +441,8 @@ def check_tokens(q: Tensor, v: Tensor, g: Tensor, mask: Tensor, first: int) -> N
             continue
         if finite_within(t, lim):
             continue
-        ok = torch.isfinite(t) if lim is None else torch.isfinite(t) & (t.abs() <= lim)
         B, T = t.shape[:2]
-        bad = ~ok.reshape(B, T, -1).all(-1)
-        b, pos = torch.nonzero(bad)[0].tolist()
+        b, pos = torch.nonzero(bad_tokens(t, lim))[0].tolist()
         tok = t.reshape(B, T, -1)[b, pos]
         what = "a non-finite value (NaN or Inf)" if not bool(torch.isfinite(tok).all()) \
             else f"a value beyond +-{MAX_ABS:g}"

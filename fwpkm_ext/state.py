@@ -225,7 +225,10 @@ class MemoryState:
                 d[k] = v.to(device)
         return MemoryState(**d)
 
-    def _validate(self, where: str = "state") -> None:
+    def check_tables(self, where: str = "state") -> None:
+        """The cheap structural checks of the tables (shapes against the config, dtypes, one
+        memory when shared, at least one, contiguous): run on every memory call; `load` adds the
+        value checks (`_validate`). ValueError naming `where`."""
         c = self.config
         n, d2, dv, H = c.n_subkeys, c.key_dim // 2, c.value_dim, c.heads
         if not isinstance(self.keys, Tensor) or self.keys.dim() != 5 or \
@@ -239,8 +242,18 @@ class MemoryState:
         if self.keys.dtype not in (torch.float32, torch.float64) or self.values.dtype != self.keys.dtype:
             raise ValueError(f"{where}: fast weights must be float32 (or float64), got "
                              f"{self.keys.dtype} / {self.values.dtype}")
+        if S < 1:
+            raise ValueError(f"{where}: needs at least one memory, got keys {tuple(self.keys.shape)}")
         if not self.per_sequence and S != 1:
             raise ValueError(f"{where}: a shared state has S = 1, got {S}")
+        if not self.keys.is_contiguous() or not self.values.is_contiguous():
+            raise ValueError(f"{where}: tables must be contiguous")
+
+    def _validate(self, where: str = "state") -> None:
+        self.check_tables(where)
+        c = self.config
+        n, dv, H = c.n_subkeys, c.value_dim, c.heads
+        S = self.keys.shape[0]
         for name in ("keys", "values", "pending_q", "pending_v", "pending_g", "pending_mask"):
             t = getattr(self, name)
             if t is not None and not bool(torch.isfinite(t).all()):
