@@ -20,6 +20,7 @@ from fwpkm_ext import FwPKM, MemoryState
 from fwpkm_ext.model import LM, LMConfig
 from fwpkm_ext.state import STATE_VERSION
 from fwpkm_ext.stream import SNAPSHOT_VERSION, StreamingReader, load_snapshot
+from state_asserts import assert_same_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(fwpkm_ext.__file__)))
 
@@ -64,15 +65,6 @@ def files(tmp_path_factory):
         snap_path=d / "snap.pt", snap_bytes=(d / "snap.pt").read_bytes())
 
 
-def _same_state(a: MemoryState, b: MemoryState):
-    assert a.config == b.config and a.per_sequence == b.per_sequence
-    assert a.tokens == b.tokens and a.gate_sum == b.gate_sum and a.extras == b.extras
-    for name in ("keys", "values", "pending_q", "pending_v", "pending_g", "pending_mask",
-                 "pending_idx", "pending_half_idx", "slot_reads"):
-        ta, tb = getattr(a, name), getattr(b, name)
-        assert (ta is None) == (tb is None), name
-        if ta is not None:
-            assert ta.dtype == tb.dtype and torch.equal(ta, tb), name
 
 
 def _path_error(exc: ValueError):
@@ -86,7 +78,7 @@ def _load_state(f, path) -> bool:
     except ValueError as exc:
         _path_error(exc)
         return False
-    _same_state(loaded, f.state)
+    assert_same_state(loaded, f.state)
     return True
 
 

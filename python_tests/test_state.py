@@ -7,6 +7,7 @@ import torch
 
 from fwpkm_ext import FwPKM, MemoryState
 from fwpkm_ext.state import STATE_VERSION
+from state_asserts import assert_same_state
 
 DT = torch.float64
 
@@ -30,15 +31,6 @@ def _mid_window_state(layer, batch=None, B=2, T=6, seed=1):
     return st
 
 
-def _same_state(a: MemoryState, b: MemoryState):
-    assert a.config == b.config and a.per_sequence == b.per_sequence
-    assert a.tokens == b.tokens and a.gate_sum == b.gate_sum
-    for name in ("keys", "values", "pending_q", "pending_v", "pending_g", "pending_mask",
-                 "pending_idx", "pending_half_idx", "slot_reads"):
-        ta, tb = getattr(a, name), getattr(b, name)
-        assert (ta is None) == (tb is None), name
-        if ta is not None:
-            assert ta.dtype == tb.dtype and torch.equal(ta, tb), name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -55,7 +47,7 @@ def test_save_load_roundtrip_continues_stream(tmp_path, batch, dtype):
     path = tmp_path / "state.pt"
     st.save(path)
     loaded = layer.load_state(path)
-    _same_state(loaded, st)
+    assert_same_state(loaded, st)
     assert loaded.telemetry() == st.telemetry()
     # continuing from the loaded state == continuing from the in-memory one, bit for bit
     x2 = _x(B, 9, seed=2, dtype=dtype)
@@ -80,8 +72,8 @@ def test_save_load_without_pending_and_fresh(tmp_path):
     for st in (layer.init_state(None), layer.init_state(3), _mid_window_state(layer, None, T=8)):
         assert st.pending == 0
         st.save(tmp_path / "s.pt")
-        _same_state(MemoryState.load(tmp_path / "s.pt", layer.config), st)
-        _same_state(MemoryState.load(tmp_path / "s.pt"), st)  # no config given
+        assert_same_state(MemoryState.load(tmp_path / "s.pt", layer.config), st)
+        assert_same_state(MemoryState.load(tmp_path / "s.pt"), st)  # no config given
 
 
 def test_save_of_graph_carrying_state(tmp_path):
@@ -346,13 +338,13 @@ def test_failed_load_leaves_good_state_usable(saved, tmp_path):
     with pytest.raises(ValueError):
         layer.load_state(bad)
     good = layer.load_state(path)
-    _same_state(good, st)
+    assert_same_state(good, st)
     with torch.no_grad():
         y, s2 = layer(_x(2, 3, seed=5), good, flush=True)
     assert torch.isfinite(y).all() and s2.pending == 0
     # saving over an existing file replaces it as a whole
     s2.save(path)
-    _same_state(layer.load_state(path), s2)
+    assert_same_state(layer.load_state(path), s2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -392,7 +384,7 @@ def test_to_device_keeps_values():
     for dev in ("cpu", torch.device("cpu")):
         moved = st.to(dev)
         assert moved.device == torch.device("cpu")
-        _same_state(moved, st)
+        assert_same_state(moved, st)
     meta = st.to("meta")
     assert meta.device.type == "meta" and meta.values.shape == st.values.shape
     assert meta.pending == st.pending
@@ -404,8 +396,8 @@ def test_to_cuda_and_back(tmp_path):
     st = _mid_window_state(layer, 2, T=6)
     c = st.to("cuda")
     assert c.values.is_cuda and c.pending_idx.is_cuda
-    _same_state(c.to("cpu"), st)
+    assert_same_state(c.to("cpu"), st)
     st.save(tmp_path / "s.pt")
     ld = layer.load_state(tmp_path / "s.pt", device="cuda")
     assert ld.values.is_cuda
-    _same_state(ld.to("cpu"), st)
+    assert_same_state(ld.to("cpu"), st)
