@@ -13,6 +13,7 @@ Each op allocates its outputs with torch and hands raw buffers to the native ker
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -28,11 +29,26 @@ def _cfg(topk, chunk_size, lookahead, lr, addr_loss_weight, score, eps, flush) -
                           float(addr_loss_weight), str(score), float(eps), bool(flush))
 
 
+def _exact(fn):
+    """Run an op's implementation with autocast off. Under torch.autocast the matmuls inside
+    (query . sub-key scores, the key update) would otherwise come out in bf16/fp16, which the
+    native kernels refuse and which would round the scores that pick the slots. The tables stay
+    float32, so the op computes in float32 whatever autocast does outside it."""
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+        if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+            with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return inner
+
+
 # ------------------------------------------------------------------------------------------------
 # topk
 
 
 @torch.library.custom_op(f"{_NS}::topk", mutates_args=())
+@_exact
 def topk(q: Tensor, keys: Tensor, topk: int, score: str, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """q (B,T,H,dk), keys (S,H,2,n,dk/2) -> idx, scores (B,T,H,k), half_idx, half_scores (B,T,H,2,k).
 
@@ -59,6 +75,7 @@ def _(q, keys, topk, score, eps):
 
 
 @torch.library.custom_op(f"{_NS}::topk_indices", mutates_args=())
+@_exact
 def topk_indices(q: Tensor, keys: Tensor, topk: int, score: str, eps: float) -> Tensor:
     """Only the selected slots (B,T,H,k) of `topk`: the search, no exact pair scores (a caller
     that differentiates the scores recomputes the selected ones, e.g. with pair_scores)."""
@@ -81,6 +98,7 @@ def _(q, keys, topk, score, eps):
 
 
 @torch.library.custom_op(f"{_NS}::gather", mutates_args=())
+@_exact
 def gather(table: Tensor, rows: Tensor, w: Tensor) -> Tensor:
     """out[m] = sum_l w[m,l] * table[rows[m,l]]; table (R,D), rows/w (M,L)."""
     out = table.new_empty(rows.shape[0], table.shape[1])
@@ -94,6 +112,7 @@ def _(table, rows, w):
 
 
 @torch.library.custom_op(f"{_NS}::gather_backward", mutates_args=())
+@_exact
 def gather_backward(gout: Tensor, table: Tensor, rows: Tensor, w: Tensor, need_table: bool) -> Tuple[Tensor, Tensor]:
     gw = w.new_empty(w.shape)
     gout = gout.contiguous()
@@ -131,6 +150,7 @@ gather.register_autograd(_gather_bwd, setup_context=_gather_setup)
 
 
 @torch.library.custom_op(f"{_NS}::memory", mutates_args=())
+@_exact
 def memory(q: Tensor, v: Tensor, g: Tensor, mask: Tensor, keys: Tensor, values: Tensor,
            pend_idx: Tensor, pend_half: Tensor, topk: int, chunk_size: int, lookahead: int,
            lr: float, addr_loss_weight: float, score: str, eps: float, flush: bool,
@@ -163,6 +183,7 @@ def _(q, v, g, mask, keys, values, pend_idx, pend_half, topk, chunk_size, lookah
 
 
 @torch.library.custom_op(f"{_NS}::memory_backward", mutates_args=())
+@_exact
 def memory_backward(gvhat: Tensor, gkeys: Optional[Tensor], gvalues: Optional[Tensor], q: Tensor,
                     v: Tensor, g: Tensor, mask: Tensor, hist: Tensor, idx: Tensor, half_idx: Tensor,
                     w: Tensor, saved: Tensor, vhat: Tensor, values_shape: List[int], topk: int,
@@ -182,6 +203,7 @@ def _(gvhat, gkeys, gvalues, q, v, g, mask, hist, idx, half_idx, w, saved, vhat,
 
 
 @torch.library.custom_op(f"{_NS}::memory_inplace", mutates_args=("keys", "values"))
+@_exact
 def memory_inplace(q: Tensor, v: Tensor, g: Tensor, mask: Tensor, keys: Tensor, values: Tensor,
                    pend_idx: Tensor, pend_half: Tensor, topk: int, chunk_size: int, lookahead: int,
                    lr: float, addr_loss_weight: float, score: str, eps: float,
@@ -237,6 +259,7 @@ memory.register_autograd(_memory_bwd, setup_context=_memory_setup)
 
 
 @torch.library.custom_op(f"{_NS}::pair_scores", mutates_args=())
+@_exact
 def pair_scores(x: Tensor, kflat: Tensor, rows: Tensor, score: str, eps: float) -> Tensor:
     """s[m, j] = sub-score of query half x[m] (M2, d2) against key row kflat[rows[m, j]]."""
     return _pairs(x, kflat, rows, score, eps).s.contiguous()
@@ -255,6 +278,7 @@ def _(x, kflat, rows, score, eps):
 
 
 @torch.library.custom_op(f"{_NS}::pair_scores_backward", mutates_args=())
+@_exact
 def pair_scores_backward(gs: Tensor, x: Tensor, kflat: Tensor, rows: Tensor, score: str,
                          eps: float) -> Tuple[Tensor, Tensor]:
     gk = torch.zeros_like(kflat)

@@ -513,3 +513,166 @@ def test_layer_streaming_equivalence_cuda(batch_state):
     torch.testing.assert_close(torch.cat(ys, 1), full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(st.keys, st_full.keys, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(st.values, st_full.values, rtol=1e-5, atol=1e-5)
+
+
+# =============================================================================================
+# GPU: the streaming state, skip mode, all-or-nothing, mixed precision, torch.compile, the LM
+# =============================================================================================
+
+
+def _state64(seed, B, n=6, H=2, dk=8, dv=6, topk=3, C=5, la=1, lr=0.5, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    S = 1 if B is None else B
+    cfg = fwpkm_ext.MemoryConfig(n_subkeys=n, key_dim=dk, value_dim=dv, heads=H, topk=topk,
+                                 chunk_size=C, lookahead=la, lr=lr)
+    keys = (torch.rand(S, H, 2, n, dk // 2, generator=g, dtype=dtype) * 2 - 1) / dk ** 0.5
+    values = torch.randn(S, n * n, dv, generator=g, dtype=dtype) / dv ** 0.5
+    return fwpkm_ext.MemoryState(config=cfg, keys=keys, values=values, per_sequence=B is not None)
+
+
+def _stream(q, v, g, st, cuts, inplace, nonfinite="raise"):
+    outs = []
+    with torch.no_grad():
+        for i, (a, b) in enumerate(cuts):
+            y, st = fwpkm_ext.memory_step(q[:, a:b], v[:, a:b], g[:, a:b], st, inplace=inplace,
+                                          flush=i == len(cuts) - 1, nonfinite=nonfinite)
+            outs.append(y)
+    return torch.cat(outs, 1), st
+
+
+@needs_gpu
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+@pytest.mark.parametrize("B", [None, 2], ids=["shared", "per_seq"])
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_memory_step_streaming_cuda_vs_cpu(inplace, B, nonfinite):
+    # any split on CUDA == one call on CUDA == the same splits on CPU (float64), with the
+    # compact touched-rows table and the all-or-nothing commit running on the device
+    Bq = 2
+    gen = torch.Generator().manual_seed(21)
+    T = 37
+    q = torch.randn(Bq, T, 2, 8, generator=gen, dtype=F64)
+    v = torch.randn(Bq, T, 6, generator=gen, dtype=F64)
+    g = torch.rand(Bq, T, generator=gen, dtype=F64)
+    if nonfinite == "skip":
+        q[0, 7, 1, 3] = float("nan")
+        v[1, 20, 2] = float("inf")
+    cuts, pos = [], 0
+    while pos < T:
+        size = int(torch.randint(1, 9, (1,), generator=gen))
+        cuts.append((pos, min(T, pos + size)))
+        pos += size
+    st = _state64(22, B)
+    y_cpu, s_cpu = _stream(q, v, g, st, cuts, inplace=False, nonfinite=nonfinite)
+    st_gpu = _state64(22, B).to("cuda")
+    y_gpu, s_gpu = _stream(q.cuda(), v.cuda(), g.cuda(), st_gpu, cuts, inplace, nonfinite)
+    y_one, s_one = _stream(q.cuda(), v.cuda(), g.cuda(), _state64(22, B).to("cuda"), [(0, T)],
+                           inplace, nonfinite)
+    assert s_gpu.keys.is_cuda and s_gpu.values.is_cuda
+    assert torch.isfinite(y_cpu).all()  # a skipped token reads with its bad entries zeroed
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, **TOL64)
+    torch.testing.assert_close(y_one.cpu(), y_cpu, **TOL64)
+    for s in (s_gpu, s_one):
+        torch.testing.assert_close(s.keys.cpu(), s_cpu.keys, **TOL64)
+        torch.testing.assert_close(s.values.cpu(), s_cpu.values, **TOL64)
+    if nonfinite == "skip":
+        assert s_gpu.extras["nonfinite_skipped"] == s_cpu.extras["nonfinite_skipped"] == 2.0
+
+
+@needs_gpu
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+def test_bad_input_and_overflow_leave_the_cuda_state(inplace):
+    st = _state64(23, 2, dtype=F32, lr=1e30).to("cuda")
+    before = (st.keys.clone(), st.values.clone())
+    gen = torch.Generator().manual_seed(24)
+    q = torch.randn(2, 12, 2, 8, generator=gen).cuda()
+    v = torch.randn(2, 12, 6, generator=gen).cuda()
+    g = torch.rand(2, 12, generator=gen).cuda()
+    qb = q.clone()
+    qb[1, 4, 0, 2] = float("nan")
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"^q: .*batch 1, token 4"):
+            fwpkm_ext.memory_step(qb, v, g, st, inplace=inplace)
+        with pytest.raises(ValueError, match=r"^lr: .*overflowed"):
+            fwpkm_ext.memory_step(q * 1e6, v * 1e6, g, st, inplace=inplace)
+    assert torch.equal(st.keys, before[0]) and torch.equal(st.values, before[1])
+
+
+def _small_layer(**kw):
+    torch.manual_seed(0)
+    opts = dict(n_subkeys=16, mem_k_dim=32, mem_v_dim=32, heads=2, topk=4, chunk_size=16,
+                lookahead=1, lr=1.0, addr_loss_weight=1.0)
+    opts.update(kw)
+    return fwpkm_ext.FwPKM(64, **opts)
+
+
+@needs_gpu
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_layer_under_autocast_cuda(low):
+    layer = _small_layer().cuda()
+    x = torch.randn(2, 50, 64, generator=torch.Generator().manual_seed(25)).cuda()
+    y32, st32 = layer(x)
+    xa = x.clone().requires_grad_(True)
+    with torch.autocast("cuda", dtype=low):
+        y, st = layer(xa)
+    assert st.keys.dtype == F32 and st.values.dtype == F32
+    assert torch.isfinite(y.float()).all()
+    err = (y.float() - y32).norm() / y32.norm()
+    assert err < 5e-2, f"autocast {low} output differs from float32 by {err:.3g} (relative)"
+    y.float().square().sum().backward()
+    assert torch.isfinite(xa.grad).all() and xa.grad.abs().max() > 0
+    for name, p in layer.named_parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all(), name
+
+
+@needs_gpu
+def test_torch_compile_inductor_cuda():
+    torch._dynamo.reset()
+    layer = _small_layer().cuda()
+    x = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(26)).cuda()
+    R = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(27)).cuda()
+
+    def run(m):
+        xx = x.clone().requires_grad_(True)
+        y, _ = m(xx)
+        grads = torch.autograd.grad((y * R).sum(), [xx] + [p for p in layer.parameters() if p.requires_grad])
+        return y.detach(), grads
+
+    y_e, g_e = run(layer)
+    y_c, g_c = run(torch.compile(layer, backend="inductor", fullgraph=True))
+    torch.testing.assert_close(y_c, y_e, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_gpu
+def test_lm_train_step_and_stream_cuda_match_cpu():
+    from fwpkm_ext.model import LM, LMConfig
+    cfg = LMConfig(vocab_size=97, dim=64, n_layers=2, n_heads=2, window=16, fwpkm_layers=[1],
+                   fwpkm_n_subkeys=16, fwpkm_k_dim=32, fwpkm_v_dim=32, fwpkm_topk=4,
+                   fwpkm_chunk_size=16, fwpkm_short_conv=4)
+    torch.manual_seed(0)
+    cpu = LM(cfg).double()
+    gpu = LM(cfg).double()
+    gpu.load_state_dict(cpu.state_dict())
+    gpu = gpu.cuda()
+    tokens = torch.randint(0, 97, (2, 70), generator=torch.Generator().manual_seed(28))
+    losses, grads = [], []
+    for m, dev in ((cpu, "cpu"), (gpu, "cuda")):
+        t = tokens.to(dev)
+        logits, _ = m(t[:, :-1], use_cache=False)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), t[:, 1:].reshape(-1))
+        losses.append(loss.item())
+        grads.append([p.grad for p in m.parameters()] if loss.backward() is None else None)
+    assert abs(losses[0] - losses[1]) < 1e-9
+    for a, b in zip(grads[0], grads[1]):
+        if a is not None:
+            torch.testing.assert_close(b.cpu(), a, **TOL64)
+    # streaming in pieces with an in-place per-sequence cache == one call
+    with torch.no_grad():
+        full, _ = gpu(tokens.cuda(), gpu.init_cache(2))
+        cache, outs = gpu.init_cache(2), []
+        for a in range(0, 70, 23):
+            y, cache = gpu(tokens[:, a:a + 23].cuda(), cache, inplace_memory=True)
+            outs.append(y)
+    torch.testing.assert_close(torch.cat(outs, 1), full, **TOL64)

@@ -7,12 +7,14 @@
 #   env        GPU, nvcc, torch, the Python build tools; fails when torch sees no GPU
 #   install    FWPKM_CUDA=1 FWPKM_CUDA_ARCHS=90 pip install --no-build-isolation --no-deps --no-index .
 #   build_info the installed fwpkm_ext's build_info(); fails unless it has CUDA kernels
-#   test_cuda  python -m pytest -q python_tests/test_cuda.py
-#   test_cpu   the CPU functional tests (python_tests/test_functional.py)
-#   selftest   nvcc-builds and runs csrc/cuda/tests/selftest.cu --bench (kernels vs CPU kernels)
-#   sanitizer  compute-sanitizer --tool memcheck on a tiny fwpkm_memory run on CUDA
+#   test_cuda  python -m pytest -q python_tests/test_cuda.py (log: pytest_cuda.log)
+#   sanitizer  compute-sanitizer --tool memcheck on a tiny fwpkm_memory and streaming run on CUDA
 #              (skipped with a message when compute-sanitizer is absent or refuses the device)
 #   bench      tools/gpu_bench.py (paper configuration; JSON in the output folder)
+#   bench_rows tools/bench.py --device cuda: streaming, layer, PKM, the LM with and without its
+#              memory, the floor (bench_rows.json)
+#   selftest   nvcc-builds and runs csrc/cuda/tests/selftest.cu --bench (kernels vs CPU kernels)
+#   test_cpu   the CPU functional tests (python_tests/test_functional.py; log: pytest_cpu.log)
 # then a summary table. Exit status: 0 when no step FAILED or TIMED OUT, 1 otherwise.
 #
 # Python runs with PYTHONSAFEPATH=1 after the install, so the tests import the INSTALLED package,
@@ -163,14 +165,15 @@ EOF
 
 run_pytest() {  # run_pytest FILES...: pytest, its closing line becomes the step's note
   set -o pipefail
-  pyrun -m pytest -q -rs -p no:cacheprovider "$@" 2>&1 | tee "$WORK/pytest.log"
+  pyrun -m pytest -q -rs --tb=short -p no:cacheprovider "$@" 2>&1 | tee "$WORK/pytest.log"
   local rc=$?
+  cp "$WORK/pytest.log" "$CHECK_OUT/pytest_${PYTEST_NAME:-tests}.log" 2>/dev/null
   grep -E "(passed|failed|error|skipped|no tests ran)" "$WORK/pytest.log" | tail -1 | tr -d '=' > "$WORK/note"
   return "$rc"
 }
 
 step_test_cuda() {
-  run_pytest python_tests/test_cuda.py
+  PYTEST_NAME=cuda run_pytest python_tests/test_cuda.py
 }
 
 step_test_cpu() {
@@ -178,7 +181,7 @@ step_test_cpu() {
   for f in $files; do [ -e "$f" ] && have="$have $f"; done
   if [ -z "$have" ]; then echo "no CPU test file found ($files)" | tee "$WORK/note"; return 77; fi
   # shellcheck disable=SC2086
-  run_pytest $have
+  PYTEST_NAME=cpu run_pytest $have
 }
 
 step_selftest() {
@@ -206,7 +209,7 @@ step_sanitizer() {
 # and per-sequence state, vectorized and scalar row widths, the atomic scatter).
 import torch
 import fwpkm_ext
-from fwpkm_ext import _memory, _native
+from fwpkm_ext import recurrence, _native
 from fwpkm_ext.functional import fwpkm_memory
 
 torch.manual_seed(0)
@@ -222,10 +225,24 @@ for dv, per_seq, score in ((64, False, "idw"), (37, True, "dot")):
     sum((o * o).sum() for o in out).backward()
     torch.cuda.synchronize()
 rows = torch.randint(0, 50, (120,), device="cuda")
-urows, offsets, order, _ = _memory.segments(rows)
+urows, offsets, order, _ = recurrence.segments(rows)
 table = torch.zeros(50, 37, device="cuda")
 _native.scatter_rows(table, urows, offsets, order, torch.randn(120, device="cuda"),
                      torch.randn(40, 37, device="cuda"), 3, deterministic=False)
+torch.cuda.synchronize()
+# the streaming path: in-place state, pending tokens across calls, skip mode with a NaN
+st = fwpkm_ext.MemoryState(
+    config=fwpkm_ext.MemoryConfig(n_subkeys=8, key_dim=16, value_dim=24, heads=2, topk=3,
+                                  chunk_size=8, lookahead=1, lr=1.0),
+    keys=(torch.rand(1, 2, 2, 8, 8, device="cuda") * 2 - 1) / 4,
+    values=torch.randn(1, 64, 24, device="cuda") / 5, per_sequence=False)
+with torch.no_grad():
+    for a, b in ((0, 5), (5, 19), (19, 30)):
+        q = torch.randn(2, b - a, 2, 16, device="cuda")
+        q[0, 0, 0, 0] = float("nan")
+        _, st = fwpkm_ext.memory_step(q, torch.randn(2, b - a, 24, device="cuda"),
+                                      torch.rand(2, b - a, device="cuda"), st, inplace=True,
+                                      flush=b == 30, nonfinite="skip")
 torch.cuda.synchronize()
 print("sanitize case ran")
 EOF
@@ -236,6 +253,7 @@ EOF
     "$cs" --tool memcheck --error-exitcode 1 --report-api-errors no "$PY" sanitize_case.py \
     > "$WORK/sanitizer.log" 2>&1
   local rc=$?
+  cp "$WORK/sanitizer.log" "$CHECK_OUT/sanitizer.log" 2>/dev/null
   tail -n 40 "$WORK/sanitizer.log"
   if grep -q -e "Device not supported" -e "device is not supported" "$WORK/sanitizer.log"; then
     echo "compute-sanitizer refused this device (e.g. under gVisor): memcheck skipped" | tee "$WORK/note"
@@ -250,7 +268,18 @@ step_bench() {
   pyrun tools/gpu_bench.py --json "$CHECK_OUT/bench.json" ${FWPKM_CHECK_BENCH_ARGS:-}
 }
 
-export -f pyrun run_pytest step_env step_install step_build_inplace step_build_info step_test_cuda step_test_cpu step_selftest \
+step_bench_rows() {
+  # tools/bench.py's rows on the GPU: memory_step streaming (in place), the layer, static PKM,
+  # the default model's LM with and without its memory (training step and streaming) and the
+  # floor; no peers (not installed there) and no reference rows (gpu_bench has those)
+  # shellcheck disable=SC2086
+  pyrun tools/bench.py --device cuda --no-peers --no-reference --timeout 90 \
+    --stream-seqs 4096 32768 --stream-seqs-b8 4096 \
+    --only stream/native layer_stream/native pkm_fwd/native pkm_train/native lm_train lm_stream floor \
+    --json "$CHECK_OUT/bench_rows.json" ${FWPKM_CHECK_ROWS_ARGS:-}
+}
+
+export -f pyrun run_pytest step_bench_rows step_env step_install step_build_inplace step_build_info step_test_cuda step_test_cpu step_selftest \
   step_sanitizer step_bench
 
 # ------------------------------------------------------------------------------- run them
@@ -264,19 +293,21 @@ if [ "${STATUS[-1]}" != PASS ]; then
   run_step build_inplace 240 step_build_inplace
   if [ "${STATUS[-1]}" = PASS ]; then FWPKM_CHECK_MODE=inplace; else BUILD_OK=0; fi
 fi
+# most important first: when the budget runs out, the later steps are the ones reported NOTRUN
 if [ "$BUILD_OK" = 1 ]; then
   run_step build_info 60 step_build_info
-  run_step test_cuda 200 step_test_cuda
-  run_step test_cpu 150 step_test_cpu
+  run_step test_cuda 240 step_test_cuda
+  run_step sanitizer 150 step_sanitizer
+  run_step bench 200 step_bench
+  run_step bench_rows 180 step_bench_rows
 else
-  for s in build_info test_cuda test_cpu; do skip_step "$s" "no build"; done
+  for s in build_info test_cuda sanitizer bench bench_rows; do skip_step "$s" "no build"; done
 fi
 run_step selftest 150 step_selftest
 if [ "$BUILD_OK" = 1 ]; then
-  run_step sanitizer 150 step_sanitizer
-  run_step bench 240 step_bench
+  run_step test_cpu 150 step_test_cpu
 else
-  for s in sanitizer bench; do skip_step "$s" "no build"; done
+  skip_step test_cpu "no build"
 fi
 
 # ------------------------------------------------------------------------------- summary
