@@ -29,6 +29,8 @@
 #                          /tmp/fwpkm_gpu_check)
 #   FWPKM_CHECK_CPU_TESTS  CPU test files to run (default python_tests/test_functional.py)
 #   FWPKM_CHECK_BENCH_ARGS extra arguments for tools/gpu_bench.py (e.g. "--no-train")
+#   FWPKM_CHECK_ROWS_ARGS  extra arguments for the tools/bench.py step
+#   FWPKM_CHECK_SKIP       step names to skip, space-separated (e.g. "selftest test_cpu")
 # shellcheck disable=SC2317  # the step functions run indirectly, through `bash -c`
 set -u
 set -o pipefail
@@ -60,6 +62,9 @@ BUILD_OK=1
 run_step() {
   local name=$1 cap=$2 fn=$3 note=""
   local now left rc t0 t1 secs st
+  case " ${FWPKM_CHECK_SKIP:-} " in
+    *" $name "*) skip_step "$name" "in FWPKM_CHECK_SKIP"; return ;;
+  esac
   now=$(date +%s); left=$((DEADLINE - now - 5))
   if [ "$left" -lt 15 ]; then
     NAMES+=("$name"); STATUS+=("NOTRUN"); SECS+=("0.0"); NOTES+=("no time left in the ${BUDGET}s budget")
