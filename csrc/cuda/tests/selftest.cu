@@ -112,12 +112,20 @@ static void test_topk(int64_t M, int64_t H, int64_t n, int64_t k, int64_t tpg, i
   const auto g_idx = d_idx.down(), g_hidx = d_hidx.down();
   const auto g_sc = d_sc.down(), g_hsc = d_hsc.down();
 
+  // A pair score is the sum of two half scores, each of which may differ in its last ulp
+  // between the host and the device log. Where the halves nearly cancel, that is far more than
+  // an ulp of the sum, so differences are measured against the row's largest half score.
+  std::vector<double> row_scale(size_t(M * H), 1e-30);
+  for (size_t i = 0; i < hsc.size(); ++i) {
+    double& r = row_scale[i / size_t(2 * k)];
+    r = std::max(r, std::fabs(double(hsc[i])));
+  }
   int64_t bad_i = 0, bad_hi = 0, bad_s = 0, bad_hs = 0, ulp_s = 0;
   for (size_t i = 0; i < idx.size(); ++i) {
     bad_i += idx[i] != g_idx[i];
     if (!same_bits(sc[i], g_sc[i])) {
-      const double rel = std::fabs(double(sc[i]) - double(g_sc[i])) /
-                         std::max(1e-30, std::fabs(double(sc[i])));
+      const double scale = std::max(std::fabs(double(sc[i])), 2 * row_scale[i / size_t(k)]);
+      const double rel = std::fabs(double(sc[i]) - double(g_sc[i])) / scale;
       if (rel < 4 * std::numeric_limits<T>::epsilon()) ++ulp_s; else ++bad_s;
     }
   }
