@@ -171,6 +171,16 @@ void scatter_rows_atomic(const std::string& device, int dtype, std::uintptr_t ta
   })
 }
 
+// CPU only: rows/pairs/order/urows/offsets/work are int64 host buffers (see kernels.h).
+int64_t segment_rows(std::uintptr_t rows, std::uintptr_t pairs, int64_t Q, int64_t R,
+                     std::uintptr_t order, std::uintptr_t urows, std::uintptr_t offsets,
+                     std::uintptr_t work) {
+  py::gil_scoped_release nogil;
+  return fwpkm::segment_rows_cpu(P<const int64_t>(rows), pairs ? P<const int64_t>(pairs) : nullptr,
+                                 Q, R, P<int64_t>(order), P<int64_t>(urows), P<int64_t>(offsets),
+                                 P<int64_t>(work));
+}
+
 }  // namespace
 
 #ifndef FWPKM_VERSION
@@ -187,6 +197,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("gather_dot", &gather_dot);
   m.def("scatter_rows", &scatter_rows);
   m.def("scatter_rows_atomic", &scatter_rows_atomic);
+  m.def("segment_rows", &segment_rows);
+  m.def("segment_rows_work", &fwpkm::segment_rows_work);
   py::dict info;
 #ifdef FWPKM_WITH_CUDA
   info["cuda"] = true;

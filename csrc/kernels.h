@@ -52,6 +52,18 @@ template <typename T>
 void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, const int64_t* offsets,
                       int64_t U, const int64_t* order, const T* coef, const T* x, int64_t L);
 
+// Stable bucketing of pairs by row (CPU only; CUDA uses torch's sort), what scatter_rows needs:
+//   the key of pair j (j in [0, Q)) is rows[pairs[j]] (pairs null: rows[j]), 0 <= key < R
+//   order   [Q]        the pair ids (pairs[j], or j) by increasing key, equal keys in input order
+//   urows   [U <= Q]   the distinct keys, increasing
+//   offsets [U + 1]    the segment of urows[u] in order is [offsets[u], offsets[u + 1])
+//   work    [segment_rows_work(Q, R)] int64 scratch
+// Returns U. A key outside [0, R) throws std::invalid_argument naming it (nothing is promised
+// about the outputs then).
+int64_t segment_rows_work(int64_t Q, int64_t R);
+int64_t segment_rows_cpu(const int64_t* rows, const int64_t* pairs, int64_t Q, int64_t R,
+                         int64_t* order, int64_t* urows, int64_t* offsets, int64_t* work);
+
 #ifdef FWPKM_WITH_CUDA
 // CUDA versions: same contracts, device pointers, enqueued on `stream` (a cudaStream_t).
 // Each throws std::runtime_error naming the op on a CUDA error. Reduced-precision q/v are

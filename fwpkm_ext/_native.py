@@ -145,5 +145,23 @@ def scatter_rows(table: torch.Tensor, urows: torch.Tensor, offsets: torch.Tensor
        order.data_ptr(), coef.data_ptr(), x.data_ptr(), L, _stream(table))
 
 
+def segment_rows(rows: torch.Tensor, R: int, pairs: Optional[torch.Tensor] = None):
+    """CPU: the pair ids (pairs, default all of rows) grouped by row: (urows, offsets, order),
+    a stable counting/radix sort (kernels.h). rows: int64 with values in [0, R)."""
+    _check("rows", rows, torch.int64, torch.device("cpu"))
+    if pairs is not None:
+        _check("pairs", pairs, torch.int64, torch.device("cpu"))
+    if isinstance(R, bool) or not isinstance(R, int) or R < 0:
+        raise ValueError(f"R: expected an int >= 0, got {R!r}")
+    Q = rows.numel() if pairs is None else pairs.numel()
+    order = torch.empty(Q, dtype=torch.int64)
+    urows = torch.empty(Q, dtype=torch.int64)
+    offsets = torch.empty(Q + 1, dtype=torch.int64)
+    work = torch.empty(_C.segment_rows_work(Q, R) if Q else 0, dtype=torch.int64)
+    U = _C.segment_rows(rows.data_ptr(), pairs.data_ptr() if pairs is not None else 0, Q, R,
+                        order.data_ptr(), urows.data_ptr(), offsets.data_ptr(), work.data_ptr())
+    return urows[:U], offsets[:U + 1], order
+
+
 def build_info() -> dict:
     return dict(_C.BUILD_INFO)

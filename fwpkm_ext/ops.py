@@ -119,7 +119,7 @@ def gather_backward(gout: Tensor, table: Tensor, rows: Tensor, w: Tensor, need_t
     _native.gather_dot(table, rows, gout, gw)
     if need_table:
         gt = torch.zeros_like(table)
-        urows, offsets, order, _ = recurrence.segments(rows.reshape(-1))
+        urows, offsets, order, _ = recurrence.segments(rows.reshape(-1), R=table.shape[0])
         _native.scatter_rows(gt, urows, offsets, order, w.reshape(-1).contiguous(), gout, rows.shape[1])
     else:
         gt = table.new_empty(0)

@@ -648,3 +648,49 @@ def test_pair_scores_op_matches_direct_scores_and_gradchecks(score):
     torch.testing.assert_close(s, want, rtol=1e-10, atol=1e-10)
     assert torch.autograd.gradcheck(lambda a, b: ops.pair_scores(a, b, rows, score, 1e-3), (x, kflat))
     torch.library.opcheck(ops.pair_scores, (x, kflat, rows, score, 1e-3))
+
+
+# ------------------------------------------------------------------------------------------------
+# segment_rows: the native bucketing behind recurrence.segments on CPU
+
+
+def _segments_by_torch_sort(rows, pairs=None):
+    if pairs is None:
+        pairs = torch.arange(rows.numel())
+    srt, perm = torch.sort(rows[pairs], stable=True)
+    urows, cnt = torch.unique_consecutive(srt, return_counts=True)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), cnt.cumsum(0)])
+    return urows, offsets, pairs[perm]
+
+
+@pytest.mark.parametrize("Q,R", [(0, 7), (1, 1), (5, 3), (37, 2), (4096, 262144), (8192, 1024),
+                                 (3000, 3000), (20011, 2 ** 22 + 3), (100, 2 ** 40), (9, 2 ** 62)])
+@pytest.mark.parametrize("subset", [False, True])
+def test_segment_rows_equals_stable_sort(Q, R, subset):
+    # both paths (counting sort when R is small against Q, radix otherwise), heavy duplicates
+    # (R < Q) and huge ranges, all pairs or a subset in increasing pair order
+    g = torch.Generator().manual_seed(Q + R % 1000)
+    rows = (torch.rand(Q, generator=g, dtype=torch.float64) * R).long().clamp_max(R - 1)
+    if Q > 2:  # the extreme ids too
+        rows[0], rows[-1] = 0, R - 1
+    pairs = torch.nonzero(torch.rand(Q, generator=g) < 0.6).squeeze(1) if subset else None
+    got = _native.segment_rows(rows, R, pairs)
+    want = _segments_by_torch_sort(rows, pairs)
+    for name, a, b in zip(("urows", "offsets", "order"), got, want):
+        assert torch.equal(a, b), name
+    # and through recurrence.segments with the row counts
+    u, off, order, cnt = recurrence.segments(rows, pairs, counts=True, R=R)
+    assert torch.equal(order, want[2]) and torch.equal(cnt, (off[1:] - off[:-1]).repeat_interleave(off[1:] - off[:-1]))
+    if Q:  # R inferred from the rows
+        assert torch.equal(recurrence.segments(rows, pairs)[2], want[2])
+
+
+def test_segment_rows_refuses_bad_rows_naming_them():
+    with pytest.raises(ValueError, match=r"row id 5 of pair 1 is outside \[0, 5\)"):
+        _native.segment_rows(torch.tensor([0, 5, 1]), 5)
+    with pytest.raises(ValueError, match=r"row id -1 of pair 0"):
+        _native.segment_rows(torch.tensor([-1, 2]), 10 ** 6)  # the radix path checks too
+    with pytest.raises(TypeError, match=r"^rows"):
+        _native.segment_rows(torch.tensor([0.0]), 2)
+    with pytest.raises(ValueError, match=r"^R"):
+        _native.segment_rows(torch.tensor([0]), -1)
