@@ -549,17 +549,23 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
             rows, Cv = tr.map(rows), tr.table
         else:
             Cv = V
-        out = torch.empty(B * L, dv, dtype=dt, device=dev)
-        sv = torch.empty(B * L, HK, dv, dtype=dt, device=dev) if keep else None
-        _native.gather_rows(Cv, rows, w, out, sv)
-        vhat[:, s0:s1] = out.view(B, L, dv)
-        if keep:
-            saved[:, s0:s1] = sv.view(B, L, HK, dv)
+        if B == 1 or keep:
+            # straight into vhat and saved (a sequence's window is contiguous in both): no
+            # copy of the B*L*HK*dv saved rows, 4 MiB per window in the default model
+            for b in range(B):
+                sl = slice(b * L, (b + 1) * L)
+                _native.gather_rows(Cv, rows[sl], w[sl], vhat[b, s0:s1],
+                                    saved[b, s0:s1].view(L, HK, dv) if keep else None)
+        else:  # many short sequences: one call, then one copy of the outputs
+            out = torch.empty(B * L, dv, dtype=dt, device=dev)
+            _native.gather_rows(Cv, rows, w, out)
+            vhat[:, s0:s1] = out.view(B, L, dv)
+        out = vhat[:, s0:s1]
         if L < cfg.chunk_size and not cfg.flush:
             continue
         # value write-back: V_i -= lr * HK / N_i * sum w r over the contributing pairs of row i
         y, contrib, wt = contributing(v[:, s0:s1], g[:, s0:s1], mask[:, s0:s1], cfg.lookahead)
-        r = (wt.unsqueeze(-1) * (out.view(B, L, dv) - y)).reshape(B * L, dv)
+        r = (wt.unsqueeze(-1) * (out - y)).reshape(B * L, dv)
         urows, offsets, order, inv_count = value_pairs(rows, contrib, HK, Cv.shape[0])
         coef = (-cfg.lr * HK) * w.reshape(-1) * inv_count.to(dt)
         _native.scatter_rows(Cv, urows, offsets, order, coef, r, HK)
