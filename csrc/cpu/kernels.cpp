@@ -3,8 +3,11 @@
 // bit-identical from run to run whatever the thread count.
 #include "../kernels.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 namespace fwpkm {
 namespace {
@@ -34,6 +37,80 @@ inline int64_t insert_sorted(T* buf_s, int64_t* buf_i, int64_t count, int64_t k,
   return count < k ? count + 1 : count;
 }
 
+// Top-k of v[0..n) into (bs, bi), sorted by (value desc, index asc); returns min(n, k).
+// Candidates strictly worse than the current k-th are the common case: blocks of 16 are tested
+// against it at once (a branch-free, vectorizable OR of comparisons) and skipped whole; the rest
+// go one by one through the full rule (NaN and ties included) of insert_sorted. The result is
+// the same as inserting every candidate: the (value, index) order is total.
+template <typename T>
+inline int64_t block_topk(const T* v, int64_t n, int64_t k, T* bs, int64_t* bi) {
+  constexpr int64_t kBlock = 16;
+  int64_t count = 0, i = 0;
+  for (; i < n && count < k; ++i) count = insert_sorted(bs, bi, count, k, v[i], i);
+  for (; i + kBlock <= n; i += kBlock) {
+    const T kth = bs[k - 1];
+    int any = 0;
+    for (int64_t j = 0; j < kBlock; ++j) any |= !(v[i + j] < kth);
+    if (!any) continue;
+    for (int64_t j = i; j < i + kBlock; ++j)
+      if (!(v[j] < bs[k - 1])) count = insert_sorted(bs, bi, count, k, v[j], j);
+  }
+  for (; i < n; ++i)
+    if (!(v[i] < bs[k - 1])) count = insert_sorted(bs, bi, count, k, v[i], i);
+  return count;
+}
+
+// Per-thread scratch of select_topk (sized by topk_select_cpu).
+template <typename T>
+struct TopkScratch {
+  std::vector<T> maxima;                       // block maxima, 4k of them
+  std::vector<std::pair<T, int64_t>> cand;     // candidates at or above the threshold
+  std::vector<T> nd;                           // IDW: the negated distances
+};
+
+// Top-k of v[0..n) like block_topk, for long lists. The k-th largest of 4k block maxima is a
+// lower bound of the k-th largest value (each of those k maxima is a distinct element at least
+// as large), so only the elements not below it, typically 1-2 k of them, are candidates: one
+// vectorizable pass for the maxima, one for the candidates and a partial sort of a few dozen,
+// instead of ~k ln(n/k) insertions into the sorted list (most of the time for n = 512). NaN
+// rank last: a block whose maximum reads NaN does not count, and with fewer than k numeric
+// maxima the plain scan runs.
+template <typename T>
+inline int64_t select_topk(const T* v, int64_t n, int64_t k, T* bs, int64_t* bi,
+                           TopkScratch<T>& w) {
+  const int64_t nb = 4 * k;
+  if (n < 4 * nb) return block_topk(v, n, k, bs, bi);
+  const int64_t width = n / nb;
+  T* mx = w.maxima.data();
+  for (int64_t b = 0; b < nb; ++b) {
+    const T* x = v + b * width;
+    const int64_t len = b == nb - 1 ? n - b * width : width;
+    T m = x[0];
+    for (int64_t i = 1; i < len; ++i) m = x[i] > m ? x[i] : m;
+    mx[b] = m;
+  }
+  // k-th largest numeric maximum (NaN after every number)
+  std::nth_element(mx, mx + (k - 1), mx + nb, [](T a, T b) { return a > b || (a == a && b != b); });
+  const T t0 = mx[k - 1];
+  if (t0 != t0) return block_topk(v, n, k, bs, bi);
+  auto* cand = w.cand.data();
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) {  // not below t0 (NaN included: sorted last below)
+    cand[c] = {v[i], i};
+    c += !(v[i] < t0);
+  }
+  const int64_t take = c < k ? c : k;
+  std::partial_sort(cand, cand + take, cand + c, [](const std::pair<T, int64_t>& a,
+                                                      const std::pair<T, int64_t>& b) {
+    return ranks_before(a.first, a.second, b.first, b.second);
+  });
+  for (int64_t j = 0; j < take; ++j) {
+    bs[j] = cand[j].first;
+    bi[j] = cand[j].second;
+  }
+  return take;
+}
+
 // IDW sub-scores s_i = -log(eps + dist_i) of one query half against n sub-keys, top-k into
 // (bs, bi) sorted by (score desc, index asc). The score falls as the distance grows, so the scan
 // ranks distances and takes k logarithms instead of n (the logarithms were most of the kernel).
@@ -43,19 +120,15 @@ inline int64_t insert_sorted(T* buf_s, int64_t* buf_i, int64_t count, int64_t k,
 // few ulps of |s| <= 89, i.e. ~2e-5); those few are scored and merged exactly.
 template <typename T>
 inline int64_t idw_topk(const T* d, T q2, const T* k2, int64_t n, int64_t k, T teps, T* bs,
-                        int64_t* bi) {
+                        int64_t* bi, TopkScratch<T>& w) {
+  T* nd = w.nd.data();
   auto dist_of = [&](int64_t i) {
     T dist = q2 + k2[i] - T(2) * d[i];
     return dist < T(0) ? T(0) : dist;  // cancellation in ||q||^2 + ||k||^2 - 2 q.k
   };
-  int64_t count = 0;
-  for (int64_t i = 0; i < n; ++i) {  // -dist ranks like the score (NaN last, ties by index)
-    const T nd = -dist_of(i);
-    // the common case, a candidate strictly worse than the k-th, in one comparison (NaN and
-    // ties take the full rule in insert_sorted)
-    if (count == k && nd < bs[k - 1]) continue;
-    count = insert_sorted(bs, bi, count, k, nd, i);
-  }
+  // -dist ranks like the score (NaN last, ties by index); computed in one vectorizable pass
+  for (int64_t i = 0; i < n; ++i) nd[i] = -dist_of(i);
+  const int64_t count = select_topk(nd, n, k, bs, bi, w);
   const T dk = -bs[count - 1];
   // scores of the survivors, re-ranked in place: equal scores from unequal distances go by index
   for (int64_t j = 0; j < count; ++j) bs[j] = -std::log(teps - bs[j]);
@@ -74,7 +147,7 @@ inline int64_t idw_topk(const T* d, T q2, const T* k2, int64_t n, int64_t k, T t
   if (count == k && std::isfinite(dk)) {
     const T reach = dk + (teps + dk) * T(1e-4);
     for (int64_t i = 0; i < n; ++i) {
-      const T dist = dist_of(i);
+      const T dist = -nd[i];
       if (!(dist >= dk && dist <= reach)) continue;
       bool kept = false;
       for (int64_t j = 0; j < k && !kept; ++j) kept = bi[j] == i;
@@ -97,7 +170,13 @@ void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t
                      int64_t k, int64_t tokens_per_group, int kind, double eps, int64_t* idx,
                      T* score, int64_t* half_idx, T* half_score) {
   const T teps = static_cast<T>(eps);
-#pragma omp parallel for schedule(static) if (M * H * 2 * n > kSerialWork)
+#pragma omp parallel if (M * H * 2 * n > kSerialWork)
+  {
+  TopkScratch<T> scratch;  // one per thread
+  scratch.maxima.resize(size_t(4 * k));
+  scratch.cand.resize(size_t(n));
+  if (kind == kIDW) scratch.nd.resize(size_t(n));
+#pragma omp for schedule(static)
   for (int64_t mh = 0; mh < M * H; ++mh) {
     const int64_t m = mh / H, h = mh % H;
     const int64_t grp = m / tokens_per_group;
@@ -109,13 +188,9 @@ void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t
       if (kind == kIDW) {
         const T q2 = qn[mh * 2 + c];
         const T* k2 = kn + ((grp * H + h) * 2 + c) * n;
-        count = idw_topk(d, q2, k2, n, k, teps, hsc + c * k, hidx + c * k);
+        count = idw_topk(d, q2, k2, n, k, teps, hsc + c * k, hidx + c * k, scratch);
       } else {
-        T* bs = hsc + c * k;
-        for (int64_t i = 0; i < n; ++i) {
-          if (count == k && d[i] < bs[k - 1]) continue;  // strictly worse than the k-th
-          count = insert_sorted(bs, hidx + c * k, count, k, d[i], i);
-        }
+        count = select_topk(d, n, k, hsc + c * k, hidx + c * k, scratch);
       }
     }
     // k x k candidate merge: the true top-k has both halves inside the per-half top-k.
@@ -137,6 +212,7 @@ void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t
       }
     }
   }
+  }  // omp parallel
 }
 
 template <typename T>
