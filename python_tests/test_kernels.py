@@ -93,6 +93,38 @@ def test_topk_select_raw_vs_oracle(dtype, kind, M, H, n, k, tpg):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["idw", "dot"])
+@pytest.mark.parametrize("values", ["random", "ties", "nan"])
+@pytest.mark.parametrize("n,k", [(16, 1), (40, 2), (128, 8), (200, 3), (512, 8), (512, 32),
+                                 (1000, 32), (513, 31)])
+def test_topk_select_long_lists_vs_oracle(dtype, kind, values, n, k):
+    """Lists of at least 16 k entries take the threshold path (block maxima, then a partial sort
+    of the candidates): random values, heavy exact ties (a few distinct values) and NaN entries
+    (ranked below every number) all give the oracle's order."""
+    M, H, tpg = 5, 2, 3
+    g = gen(n * 31 + k * 7 + len(values))
+    G = -(-M // tpg)
+    if values == "ties":
+        dots = randint(g, -2, 3, M, H, 2, n).to(dtype)
+    else:
+        dots = randn(g, M, H, 2, n, dtype=dtype)
+    if values == "nan":
+        dots[torch.rand(dots.shape, generator=g) < 0.05] = float("nan")
+        dots[0, 0, 0, : n - k + 1] = float("nan")  # one list with only k - 1 numbers
+    qn = torch.full((M, H, 2), 8.0, dtype=dtype) if values == "ties" else rand(g, M, H, 2, dtype=dtype, lo=4.0, hi=8.0)
+    kn = torch.zeros(G, H, 2, n, dtype=dtype) if values == "ties" else rand(g, G, H, 2, n, dtype=dtype, hi=4.0)
+    if kind == "dot":
+        qn = kn = None
+    got = run_topk_select(dots, qn, kn, k, tpg, kind, 1e-3)
+    want = topk_oracle(dots.double(), None if qn is None else qn.double(),
+                       None if kn is None else kn.double(), k, tpg, kind, 1e-3)
+    assert torch.equal(got[2], want[2]), "per-half indices"
+    assert torch.equal(got[0], want[0]), "slots"
+    torch.testing.assert_close(got[3], want[3].to(dtype), equal_nan=True, **TOL[dtype])
+    torch.testing.assert_close(got[1], want[1].to(dtype), equal_nan=True, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_topk_select_idw_clamps_negative_distance_and_breaks_ties(dtype):
     """qn + kn - 2 dot < 0 (cancellation) is clamped to 0: those sub-keys all score -log(eps),
     an exact tie broken by the smaller index."""
