@@ -163,6 +163,32 @@ inline int64_t idw_topk(const T* d, T q2, const T* k2, int64_t n, int64_t k, T t
 // kernels hundreds of times per step on a few thousand rows each.
 constexpr int64_t kSerialWork = int64_t(1) << 15;
 
+// row . x with kLanes independent partial sums (a single SIMD accumulator is a chain of
+// dependent adds: the dot of a 512-float row then waits on add latency, not on memory), combined
+// by a fixed tree: bit-identical from run to run and across thread counts.
+constexpr int64_t kLanes = 16;
+template <typename T>
+inline T dot_lanes(const T* row, const T* x, int64_t D) {
+  T part[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) part[j] += row[d + j] * x[d + j];
+  for (int64_t j = 0; d < D; ++d, ++j) part[j] += row[d] * x[d];
+  for (int64_t width = kLanes / 2; width > 0; width /= 2)
+    for (int64_t j = 0; j < width; ++j) part[j] += part[j + width];
+  return part[0];
+}
+
+// Rows are read in an order the hardware prefetcher cannot guess (the slots a query selected),
+// so each row's first cache lines would cost a full memory latency. Asking for the row kAhead
+// reads ahead overlaps those latencies (a hint only: results do not depend on it).
+constexpr int64_t kAhead = 4;
+template <typename T>
+inline void prefetch_row(const T* row, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < D * int64_t(sizeof(T)); b += 64) __builtin_prefetch(p + b);
+}
+
 }  // namespace
 
 template <typename T>
@@ -224,6 +250,7 @@ void gather_rows_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, 
     T* o = out + m * D;
     for (int64_t d = 0; d < D; ++d) o[d] = T(0);
     for (int64_t l = 0; l < L; ++l) {
+      if (m * L + l + kAhead < M * L) prefetch_row(table + rows[m * L + l + kAhead] * D, D);
       const T* row = table + rows[m * L + l] * D;
       const T wl = w[m * L + l];
       for (int64_t d = 0; d < D; ++d) o[d] += wl * row[d];
@@ -238,14 +265,10 @@ void gather_dot_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, c
   (void)R;
 #pragma omp parallel for schedule(static) if (M * L * D > kSerialWork)
   for (int64_t ml = 0; ml < M * L; ++ml) {
+    if (ml + kAhead < M * L) prefetch_row(table + rows[ml + kAhead] * D, D);
     const T* row = table + rows[ml] * D;
     const T* xm = x + (ml / L) * D;
-    // a SIMD reduction: the lanes' partial sums are combined in an order fixed by the build,
-    // so results stay bit-identical from run to run and across thread counts
-    T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-    for (int64_t d = 0; d < D; ++d) acc += row[d] * xm[d];
-    gw[ml] = acc;
+    gw[ml] = dot_lanes(row, xm, D);
   }
 }
 
@@ -255,6 +278,7 @@ void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, cons
   (void)R;
 #pragma omp parallel for schedule(dynamic, 16) if ((offsets[U] - offsets[0]) * D > kSerialWork)
   for (int64_t u = 0; u < U; ++u) {
+    if (u + kAhead < U) prefetch_row(table + urows[u + kAhead] * D, D);
     T* row = table + urows[u] * D;
     for (int64_t p = offsets[u]; p < offsets[u + 1]; ++p) {
       const int64_t pair = order[p];
