@@ -124,10 +124,13 @@ void gather_dot(const std::string& device, int dtype, std::uintptr_t table, int6
 
 void scatter_rows(const std::string& device, int dtype, std::uintptr_t table, int64_t R, int64_t D,
                   std::uintptr_t urows, std::uintptr_t offsets, int64_t U, std::uintptr_t order,
-                  std::uintptr_t coef, std::uintptr_t x, int64_t L, std::uintptr_t stream) {
+                  std::uintptr_t coef, std::uintptr_t x, int64_t L, std::uintptr_t stream,
+                  std::uintptr_t nonfinite) {
   check_dtype(dtype, "scatter_rows");
   (void)stream;  // used by CUDA builds only
   const bool cuda = is_cuda(device, "scatter_rows");
+  if (cuda && nonfinite)
+    throw std::invalid_argument("fwpkm scatter_rows: the non-finite row count is CPU only");
   if (U == 0) return;
   py::gil_scoped_release nogil;
   FWPKM_DISPATCH(dtype, "scatter_rows", {
@@ -139,7 +142,8 @@ void scatter_rows(const std::string& device, int dtype, std::uintptr_t table, in
 #endif
     } else {
       fwpkm::scatter_rows_cpu<T>(P<T>(table), R, D, P<const int64_t>(urows), P<const int64_t>(offsets),
-                                 U, P<const int64_t>(order), P<const T>(coef), P<const T>(x), L);
+                                 U, P<const int64_t>(order), P<const T>(coef), P<const T>(x), L,
+                                 P<int64_t>(nonfinite));
     }
   })
 }

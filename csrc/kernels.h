@@ -48,9 +48,13 @@ void gather_dot_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, c
 // Segmented row update, in place:
 //   for u in [0, U): table[urows[u], :] += sum_{p = offsets[u]}^{offsets[u+1]-1} coef[order[p]] * x[order[p] / L, :]
 // urows must be distinct (one writer per row); order lists pair ids (m * L + l) grouped by row.
+// CPU only: when nonfinite is not null, *nonfinite += the number of updated rows that hold a
+// NaN or an infinity afterwards (checked while the row is in cache: the all-or-nothing commit's
+// overflow check without a pass over the table).
 template <typename T>
 void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, const int64_t* offsets,
-                      int64_t U, const int64_t* order, const T* coef, const T* x, int64_t L);
+                      int64_t U, const int64_t* order, const T* coef, const T* x, int64_t L,
+                      int64_t* nonfinite = nullptr);
 
 // Stable bucketing of pairs by row (CPU only; CUDA uses torch's sort), what scatter_rows needs:
 //   the key of pair j (j in [0, Q)) is rows[pairs[j]] (pairs null: rows[j]), 0 <= key < R

@@ -118,12 +118,15 @@ def gather_dot(table: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, gw: tor
 
 
 def scatter_rows(table: torch.Tensor, urows: torch.Tensor, offsets: torch.Tensor, order: torch.Tensor,
-                 coef: torch.Tensor, x: torch.Tensor, L: int, *, deterministic: bool = True) -> None:
+                 coef: torch.Tensor, x: torch.Tensor, L: int, *, deterministic: bool = True,
+                 nonfinite: Optional[torch.Tensor] = None) -> None:
     """In place: table[urows[u]] += sum over segment u of coef[p] * x[p // L] (p = order[...]).
 
     deterministic=False selects, on CUDA, the atomics kernel (one warp per pair, atomicAdd; faster
     when a few rows own very long segments, but the rounding changes from run to run). On CPU it
-    is ignored: the CPU kernel is always deterministic."""
+    is ignored: the CPU kernel is always deterministic.
+    nonfinite (CPU only): an int64 tensor of one element to which the number of updated rows that
+    hold a NaN or an infinity afterwards is added."""
     code = _float_code("table", table)
     R, D = table.shape
     U = urows.shape[0]
@@ -138,11 +141,18 @@ def scatter_rows(table: torch.Tensor, urows: torch.Tensor, offsets: torch.Tensor
         raise ValueError(f"x: expected shape (M, {D}), got {tuple(x.shape)}")
     if coef.numel() != x.shape[0] * L:
         raise ValueError(f"coef: expected {x.shape[0] * L} pair coefficients, got {coef.numel()}")
+    if nonfinite is not None:
+        if table.is_cuda:
+            raise ValueError("nonfinite: the non-finite row count is CPU only")
+        _check("nonfinite", nonfinite, torch.int64, dev, (1,))
     if U == 0 or D == 0:
         return
-    fn = _C.scatter_rows if deterministic or not table.is_cuda else _C.scatter_rows_atomic
-    fn(_dev(table), code, table.data_ptr(), R, D, urows.data_ptr(), offsets.data_ptr(), U,
-       order.data_ptr(), coef.data_ptr(), x.data_ptr(), L, _stream(table))
+    args = (_dev(table), code, table.data_ptr(), R, D, urows.data_ptr(), offsets.data_ptr(), U,
+            order.data_ptr(), coef.data_ptr(), x.data_ptr(), L, _stream(table))
+    if deterministic or not table.is_cuda:
+        _C.scatter_rows(*args, nonfinite.data_ptr() if nonfinite is not None else 0)
+    else:
+        _C.scatter_rows_atomic(*args)
 
 
 def segment_rows(rows: torch.Tensor, R: int, pairs: Optional[torch.Tensor] = None):

@@ -367,8 +367,12 @@ def finite_within(t: Tensor, lim: Optional[float] = None) -> bool:
     return lim is None or max(-lo, hi) <= lim
 
 
-def _commit_check(K: Tensor, Cv: Tensor, wi: int) -> None:
-    if not finite_within(K) or not finite_within(Cv):
+def _commit_check(K: Tensor, Cv: Tensor, wi: int, bad: Optional[Tensor] = None) -> None:
+    """Raise when the keys or the written values are not finite. `bad` (CPU): the count of
+    non-finite rows that scatter_rows found while writing them, which replaces a pass over the
+    compact table (~11 ms for the paper configuration's 64 MiB of touched rows)."""
+    values_ok = int(bad) == 0 if bad is not None else finite_within(Cv)
+    if not finite_within(K) or not values_ok:
         raise ValueError(f"lr: the fast-weight update of window {wi} overflowed the float range "
                          "(non-finite keys or values); nothing was written. Lower lr, or the scale "
                          "of v and g")
@@ -409,6 +413,8 @@ class TouchedRows:
         self.ws = ws
         self.slot, self.rows, self.C = ws["slot"][:R], ws["rows"], ws["C"]
         self.U = 0
+        # CPU: non-finite rows counted by the value writes themselves (see _commit_check)
+        self.bad = torch.zeros(1, dtype=torch.long) if dev.type == "cpu" else None
 
     def map(self, rows: Tensor) -> Tensor:
         """Compact ids of table rows `rows` (any shape), adding the rows not seen yet."""
@@ -519,7 +525,7 @@ def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: RecurrenceCon
                 return vhat, keys, values, idx_all, half_all, w_all, saved, hist
             V = _alloc.clone(values) if want_values else values.new_empty(0)
             return vhat, K, V, idx_all, half_all, w_all, saved, hist
-        _commit_check(K, tr.table, len(wins) - 1)
+        _commit_check(K, tr.table, len(wins) - 1, tr.bad)
         if inplace:
             keys.copy_(K)
             values.view(S * N, dv).index_copy_(0, tr.touched, tr.table)
@@ -580,11 +586,12 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
         r = (wt.unsqueeze(-1) * (out - y)).reshape(B * L, dv)
         urows, offsets, order, inv_count = value_pairs(rows, contrib, HK, Cv.shape[0])
         coef = (-cfg.lr * HK) * w.reshape(-1) * inv_count.to(dt)
-        _native.scatter_rows(Cv, urows, offsets, order, coef, r, HK)
+        _native.scatter_rows(Cv, urows, offsets, order, coef, r, HK,
+                             nonfinite=tr.bad if tr is not None else None)
         # key update: K -= lr * dL_addr/dK
         K = (win.kflat - cfg.lr * win.grad_keys()).view_as(K)
         if not finite_within(K):  # stop at the first bad window (the keys are small)
-            _commit_check(K, Cv, wi)
+            _commit_check(K, Cv, wi, tr.bad if tr is not None else None)
     return K
 
 

@@ -726,3 +726,33 @@ def test_segment_rows_refuses_bad_rows_naming_them():
         _native.segment_rows(torch.tensor([0.0]), 2)
     with pytest.raises(ValueError, match=r"^R"):
         _native.segment_rows(torch.tensor([0]), -1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [1, 5, 37, 512])
+def test_scatter_rows_counts_nonfinite_rows(dtype, D):
+    """The value write counts the updated rows that end up holding a NaN or an infinity (the
+    all-or-nothing commit's overflow check); rows it does not write are not looked at."""
+    g = gen(D)
+    R, M, L = 40, 12, 3
+    table = randn(g, R, D, dtype=dtype)
+    table[0, D // 2] = float("nan")  # never written: not counted
+    rows = randint(g, 1, R, M, L)
+    urows, offsets, order, _ = recurrence.segments(rows.reshape(-1), R=R)
+    coef = randn(g, M * L, dtype=dtype)
+    x = randn(g, M, D, dtype=dtype)
+    big = torch.finfo(dtype).max
+    x[2, D - 1] = big  # overflows the rows that token 2's pairs write (|coef| * max > max)
+    coef[2 * L: 3 * L] = 4.0
+    x[5, 0] = float("inf")
+    want_rows = set(rows[2].tolist()) | set(rows[5].tolist())
+    ref = table.clone()
+    _native.scatter_rows(ref, urows, offsets, order, coef, x, L)
+    count = torch.tensor([3], dtype=torch.long)  # added to
+    _native.scatter_rows(table, urows, offsets, order, coef, x, L, nonfinite=count)
+    assert torch.equal(table.nan_to_num(0, 1, -1), ref.nan_to_num(0, 1, -1))  # same writes
+    bad_after = {int(r) for r in urows if not torch.isfinite(table[r]).all()}
+    assert bad_after and bad_after <= want_rows
+    assert int(count) == 3 + len(bad_after)
+    with pytest.raises(TypeError, match="^nonfinite"):
+        _native.scatter_rows(table, urows, offsets, order, coef, x, L, nonfinite=torch.zeros(1))

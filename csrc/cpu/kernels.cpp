@@ -4,6 +4,7 @@
 #include "../kernels.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
 #include <cstring>
 #include <utility>
@@ -179,6 +180,32 @@ inline T dot_lanes(const T* row, const T* x, int64_t D) {
   return part[0];
 }
 
+// Non-finite test through the exponent bits (all ones: infinity or NaN): an integer OR over the
+// row, which vectorizes without reassociating floating-point adds.
+template <typename T>
+struct ExpBits;
+template <>
+struct ExpBits<float> {
+  using U = uint32_t;
+  static constexpr U kMask = 0x7f800000u;
+};
+template <>
+struct ExpBits<double> {
+  using U = uint64_t;
+  static constexpr U kMask = 0x7ff0000000000000ull;
+};
+template <typename T>
+inline bool row_finite(const T* row, int64_t D) {
+  using U = typename ExpBits<T>::U;
+  U any = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    U b;
+    std::memcpy(&b, row + d, sizeof b);
+    any |= U((b & ExpBits<T>::kMask) == ExpBits<T>::kMask);
+  }
+  return any == 0;
+}
+
 // Rows are read in an order the hardware prefetcher cannot guess (the slots a query selected),
 // so each row's first cache lines would cost a full memory latency. Asking for the row kAhead
 // reads ahead overlaps those latencies (a hint only: results do not depend on it).
@@ -274,9 +301,11 @@ void gather_dot_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, c
 
 template <typename T>
 void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, const int64_t* offsets,
-                      int64_t U, const int64_t* order, const T* coef, const T* x, int64_t L) {
+                      int64_t U, const int64_t* order, const T* coef, const T* x, int64_t L,
+                      int64_t* nonfinite) {
   (void)R;
-#pragma omp parallel for schedule(dynamic, 16) if ((offsets[U] - offsets[0]) * D > kSerialWork)
+  int64_t bad = 0;
+#pragma omp parallel for schedule(dynamic, 16) reduction(+ : bad) if ((offsets[U] - offsets[0]) * D > kSerialWork)
   for (int64_t u = 0; u < U; ++u) {
     if (u + kAhead < U) prefetch_row(table + urows[u + kAhead] * D, D);
     T* row = table + urows[u] * D;
@@ -286,7 +315,9 @@ void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, cons
       const T* xm = x + (pair / L) * D;
       for (int64_t d = 0; d < D; ++d) row[d] += c * xm[d];
     }
+    if (nonfinite && !row_finite(row, D)) ++bad;
   }
+  if (nonfinite) *nonfinite += bad;
 }
 
 #define FWPKM_INSTANTIATE(T)                                                                    \
@@ -297,7 +328,8 @@ void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, cons
   template void gather_dot_cpu<T>(const T*, int64_t, int64_t, const int64_t*, const T*, int64_t, \
                                   int64_t, T*);                                                  \
   template void scatter_rows_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,        \
-                                    int64_t, const int64_t*, const T*, const T*, int64_t);
+                                    int64_t, const int64_t*, const T*, const T*, int64_t,        \
+                                    int64_t*);
 FWPKM_INSTANTIATE(float)
 FWPKM_INSTANTIATE(double)
 #undef FWPKM_INSTANTIATE
