@@ -91,6 +91,20 @@ def segments(rows: Tensor, pairs: Optional[Tensor] = None, counts: bool = False,
     return urows, offsets, order, (cnt.repeat_interleave(cnt) if counts else None)
 
 
+def unique_rows(rows: Tensor, R: int, inverse: bool = False):
+    """torch.unique(rows, sorted=True[, return_inverse=True]) for row ids in [0, R), through the
+    native bucketing on CPU (no comparison sort)."""
+    if rows.device.type != "cpu":
+        return torch.unique(rows, return_inverse=inverse)
+    flat = rows.reshape(-1)
+    urows, offsets, order, _ = segments(flat, R=R)
+    if not inverse:
+        return urows
+    inv = torch.empty_like(flat)
+    inv[order] = torch.repeat_interleave(torch.arange(urows.numel()), offsets[1:] - offsets[:-1])
+    return urows, inv.view(rows.shape)
+
+
 def key_rows(half_rows: Tensor, grp: Tensor, H: int, n: int) -> Tensor:
     """Flat row ids into keys.view(S*H*2*n, d2) for sub-key indices half_rows (B, L, H, 2, j)."""
     B = half_rows.shape[0]
@@ -421,7 +435,7 @@ class TouchedRows:
         cid = self.slot[rows]
         miss = cid < 0
         if bool(miss.any()):
-            new = torch.unique(rows[miss])  # sorted: ids are deterministic
+            new = unique_rows(rows[miss], self.slot.numel())  # sorted: ids are deterministic
             m = new.numel()
             self.slot[new] = torch.arange(self.U, self.U + m, device=rows.device)
             self.rows[self.U:self.U + m] = new
@@ -618,7 +632,7 @@ def backward(gvhat, gkeys, gvalues, q, v, g, mask, hist, idx_all, half_all, w_al
     dev, dt = q.device, hist.dtype
     grp = _group_of_batch(B, S, dev)
     rows_all = idx_all.reshape(B, T, HK) + (grp * N).view(B, 1, 1)
-    touched, cid = torch.unique(rows_all, return_inverse=True)
+    touched, cid = unique_rows(rows_all, S * N, inverse=True)
     if gvalues is not None:
         A = gvalues.reshape(S * N, dv)[touched].contiguous()  # adjoint of touched rows only
     else:

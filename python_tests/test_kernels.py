@@ -715,6 +715,10 @@ def test_segment_rows_equals_stable_sort(Q, R, subset):
     assert torch.equal(order, want[2]) and torch.equal(cnt, (off[1:] - off[:-1]).repeat_interleave(off[1:] - off[:-1]))
     if Q:  # R inferred from the rows
         assert torch.equal(recurrence.segments(rows, pairs)[2], want[2])
+    # unique_rows == torch.unique (sorted, with the inverse)
+    u, inv = recurrence.unique_rows(rows.view(1, -1), R, inverse=True)
+    u2, inv2 = torch.unique(rows.view(1, -1), return_inverse=True)
+    assert torch.equal(u, u2) and torch.equal(inv, inv2)
 
 
 def test_segment_rows_refuses_bad_rows_naming_them():
