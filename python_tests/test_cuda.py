@@ -77,9 +77,10 @@ def test_backend_cuda_on_cpu_tensors_raises_value_error():
 def test_native_cuda_device_needs_cuda_build():
     if HAS_CUDA_BUILD:
         pytest.skip("this build has CUDA kernels (the refusal is for CPU-only builds)")
-    for fn in (_C.scatter_rows, _C.scatter_rows_atomic):
+    args = ("cuda", 0, 0, 1, 1, 0, 0, 1, 0, 0, 0, 1, 0)
+    for fn, extra in ((_C.scatter_rows, (0,)), (_C.scatter_rows_atomic, ())):
         with pytest.raises(ValueError, match="no CUDA kernels"):
-            fn("cuda", 0, 0, 1, 1, 0, 0, 1, 0, 0, 0, 1, 0)
+            fn(*args, *extra)
 
 
 def _scatter_case(device, dtype, R=40, D=7, M=30, L=3, seed=0):
