@@ -252,7 +252,7 @@ def memory_call(q, v, g, mask, keys5, values3, pend_idx, pend_half, *, topk, chu
                                                  topk, chunk_size, lookahead, float(lr),
                                                  float(addr_loss_weight), score, float(eps), bool(flush))
         return vhat, keys5, values3, idx, half
-    vhat, nk, nv, idx, half, _, _, _ = ops.memory(q, v, g, mask, keys5, values3, pend_idx, pend_half,
+    vhat, nk, nv, idx, half, _, _, _, _ = ops.memory(q, v, g, mask, keys5, values3, pend_idx, pend_half,
                                                   topk, chunk_size, lookahead, float(lr),
                                                   float(addr_loss_weight), score, float(eps),
                                                   bool(flush), keep, bool(want_values))

@@ -154,13 +154,14 @@ gather.register_autograd(_gather_bwd, setup_context=_gather_setup)
 def memory(q: Tensor, v: Tensor, g: Tensor, mask: Tensor, keys: Tensor, values: Tensor,
            pend_idx: Tensor, pend_half: Tensor, topk: int, chunk_size: int, lookahead: int,
            lr: float, addr_loss_weight: float, score: str, eps: float, flush: bool,
-           keep: bool, want_values: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+           keep: bool, want_values: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One FwPKM call over all windows; see fwpkm_ext.functional.fwpkm_memory for the contract.
 
     keys (S,H,2,n,d2), values (S,N,dv); pend_idx (B,P,H,k) / pend_half (B,P,H,2,k): precomputed
     top-k of the first P tokens (pending tokens of a streaming state, P < chunk_size).
-    Returns (vhat, new_keys, new_values, idx, half_idx, w, saved_rows, keys_hist); the last two
-    are what the backward needs (empty unless keep). Without want_values, new_values is an empty
+    Returns (vhat, new_keys, new_values, idx, half_idx, w, saved_rows, keys_hist, window_cache);
+    the last three are what the backward needs (empty unless keep): window_cache holds each
+    window's exact pair scores and addressing terms, so the backward does not recompute them. Without want_values, new_values is an empty
     tensor and the N x dv table is never copied (training, when the final state is not kept).
     Tokens with mask < 0 are skipped (no write, outside the addressing loss).
     """
@@ -179,7 +180,9 @@ def _(q, v, g, mask, keys, values, pend_idx, pend_half, topk, chunk_size, lookah
     e = values.new_empty
     return (e(B, T, dv), keys.new_empty(keys.shape), e(values.shape if want_values else (0,)),
             e(B, T, H, topk, dtype=torch.long), e(B, T, H, 2, topk, dtype=torch.long), e(B, T, HK),
-            e((B, T, HK, dv) if keep else (0,)), e((W,) + tuple(keys.shape) if keep else (0,)))
+            e((B, T, HK, dv) if keep else (0,)), e((W,) + tuple(keys.shape) if keep else (0,)),
+            e((W, recurrence.Window.cache_width(B, chunk_size, H, topk, keys.shape[0] * H * 2 * keys.shape[3]))
+              if keep else (0,)))
 
 
 @torch.library.custom_op(f"{_NS}::memory_backward", mutates_args=())
@@ -188,15 +191,16 @@ def memory_backward(gvhat: Tensor, gkeys: Optional[Tensor], gvalues: Optional[Te
                     v: Tensor, g: Tensor, mask: Tensor, hist: Tensor, idx: Tensor, half_idx: Tensor,
                     w: Tensor, saved: Tensor, vhat: Tensor, values_shape: List[int], topk: int,
                     chunk_size: int, lookahead: int, lr: float, addr_loss_weight: float, score: str,
-                    eps: float, flush: bool, need_gvalues: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    eps: float, flush: bool, need_gvalues: bool,
+                    wcache: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     cfg = _cfg(topk, chunk_size, lookahead, lr, addr_loss_weight, score, eps, flush)
     return recurrence.backward(gvhat, gkeys, gvalues, q, v, g, mask, hist, idx, half_idx, w, saved,
-                            vhat, tuple(values_shape), cfg, need_gvalues)
+                            vhat, tuple(values_shape), cfg, need_gvalues, wcache)
 
 
 @memory_backward.register_fake
 def _(gvhat, gkeys, gvalues, q, v, g, mask, hist, idx, half_idx, w, saved, vhat, values_shape,
-      topk, chunk_size, lookahead, lr, addr_loss_weight, score, eps, flush, need_gvalues):
+      topk, chunk_size, lookahead, lr, addr_loss_weight, score, eps, flush, need_gvalues, wcache=None):
     e = hist.new_empty
     return (e(q.shape), e(v.shape), e(g.shape), e(hist.shape[1:]),
             e(tuple(values_shape) if need_gvalues else (0,)))
@@ -229,23 +233,24 @@ _SCALARS = ("topk", "chunk_size", "lookahead", "lr", "addr_loss_weight", "score"
 
 def _memory_setup(ctx, inputs, output):
     q, v, g, mask, keys, values, _, _, *scalars = inputs
-    vhat, _, _, idx, half, w, saved, hist = output
+    vhat, _, _, idx, half, w, saved, hist, wcache = output
     if not scalars[len(_SCALARS)] and any(ctx.needs_input_grad[:6]):
         raise RuntimeError("fwpkm_ext::memory was called with keep=False on inputs that need grad")
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(q, v, g, mask, hist, idx, half, w, saved, vhat)
+    ctx.save_for_backward(q, v, g, mask, hist, idx, half, w, saved, vhat, wcache)
     ctx.scalars = scalars[: len(_SCALARS)]
     ctx.n_scalar_args = len(scalars)
     ctx.values_shape = list(values.shape)
 
 
 def _memory_bwd(ctx, gvhat, gkeys, gvalues, *_):
-    q, v, g, mask, hist, idx, half, w, saved, vhat = ctx.saved_tensors
+    q, v, g, mask, hist, idx, half, w, saved, vhat, wcache = ctx.saved_tensors
     if gvhat is None:
         gvhat = torch.zeros_like(vhat)
     need_v = bool(ctx.needs_input_grad[5])
     gq, gv, gg, gk, gvals = memory_backward(gvhat, gkeys, gvalues, q, v, g, mask, hist, idx, half, w,
-                                            saved, vhat, ctx.values_shape, *ctx.scalars, need_v)
+                                            saved, vhat, ctx.values_shape, *ctx.scalars, need_v,
+                                            wcache)
     ng = ctx.needs_input_grad
     return ((gq if ng[0] else None), (gv if ng[1] else None), (gg if ng[2] else None), None,
             (gk if ng[4] else None), (gvals if need_v else None)) + (None,) * (2 + ctx.n_scalar_args)

@@ -222,6 +222,59 @@ class Window:
         self.pos = read_positions(idx_w, half_w, n)
         sc = self.read_sub_scores().view(B, L, H, 2, k).sum(3)
         self.w = torch.softmax(sc.reshape(B * L, H * k), dim=-1)
+        self._set_marginal(amask, B, L, H, n, per_seq)
+        self.cfg = cfg
+        self._addr = None
+
+    # ---- what the backward reuses instead of recomputing the window (exact scores, weights and
+    # addressing terms): one float row per window, [s, inv, P, u, gamma] per pair, then dphi
+    @staticmethod
+    def cache_width(B: int, C: int, H: int, k: int, R: int) -> int:
+        return B * C * H * 2 * k * 5 + R
+
+    def to_cache(self, row: Tensor) -> None:
+        """Write this window's pair data into `row` (a cache_width vector); the addressing
+        terms only when they were computed (a window that writes)."""
+        hp = self.half
+        n2 = hp.s.numel()
+        per = row[: n2 * 5].view(5, n2)
+        per[0] = hp.s.reshape(-1)
+        if hp.inv is not None:
+            per[1] = hp.inv.reshape(-1)
+        if self._addr is not None:
+            P, u, gamma, dphi = self._addr
+            per[2], per[3], per[4] = P.reshape(-1), u.reshape(-1), gamma.reshape(-1)
+            row[row.numel() - dphi.numel():] = dphi
+
+    @classmethod
+    def from_cache(cls, K: Tensor, qh_w: Tensor, idx_w: Tensor, half_w: Tensor, grp: Tensor,
+                   per_seq: bool, cfg: "RecurrenceConfig", amask: Optional[Tensor], row: Tensor,
+                   addr: bool) -> "Window":
+        """The window as the forward built it, from its cache row: no pair scores, logarithms,
+        softmaxes or addressing marginal recomputed."""
+        B, L, H, _, d2 = qh_w.shape
+        n, k = K.shape[3], cfg.topk
+        self = cls.__new__(cls)
+        self.B, self.L, self.H, self.k, self.cfg = B, L, H, k, cfg
+        self.kflat = K.reshape(-1, d2)
+        R = self.kflat.shape[0]
+        n2 = B * L * H * 2 * k
+        per = row[: n2 * 5].view(5, -1, k)
+        x = qh_w.reshape(-1, d2)
+        hp = Pairs.__new__(Pairs)
+        hp.kflat, hp.x, hp.score, hp._segs = self.kflat, x, cfg.score, None
+        hp.rows = key_rows(half_w, grp, H, n).reshape(-1, k)
+        hp.s = per[0]
+        hp.inv = per[1] if cfg.score == "idw" else None
+        self.half = hp
+        self.pos = read_positions(idx_w, half_w, n)
+        sc = self.read_sub_scores().view(B, L, H, 2, k).sum(3)
+        self.w = torch.softmax(sc.reshape(B * L, H * k), dim=-1)
+        self._set_marginal(amask, B, L, H, n, per_seq)
+        self._addr = (per[2], per[3], per[4], row[row.numel() - R:]) if addr else None
+        return self
+
+    def _set_marginal(self, amask, B, L, H, n, per_seq) -> None:
         if amask is None:
             self.rows_per_group = float(L if per_seq else B * L)
             self.row_on = None
@@ -231,8 +284,6 @@ class Window:
             per_key_row = cnt.clamp_min(1.0).repeat_interleave(H * 2 * n)
             self.rows_per_group = per_key_row
             self.row_on = amask.reshape(B, L, 1, 1).expand(B, L, H, 2).reshape(-1, 1)
-        self.cfg = cfg
-        self._addr = None
 
     def _per_row(self, x: Tensor) -> Tensor:
         """x / (rows sharing the memory) for a per-key-row vector x."""
@@ -524,6 +575,8 @@ def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: RecurrenceCon
     w_all = torch.empty(B, T, HK, dtype=dt, device=dev)
     saved = torch.empty((B, T, HK, dv) if keep else (0,), dtype=dt, device=dev)
     hist = torch.empty((len(wins), S, H, 2, n, d2) if keep else (0,), dtype=dt, device=dev)
+    wcache = torch.zeros((len(wins), Window.cache_width(B, cfg.chunk_size, H, k, S * H * 2 * n))
+                         if keep else (0,), dtype=dt, device=dev)
     if P:
         idx_all[:, :P] = pend_idx
         half_all[:, :P] = pend_half
@@ -538,12 +591,12 @@ def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: RecurrenceCon
     undo = inplace and tr is not None and tr.bad is not None
     try:
         K = _windows(qh, v, g, mask, K, values.view(S * N, dv), tr, grp, row_base, amask, wins, P,
-                     per_seq, cfg, keep, idx_all, half_all, w_all, vhat, saved, hist, undo)
+                     per_seq, cfg, keep, idx_all, half_all, w_all, vhat, saved, hist, undo, wcache)
         if not writes:  # a read-only call: the tables are returned as they are
             if inplace:
-                return vhat, keys, values, idx_all, half_all, w_all, saved, hist
+                return vhat, keys, values, idx_all, half_all, w_all, saved, hist, wcache
             V = _alloc.clone(values) if want_values else values.new_empty(0)
-            return vhat, K, V, idx_all, half_all, w_all, saved, hist
+            return vhat, K, V, idx_all, half_all, w_all, saved, hist, wcache
         _commit_check(K, tr.table, len(wins) - 1, tr.bad)
         if inplace:
             keys.copy_(K)
@@ -562,11 +615,11 @@ def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: RecurrenceCon
     finally:
         if tr is not None:
             tr.release()
-    return vhat, K, V, idx_all, half_all, w_all, saved, hist
+    return vhat, K, V, idx_all, half_all, w_all, saved, hist, wcache
 
 
 def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, cfg, keep,
-             idx_all, half_all, w_all, vhat, saved, hist, undo=False):
+             idx_all, half_all, w_all, vhat, saved, hist, undo=False, wcache=None):
     """The window loop of `forward`: fills idx_all/half_all/w_all/vhat (and saved/hist when
     `keep`), writes into `tr`'s compact table (with `undo`: into V, logging each row's value
     before its first write in `tr`), returns the final keys."""
@@ -605,6 +658,8 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
             vhat[:, s0:s1] = out.view(B, L, dv)
         out = vhat[:, s0:s1]
         if L < cfg.chunk_size and not cfg.flush:
+            if keep:
+                win.to_cache(wcache[wi])
             continue
         # value write-back: V_i -= lr * HK / N_i * sum w r over the contributing pairs of row i
         y, contrib, wt = contributing(v[:, s0:s1], g[:, s0:s1], mask[:, s0:s1], cfg.lookahead)
@@ -617,6 +672,8 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
                              nonfinite=tr.bad if tr is not None else None)
         # key update: K -= lr * dL_addr/dK
         K = (win.kflat - cfg.lr * win.grad_keys()).view_as(K)
+        if keep:
+            win.to_cache(wcache[wi])
         if not finite_within(K):  # stop at the first bad window (the keys are small)
             _commit_check(K, Cv, wi, tr.bad if tr is not None else None)
     return K
@@ -634,7 +691,8 @@ def addr_mask(mask: Tensor) -> Optional[Tensor]:
 
 
 def backward(gvhat, gkeys, gvalues, q, v, g, mask, hist, idx_all, half_all, w_all, saved, vhat,
-             values_shape, cfg: RecurrenceConfig, need_gvalues: bool = True):
+             values_shape, cfg: RecurrenceConfig, need_gvalues: bool = True,
+             wcache: Optional[Tensor] = None):
     """Gradients (gq, gv, gg, gkeys_in, gvalues_in) of one forward call; gkeys/gvalues may be
     None (unused outputs). gvalues_in is an empty tensor unless need_gvalues."""
     B, T, H, dk = q.shape
@@ -660,14 +718,19 @@ def backward(gvhat, gkeys, gvalues, q, v, g, mask, hist, idx_all, half_all, w_al
     for wi, (s0, s1) in reversed(list(enumerate(windows(T, cfg.chunk_size)))):
         L = s1 - s0
         M = B * L
-        win = Window(hist[wi], qh[:, s0:s1].contiguous(), idx_all[:, s0:s1], half_all[:, s0:s1],
-                     grp, per_seq, cfg, None if amask is None else amask[:, s0:s1])
+        writes = L == cfg.chunk_size or cfg.flush
+        args = (hist[wi], qh[:, s0:s1].contiguous(), idx_all[:, s0:s1], half_all[:, s0:s1], grp,
+                per_seq, cfg, None if amask is None else amask[:, s0:s1])
+        if wcache is not None and wcache.numel():
+            win = Window.from_cache(*args, wcache[wi], writes)
+        else:
+            win = Window(*args)
         w = win.w
         cid_w = cid[:, s0:s1].reshape(M, HK).contiguous()
         vhat_w = vhat[:, s0:s1].reshape(M, dv)
         gvh = gvhat[:, s0:s1].reshape(M, dv).clone()
         gw = torch.zeros(M, HK, dtype=dt, device=dev)
-        if L == cfg.chunk_size or cfg.flush:
+        if writes:
             # keys: K' = K - lr * G(K, q)  ->  gK -= lr * dG/dK^T gK ; gq -= lr * dG/dq^T gK
             dk_sec, dq_sec = win.addr_vjp(gK)
             gK = gK - cfg.lr * dk_sec
