@@ -401,12 +401,17 @@ def search(qh_w: Tensor, K: Tensor, per_seq: bool, cfg: RecurrenceConfig):
     B, L, H, _, d2 = qh_w.shape
     M = B * L
     k = cfg.topk
-    if per_seq:
-        dots = torch.einsum("blhcd,bhcnd->blhcn", qh_w, K)
-    else:
-        dots = torch.einsum("blhcd,hcnd->blhcn", qh_w, K[0])
     n = K.shape[3]
-    dots = dots.reshape(M, H, 2, n).contiguous()
+    # one GEMM per (memory, head, half), each written straight into its strided slice of the
+    # (M, H, 2, n) scores (BLAS takes the row stride): no permuted copy of the scores, which an
+    # einsum over the heads needs (64 MiB for the static PKM's 4 heads at 4096 tokens)
+    dots = torch.empty(B, L, H, 2, n, dtype=qh_w.dtype, device=qh_w.device)
+    for b in range(B if per_seq else 1):
+        qs, ds = (qh_w[b], dots[b]) if per_seq else (qh_w.view(M, H, 2, d2), dots.view(M, H, 2, n))
+        for h in range(H):
+            for c in range(2):
+                torch.mm(qs[..., h, c, :], K[b, h, c].t(), out=ds[..., h, c, :])
+    dots = dots.view(M, H, 2, n)
     opts = dict(dtype=qh_w.dtype, device=qh_w.device)
     idx = torch.empty(M, H, k, dtype=torch.long, device=qh_w.device)
     half_idx = torch.empty(M, H, 2, k, dtype=torch.long, device=qh_w.device)
