@@ -1177,6 +1177,11 @@ def print_table(rows, a, peers, out=print):
                 sp = res["tokens_per_s"] / pr["tokens_per_s"]
                 mem = (res["peak_mib"] / pr["peak_mib"]) if pr["peak_mib"] > 0 else None
                 vs = f"{sp:.1f}x {_label(p, a).split()[-1]}" if sp >= 2 else f"{sp:.2f}x {_label(p, a).split()[-1]}"
+                if res.get("nomem_ms"):
+                    # the with-memory LM row times a no-memory step after each of its own: the
+                    # ratio of those pairs, not of two rows timed minutes apart (as the target)
+                    wo = statistics.median(x for rep in res["nomem_ms"] for x in rep)
+                    vs = f"{wo / res['ms']:.2f}x without (pairs)"
                 if p["T"] != r["T"]:
                     vs += f"@T{p['T']}"
                 if mem is not None:
