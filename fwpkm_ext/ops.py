@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import recurrence, _native
+from . import _alloc, recurrence, _native
 
 _NS = "fwpkm_ext"
 
@@ -118,7 +118,7 @@ def gather_backward(gout: Tensor, table: Tensor, rows: Tensor, w: Tensor, need_t
     gout = gout.contiguous()
     _native.gather_dot(table, rows, gout, gw)
     if need_table:
-        gt = torch.zeros_like(table)
+        gt = _alloc.zeros(table.shape, table.dtype, table.device)  # huge pages: fewer faults
         urows, offsets, order, _ = recurrence.segments(rows.reshape(-1), R=table.shape[0])
         _native.scatter_rows(gt, urows, offsets, order, w.reshape(-1).contiguous(), gout, rows.shape[1])
     else:
@@ -270,11 +270,11 @@ def pair_scores(x: Tensor, kflat: Tensor, rows: Tensor, score: str, eps: float) 
     return _pairs(x, kflat, rows, score, eps).s.contiguous()
 
 
-def _pairs(x, kflat, rows, score, eps):
+def _pairs(x, kflat, rows, score, eps, scores=True):
     x, kflat, rows = x.contiguous(), kflat.contiguous(), rows.contiguous()
     kn = (kflat * kflat).sum(-1) if score == "idw" else None
     xn = (x * x).sum(-1) if score == "idw" else None
-    return recurrence.Pairs(kflat, kn, x, xn, rows, score, eps)
+    return recurrence.Pairs(kflat, kn, x, xn, rows, score, eps, scores=scores)
 
 
 @pair_scores.register_fake
@@ -287,7 +287,8 @@ def _(x, kflat, rows, score, eps):
 def pair_scores_backward(gs: Tensor, x: Tensor, kflat: Tensor, rows: Tensor, score: str,
                          eps: float) -> Tuple[Tensor, Tensor]:
     gk = torch.zeros_like(kflat)
-    gx = _pairs(x, kflat, rows, score, eps).vjp(gs.contiguous(), gk)
+    # the dot score's derivatives need no score: do not recompute the pair dots
+    gx = _pairs(x, kflat, rows, score, eps, scores=score != "dot").vjp(gs.contiguous(), gk)
     return gx, gk
 
 

@@ -154,8 +154,13 @@ class Pairs:
     """(query-half row m, sub-key row r) pairs, J per m: x (M2, d2), rows (M2, J) into kflat."""
 
     def __init__(self, kflat: Tensor, kn: Optional[Tensor], x: Tensor, xn: Optional[Tensor],
-                 rows: Tensor, score: str, eps: float):
+                 rows: Tensor, score: str, eps: float, scores: bool = True):
         self.kflat, self.x, self.rows, self.score = kflat, x, rows, score
+        self._segs = None
+        if not scores:  # only the vjp of dot scores (which needs no score) will be asked for
+            assert score == "dot"
+            self.inv = self.s = None
+            return
         dot = gather_x(kflat, rows, x)
         if score == "idw":
             d = (xn.unsqueeze(1) + kn[rows] - 2.0 * dot).clamp_min(0.0)
