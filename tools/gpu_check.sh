@@ -13,6 +13,7 @@
 #   bench      tools/gpu_bench.py (paper configuration; JSON in the output folder)
 #   bench_rows tools/bench.py --device cuda: streaming, layer, PKM, the LM with and without its
 #              memory, the floor (bench_rows.json)
+#   profile    tools/gpu_profile.py: wall vs device-busy time, kernels per call (profile.json)
 #   selftest   nvcc-builds and runs csrc/cuda/tests/selftest.cu --bench (kernels vs CPU kernels)
 #   test_cpu   the CPU functional tests (python_tests/test_functional.py; log: pytest_cpu.log)
 # then a summary table. Exit status: 0 when no step FAILED or TIMED OUT, 1 otherwise.
@@ -284,7 +285,12 @@ step_bench_rows() {
     --json "$CHECK_OUT/bench_rows.json" ${FWPKM_CHECK_ROWS_ARGS:-}
 }
 
-export -f pyrun run_pytest step_bench_rows step_env step_install step_build_inplace step_build_info step_test_cuda step_test_cpu step_selftest \
+step_profile() {
+  # wall time against the device's busy time and the launches per call (host-bound or not)
+  pyrun tools/gpu_profile.py --json "$CHECK_OUT/profile.json"
+}
+
+export -f pyrun run_pytest step_bench_rows step_profile step_env step_install step_build_inplace step_build_info step_test_cuda step_test_cpu step_selftest \
   step_sanitizer step_bench
 
 # ------------------------------------------------------------------------------- run them
@@ -305,8 +311,9 @@ if [ "$BUILD_OK" = 1 ]; then
   run_step sanitizer 150 step_sanitizer
   run_step bench 200 step_bench
   run_step bench_rows 180 step_bench_rows
+  run_step profile 90 step_profile
 else
-  for s in build_info test_cuda sanitizer bench bench_rows; do skip_step "$s" "no build"; done
+  for s in build_info test_cuda sanitizer bench bench_rows profile; do skip_step "$s" "no build"; done
 fi
 run_step selftest 150 step_selftest
 if [ "$BUILD_OK" = 1 ]; then
