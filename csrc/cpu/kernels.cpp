@@ -38,26 +38,16 @@ inline int64_t insert_sorted(T* buf_s, int64_t* buf_i, int64_t count, int64_t k,
   return count < k ? count + 1 : count;
 }
 
-// Top-k of v[0..n) into (bs, bi), sorted by (value desc, index asc); returns min(n, k).
-// Candidates strictly worse than the current k-th are the common case: blocks of 16 are tested
-// against it at once (a branch-free, vectorizable OR of comparisons) and skipped whole; the rest
-// go one by one through the full rule (NaN and ties included) of insert_sorted. The result is
-// the same as inserting every candidate: the (value, index) order is total.
+// Top-k of v[0..n) into (bs, bi), sorted by (value desc, index asc); returns min(n, k). The
+// common case, a candidate strictly worse than the k-th, costs one comparison; NaN and ties take
+// the full rule in insert_sorted.
 template <typename T>
-inline int64_t block_topk(const T* v, int64_t n, int64_t k, T* bs, int64_t* bi) {
-  constexpr int64_t kBlock = 16;
-  int64_t count = 0, i = 0;
-  for (; i < n && count < k; ++i) count = insert_sorted(bs, bi, count, k, v[i], i);
-  for (; i + kBlock <= n; i += kBlock) {
-    const T kth = bs[k - 1];
-    int any = 0;
-    for (int64_t j = 0; j < kBlock; ++j) any |= !(v[i + j] < kth);
-    if (!any) continue;
-    for (int64_t j = i; j < i + kBlock; ++j)
-      if (!(v[j] < bs[k - 1])) count = insert_sorted(bs, bi, count, k, v[j], j);
+inline int64_t scan_topk(const T* v, int64_t n, int64_t k, T* bs, int64_t* bi) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (count == k && v[i] < bs[k - 1]) continue;
+    count = insert_sorted(bs, bi, count, k, v[i], i);
   }
-  for (; i < n; ++i)
-    if (!(v[i] < bs[k - 1])) count = insert_sorted(bs, bi, count, k, v[i], i);
   return count;
 }
 
@@ -69,7 +59,7 @@ struct TopkScratch {
   std::vector<T> nd;                           // IDW: the negated distances
 };
 
-// Top-k of v[0..n) like block_topk, for long lists. The k-th largest of 4k block maxima is a
+// Top-k of v[0..n) like scan_topk, for long lists. The k-th largest of 4k block maxima is a
 // lower bound of the k-th largest value (each of those k maxima is a distinct element at least
 // as large), so only the elements not below it, typically 1-2 k of them, are candidates: one
 // vectorizable pass for the maxima, one for the candidates and a partial sort of a few dozen,
@@ -80,7 +70,7 @@ template <typename T>
 inline int64_t select_topk(const T* v, int64_t n, int64_t k, T* bs, int64_t* bi,
                            TopkScratch<T>& w) {
   const int64_t nb = 4 * k;
-  if (n < 4 * nb) return block_topk(v, n, k, bs, bi);
+  if (n < 4 * nb) return scan_topk(v, n, k, bs, bi);
   const int64_t width = n / nb;
   T* mx = w.maxima.data();
   for (int64_t b = 0; b < nb; ++b) {
@@ -93,7 +83,7 @@ inline int64_t select_topk(const T* v, int64_t n, int64_t k, T* bs, int64_t* bi,
   // k-th largest numeric maximum (NaN after every number)
   std::nth_element(mx, mx + (k - 1), mx + nb, [](T a, T b) { return a > b || (a == a && b != b); });
   const T t0 = mx[k - 1];
-  if (t0 != t0) return block_topk(v, n, k, bs, bi);
+  if (t0 != t0) return scan_topk(v, n, k, bs, bi);
   auto* cand = w.cand.data();
   int64_t c = 0;
   for (int64_t i = 0; i < n; ++i) {  // not below t0 (NaN included: sorted last below)
