@@ -161,8 +161,9 @@ def memory(q: Tensor, v: Tensor, g: Tensor, mask: Tensor, keys: Tensor, values: 
     top-k of the first P tokens (pending tokens of a streaming state, P < chunk_size).
     Returns (vhat, new_keys, new_values, idx, half_idx, w, saved_rows, keys_hist, window_cache);
     the last three are what the backward needs (empty unless keep): window_cache holds each
-    window's exact pair scores and addressing terms, so the backward does not recompute them. Without want_values, new_values is an empty
-    tensor and the N x dv table is never copied (training, when the final state is not kept).
+    window's exact pair scores and addressing terms, so the backward does not recompute them.
+    Without want_values, new_values is an empty tensor and the N x dv table is never copied
+    (training, when the final state is not kept).
     Tokens with mask < 0 are skipped (no write, outside the addressing loss).
     """
     cfg = _cfg(topk, chunk_size, lookahead, lr, addr_loss_weight, score, eps, flush)
@@ -270,11 +271,11 @@ def pair_scores(x: Tensor, kflat: Tensor, rows: Tensor, score: str, eps: float) 
     return _pairs(x, kflat, rows, score, eps).s.contiguous()
 
 
-def _pairs(x, kflat, rows, score, eps, scores=True):
+def _pairs(x, kflat, rows, score, eps):
     x, kflat, rows = x.contiguous(), kflat.contiguous(), rows.contiguous()
     kn = (kflat * kflat).sum(-1) if score == "idw" else None
     xn = (x * x).sum(-1) if score == "idw" else None
-    return recurrence.Pairs(kflat, kn, x, xn, rows, score, eps, scores=scores)
+    return recurrence.Pairs(kflat, kn, x, xn, rows, score, eps)
 
 
 @pair_scores.register_fake
@@ -288,7 +289,9 @@ def pair_scores_backward(gs: Tensor, x: Tensor, kflat: Tensor, rows: Tensor, sco
                          eps: float) -> Tuple[Tensor, Tensor]:
     gk = torch.zeros_like(kflat)
     # the dot score's derivatives need no score: do not recompute the pair dots
-    gx = _pairs(x, kflat, rows, score, eps, scores=score != "dot").vjp(gs.contiguous(), gk)
+    pairs = recurrence.Pairs.known(kflat.contiguous(), x.contiguous(), rows.contiguous(), score) \
+        if score == "dot" else _pairs(x, kflat, rows, score, eps)
+    gx = pairs.vjp(gs.contiguous(), gk)
     return gx, gk
 
 

@@ -154,13 +154,8 @@ class Pairs:
     """(query-half row m, sub-key row r) pairs, J per m: x (M2, d2), rows (M2, J) into kflat."""
 
     def __init__(self, kflat: Tensor, kn: Optional[Tensor], x: Tensor, xn: Optional[Tensor],
-                 rows: Tensor, score: str, eps: float, scores: bool = True):
+                 rows: Tensor, score: str, eps: float):
         self.kflat, self.x, self.rows, self.score = kflat, x, rows, score
-        self._segs = None
-        if not scores:  # only the vjp of dot scores (which needs no score) will be asked for
-            assert score == "dot"
-            self.inv = self.s = None
-            return
         dot = gather_x(kflat, rows, x)
         if score == "idw":
             d = (xn.unsqueeze(1) + kn[rows] - 2.0 * dot).clamp_min(0.0)
@@ -169,6 +164,16 @@ class Pairs:
         else:
             self.inv, self.s = None, dot
         self._segs = None
+
+    @classmethod
+    def known(cls, kflat: Tensor, x: Tensor, rows: Tensor, score: str, s: Optional[Tensor] = None,
+              inv: Optional[Tensor] = None) -> "Pairs":
+        """Pairs whose scores are known already (or, for dot scores, not needed: their vjp uses
+        none): s and, for IDW, inv = 1 / (eps + d) as __init__ computes them."""
+        self = cls.__new__(cls)
+        self.kflat, self.x, self.rows, self.score = kflat, x, rows, score
+        self.s, self.inv, self._segs = s, inv, None
+        return self
 
     @property
     def segs(self):
@@ -215,21 +220,41 @@ class Window:
     so the read needs no pair computation of its own and its derivatives go through `half` too."""
 
     def __init__(self, K: Tensor, qh_w: Tensor, idx_w: Tensor, half_w: Tensor, grp: Tensor,
-                 per_seq: bool, cfg: "RecurrenceConfig", amask: Optional[Tensor] = None):
+                 per_seq: bool, cfg: "RecurrenceConfig", amask: Optional[Tensor] = None,
+                 cache: Optional[Tensor] = None, addr: bool = False):
+        """With `cache` (the row `to_cache` filled in the forward), the pair scores and, when
+        `addr`, the addressing terms are taken from it instead of recomputed (the backward)."""
         B, L, H, _, d2 = qh_w.shape
         n, k = K.shape[3], cfg.topk
         self.B, self.L, self.H, self.k = B, L, H, k
         self.kflat = K.reshape(-1, d2)
-        kn = (self.kflat * self.kflat).sum(-1) if cfg.score == "idw" else None
         x = qh_w.reshape(-1, d2)
-        xn = (x * x).sum(-1) if cfg.score == "idw" else None
-        self.half = Pairs(self.kflat, kn, x, xn, key_rows(half_w, grp, H, n).reshape(-1, k), cfg.score, cfg.eps)
+        rows = key_rows(half_w, grp, H, n).reshape(-1, k)
+        if cache is None:
+            kn = (self.kflat * self.kflat).sum(-1) if cfg.score == "idw" else None
+            xn = (x * x).sum(-1) if cfg.score == "idw" else None
+            self.half = Pairs(self.kflat, kn, x, xn, rows, cfg.score, cfg.eps)
+        else:
+            per = cache[: rows.numel() * 5].view(5, -1, k)
+            self.half = Pairs.known(self.kflat, x, rows, cfg.score, per[0],
+                                    per[1] if cfg.score == "idw" else None)
         self.pos = read_positions(idx_w, half_w, n)
         sc = self.read_sub_scores().view(B, L, H, 2, k).sum(3)
         self.w = torch.softmax(sc.reshape(B * L, H * k), dim=-1)
-        self._set_marginal(amask, B, L, H, n, per_seq)
+        if amask is None:
+            self.rows_per_group = float(L if per_seq else B * L)
+            self.row_on = None
+        else:
+            # skipped tokens leave the marginal: per memory, the mean runs over the kept rows
+            cnt = amask.sum(1) if per_seq else amask.sum().view(1)
+            per_key_row = cnt.clamp_min(1.0).repeat_interleave(H * 2 * n)
+            self.rows_per_group = per_key_row
+            self.row_on = amask.reshape(B, L, 1, 1).expand(B, L, H, 2).reshape(-1, 1)
         self.cfg = cfg
         self._addr = None
+        if cache is not None and addr:
+            R = self.kflat.shape[0]
+            self._addr = (per[2], per[3], per[4], cache[cache.numel() - R:])
 
     # ---- what the backward reuses instead of recomputing the window (exact scores, weights and
     # addressing terms): one float row per window, [s, inv, P, u, gamma] per pair, then dphi
@@ -250,45 +275,6 @@ class Window:
             P, u, gamma, dphi = self._addr
             per[2], per[3], per[4] = P.reshape(-1), u.reshape(-1), gamma.reshape(-1)
             row[row.numel() - dphi.numel():] = dphi
-
-    @classmethod
-    def from_cache(cls, K: Tensor, qh_w: Tensor, idx_w: Tensor, half_w: Tensor, grp: Tensor,
-                   per_seq: bool, cfg: "RecurrenceConfig", amask: Optional[Tensor], row: Tensor,
-                   addr: bool) -> "Window":
-        """The window as the forward built it, from its cache row: no pair scores, logarithms,
-        softmaxes or addressing marginal recomputed."""
-        B, L, H, _, d2 = qh_w.shape
-        n, k = K.shape[3], cfg.topk
-        self = cls.__new__(cls)
-        self.B, self.L, self.H, self.k, self.cfg = B, L, H, k, cfg
-        self.kflat = K.reshape(-1, d2)
-        R = self.kflat.shape[0]
-        n2 = B * L * H * 2 * k
-        per = row[: n2 * 5].view(5, -1, k)
-        x = qh_w.reshape(-1, d2)
-        hp = Pairs.__new__(Pairs)
-        hp.kflat, hp.x, hp.score, hp._segs = self.kflat, x, cfg.score, None
-        hp.rows = key_rows(half_w, grp, H, n).reshape(-1, k)
-        hp.s = per[0]
-        hp.inv = per[1] if cfg.score == "idw" else None
-        self.half = hp
-        self.pos = read_positions(idx_w, half_w, n)
-        sc = self.read_sub_scores().view(B, L, H, 2, k).sum(3)
-        self.w = torch.softmax(sc.reshape(B * L, H * k), dim=-1)
-        self._set_marginal(amask, B, L, H, n, per_seq)
-        self._addr = (per[2], per[3], per[4], row[row.numel() - R:]) if addr else None
-        return self
-
-    def _set_marginal(self, amask, B, L, H, n, per_seq) -> None:
-        if amask is None:
-            self.rows_per_group = float(L if per_seq else B * L)
-            self.row_on = None
-        else:
-            # skipped tokens leave the marginal: per memory, the mean runs over the kept rows
-            cnt = amask.sum(1) if per_seq else amask.sum().view(1)
-            per_key_row = cnt.clamp_min(1.0).repeat_interleave(H * 2 * n)
-            self.rows_per_group = per_key_row
-            self.row_on = amask.reshape(B, L, 1, 1).expand(B, L, H, 2).reshape(-1, 1)
 
     def _per_row(self, x: Tensor) -> Tensor:
         """x / (rows sharing the memory) for a per-key-row vector x."""
@@ -732,10 +718,8 @@ def backward(gvhat, gkeys, gvalues, q, v, g, mask, hist, idx_all, half_all, w_al
         writes = L == cfg.chunk_size or cfg.flush
         args = (hist[wi], qh[:, s0:s1].contiguous(), idx_all[:, s0:s1], half_all[:, s0:s1], grp,
                 per_seq, cfg, None if amask is None else amask[:, s0:s1])
-        if wcache is not None and wcache.numel():
-            win = Window.from_cache(*args, wcache[wi], writes)
-        else:
-            win = Window(*args)
+        win = Window(*args, cache=wcache[wi] if wcache is not None and wcache.numel() else None,
+                     addr=writes)
         w = win.w
         cid_w = cid[:, s0:s1].reshape(M, HK).contiguous()
         vhat_w = vhat[:, s0:s1].reshape(M, dv)

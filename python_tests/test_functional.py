@@ -524,12 +524,14 @@ def test_backward_window_cache_equals_recompute(monkeypatch, score):
     cached = grads()
     calls = []
 
-    def recompute(cls, *args):
-        calls.append(1)
-        return cls(*args[:8])
+    real_init = recurrence.Window.__init__
 
-    monkeypatch.setattr(recurrence.Window, "from_cache", classmethod(recompute))
+    def recompute(self, *args, cache=None, addr=False):
+        calls.append(cache is not None)
+        real_init(self, *args)
+
+    monkeypatch.setattr(recurrence.Window, "__init__", recompute)
     fresh = grads()
-    assert calls, "the backward did not use the window cache"
+    assert any(calls), "the backward did not use the window cache"
     for a, b in zip(cached, fresh):
         assert torch.equal(a, b)
