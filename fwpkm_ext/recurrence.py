@@ -665,14 +665,14 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
         coef = (-cfg.lr * HK) * w.reshape(-1) * inv_count.to(dt)
         if undo:
             tr.map(urows)  # the undo log: rows written for the first time, as they were
-        _native.scatter_rows(Cv, urows, offsets, order, coef, r, HK,
-                             nonfinite=tr.bad if tr is not None else None)
+        # (a window that writes makes the call one that writes: tr exists here)
+        _native.scatter_rows(Cv, urows, offsets, order, coef, r, HK, nonfinite=tr.bad)
         # key update: K -= lr * dL_addr/dK
         K = (win.kflat - cfg.lr * win.grad_keys()).view_as(K)
         if keep:
             win.to_cache(wcache[wi])
         if not finite_within(K):  # stop at the first bad window (the keys are small)
-            _commit_check(K, Cv, wi, tr.bad if tr is not None else None)
+            _commit_check(K, Cv, wi, tr.bad)
     return K
 
 
