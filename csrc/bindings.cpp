@@ -185,6 +185,13 @@ int64_t segment_rows(std::uintptr_t rows, std::uintptr_t pairs, int64_t Q, int64
                                  P<int64_t>(work));
 }
 
+// CPU only: idx/half/pos are int64 host buffers (see kernels.h).
+void read_positions(std::uintptr_t idx, std::uintptr_t half, int64_t G, int64_t k, int64_t n,
+                    std::uintptr_t pos) {
+  py::gil_scoped_release nogil;
+  fwpkm::read_positions_cpu(P<const int64_t>(idx), P<const int64_t>(half), G, k, n, P<int64_t>(pos));
+}
+
 }  // namespace
 
 #ifndef FWPKM_VERSION
@@ -203,6 +210,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("scatter_rows_atomic", &scatter_rows_atomic);
   m.def("segment_rows", &segment_rows);
   m.def("segment_rows_work", &fwpkm::segment_rows_work);
+  m.def("read_positions", &read_positions);
   py::dict info;
 #ifdef FWPKM_WITH_CUDA
   info["cuda"] = true;

@@ -68,6 +68,14 @@ int64_t segment_rows_work(int64_t Q, int64_t R);
 int64_t segment_rows_cpu(const int64_t* rows, const int64_t* pairs, int64_t Q, int64_t R,
                          int64_t* order, int64_t* urows, int64_t* offsets, int64_t* work);
 
+// Positions of the selected slots' sub-keys in the per-half lists (CPU only; CUDA uses torch):
+//   idx  [G, k]     selected slots i1 * n + i2 (G = tokens x heads)
+//   half [G, 2, k]  the per-half top-k sub-key indices (distinct within a list)
+//   pos  [G, 2, k]  half[g, c, pos[g, c, j]] == (c == 0 ? idx[g, j] / n : idx[g, j] % n); 0 where
+//                   the list lacks it (a search never produces that)
+void read_positions_cpu(const int64_t* idx, const int64_t* half, int64_t G, int64_t k, int64_t n,
+                        int64_t* pos);
+
 #ifdef FWPKM_WITH_CUDA
 // CUDA versions: same contracts, device pointers, enqueued on `stream` (a cudaStream_t).
 // Each throws std::runtime_error naming the op on a CUDA error. Reduced-precision q/v are

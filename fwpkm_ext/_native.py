@@ -173,5 +173,22 @@ def segment_rows(rows: torch.Tensor, R: int, pairs: Optional[torch.Tensor] = Non
     return urows[:U], offsets[:U + 1], order
 
 
+
+def read_positions(idx: torch.Tensor, half: torch.Tensor, n: int) -> torch.Tensor:
+    """CPU: pos (G * 2, k) with half[g, c, pos[g * 2 + c, j]] the sub-key of slot idx[g, j] in
+    half c (kernels.h). idx (..., k) and half (..., 2, k): int64, the same leading shape."""
+    _check("idx", idx, torch.int64, torch.device("cpu"))
+    _check("half", half, torch.int64, torch.device("cpu"))
+    k = idx.shape[-1] if idx.dim() else 0
+    if half.shape != idx.shape[:-1] + (2, k):
+        raise ValueError(f"half: expected shape {tuple(idx.shape[:-1]) + (2, k)}, got {tuple(half.shape)}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected an int >= 1, got {n!r}")
+    G = idx.numel() // k if k else 0
+    pos = torch.empty(G * 2, k, dtype=torch.int64)
+    if G:
+        _C.read_positions(idx.data_ptr(), half.data_ptr(), G, k, n, pos.data_ptr())
+    return pos
+
 def build_info() -> dict:
     return dict(_C.BUILD_INFO)

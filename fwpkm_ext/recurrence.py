@@ -201,6 +201,8 @@ def read_positions(idx: Tensor, half: Tensor, n: int) -> Tensor:
     idx (..., H, k) slots i1 * n + i2, half (..., H, 2, k) the per-half lists (distinct ids, and
     each slot's halves are in them by construction). Returns pos (rows, k) with rows = ... * H * 2:
     half[r, pos[r, l]] == (i1 if r is a first half else i2) of slot l."""
+    if idx.device.type == "cpu":  # native: k x k integer compares per list, no temporaries
+        return _native.read_positions(idx.contiguous(), half.contiguous(), n)
     k = idx.shape[-1]
     sub = torch.stack((idx // n, idx % n), dim=-2).reshape(-1, k)
     hv = half.reshape(-1, k)
@@ -569,7 +571,9 @@ def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: RecurrenceCon
     idx_all = torch.empty(B, T, H, k, dtype=torch.long, device=dev)
     half_all = torch.empty(B, T, H, 2, k, dtype=torch.long, device=dev)
     w_all = torch.empty(B, T, HK, dtype=dt, device=dev)
-    saved = torch.empty((B, T, HK, dv) if keep else (0,), dtype=dt, device=dev)
+    # the rows read, for the backward: a buffer the previous step's backward freed, when there is
+    # one (its pages are mapped: ~7 ms of page faults per default-model step otherwise)
+    saved = _alloc.reusable((B, T, HK, dv), dt, dev) if keep else torch.empty(0, dtype=dt, device=dev)
     hist = torch.empty((len(wins), S, H, 2, n, d2) if keep else (0,), dtype=dt, device=dev)
     wcache = torch.zeros((len(wins), Window.cache_width(B, cfg.chunk_size, H, k, S * H * 2 * n))
                          if keep else (0,), dtype=dt, device=dev)

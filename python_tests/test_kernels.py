@@ -2,6 +2,8 @@
 ops built on them (fwpkm_ext/ops.py), checked against independent torch computations and the
 pure-PyTorch oracle fwpkm_ext/reference.py.  CPU only, tiny shapes, float32 and float64.
 """
+import math
+
 import pytest
 import torch
 
@@ -731,6 +733,46 @@ def test_segment_rows_refuses_bad_rows_naming_them():
     with pytest.raises(ValueError, match=r"^R"):
         _native.segment_rows(torch.tensor([0]), -1)
 
+
+
+def _read_positions_by_torch(idx, half, n):
+    k = idx.shape[-1]
+    sub = torch.stack((idx // n, idx % n), dim=-2).reshape(-1, k)
+    hv = half.reshape(-1, k)
+    return ((hv.unsqueeze(2) == sub.unsqueeze(1)) * torch.arange(k).view(1, k, 1)).sum(1)
+
+
+@pytest.mark.parametrize("lead,n,k", [((1,), 3, 1), ((2, 3), 50, 7), ((1, 37, 4), 512, 32),
+                                      ((300,), 1000, 8)])
+def test_read_positions_native_equals_torch(lead, n, k):
+    """The native positions of the selected slots' sub-keys in the half lists: the torch
+    comparison's result, and each position points at its sub-key; a slot the list lacks gets 0
+    on both paths (what the torch path gives)."""
+    g = gen(n + k)
+    G = math.prod(lead)
+    half = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(2 * G)]).view(*lead, 2, k)
+    hv = half.view(G, 2, k)
+    a, b = randint(g, 0, k, G, k), randint(g, 0, k, G, k)
+    idx = (torch.gather(hv[:, 0], 1, a) * n + torch.gather(hv[:, 1], 1, b)).view(*lead, k)
+    pos = _native.read_positions(idx, half, n)
+    assert torch.equal(pos, _read_positions_by_torch(idx, half, n))
+    assert torch.equal(pos.view(G, 2, k)[:, 0], a) and torch.equal(pos.view(G, 2, k)[:, 1], b)
+    assert torch.equal(recurrence.read_positions(idx, half, n), pos)
+    if n > k:  # a sub-key outside the first half's list: 0 on both paths
+        missing = next(i for i in range(n) if i not in hv[0, 0].tolist())
+        idx.view(G, k)[0, 0] = missing * n + hv[0, 1, 0]
+        pos = _native.read_positions(idx, half, n)
+        assert int(pos[0, 0]) == 0 and torch.equal(pos, _read_positions_by_torch(idx, half, n))
+
+
+def test_read_positions_refuses_bad_arguments():
+    idx, half = torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 2, 4, dtype=torch.long)
+    with pytest.raises(TypeError, match=r"^idx"):
+        _native.read_positions(idx.float(), half, 5)
+    with pytest.raises(ValueError, match=r"^half"):
+        _native.read_positions(idx, half[:, :1], 5)
+    with pytest.raises(ValueError, match=r"^n"):
+        _native.read_positions(idx, half, 0)
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", [1, 5, 37, 512])

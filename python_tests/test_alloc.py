@@ -1,0 +1,63 @@
+"""fwpkm_ext/_alloc.py: reused per-call buffers are never handed out while something holds them."""
+import threading
+
+import torch
+
+import fwpkm_ext
+from fwpkm_ext import _alloc
+
+
+def _same_memory(a, b):
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def test_reusable_never_hands_out_a_held_buffer():
+    a = _alloc.reusable((64, 33), torch.float32, "cpu")
+    a.fill_(1.0)
+    b = _alloc.reusable((64, 33), torch.float32, "cpu")  # a is held: another buffer
+    assert not _same_memory(a, b)
+    view = a[3:]  # a view keeps a's memory held after a itself is gone
+    del a
+    c = _alloc.reusable((64, 33), torch.float32, "cpu")
+    assert not _same_memory(c, view) and not _same_memory(c, b)
+    assert torch.equal(view, torch.ones(61, 33))  # untouched
+    del view
+    d = _alloc.reusable((10, 7), torch.float32, "cpu")  # nothing holds the first buffer now
+    assert d.shape == (10, 7) and d.is_contiguous()
+    e = _alloc.reusable((2, 3), torch.float64, "cpu")  # another dtype: never a float32 buffer
+    assert e.dtype == torch.float64
+    assert _alloc.reusable((0, 5), torch.float32, "cpu").shape == (0, 5)
+
+
+def test_reusable_buffers_are_per_thread():
+    got = {}
+
+    def take(name):
+        got[name] = _alloc.reusable((128,), torch.float32, "cpu")
+
+    take("main")
+    t = threading.Thread(target=take, args=("other",))
+    t.start()
+    t.join()
+    assert not _same_memory(got["main"], got["other"])
+
+
+def test_two_steps_in_one_graph_keep_their_saved_rows():
+    """Two memory calls before one backward (gradient accumulation over a graph, two layers):
+    the second call must not reuse the rows the first saved; the gradients equal those of two
+    separate backward passes."""
+    torch.manual_seed(0)
+    cfg = fwpkm_ext.MemoryConfig(n_subkeys=6, key_dim=8, value_dim=5, heads=2, topk=3, chunk_size=4)
+    keys = torch.randn(1, 2, 2, 6, 4, dtype=torch.float64)
+    vals = torch.randn(1, 36, 5, dtype=torch.float64)
+    st = fwpkm_ext.MemoryState(config=cfg, keys=keys, values=vals, per_sequence=False)
+    q = torch.randn(2, 2, 11, 2, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 11, 5, dtype=torch.float64)
+    g = torch.rand(2, 2, 11, dtype=torch.float64)
+    outs = [fwpkm_ext.memory_step(q[i], v[i], g[i], st, return_state=False)[0] for i in range(2)]
+    (outs[0].square().sum() + outs[1].sum()).backward()
+    together = q.grad.clone()
+    q.grad = None
+    fwpkm_ext.memory_step(q[0], v[0], g[0], st, return_state=False)[0].square().sum().backward()
+    fwpkm_ext.memory_step(q[1], v[1], g[1], st, return_state=False)[0].sum().backward()
+    assert torch.equal(together, q.grad)
