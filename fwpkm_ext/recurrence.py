@@ -398,7 +398,7 @@ def search(qh_w: Tensor, K: Tensor, per_seq: bool, cfg: RecurrenceConfig):
     # one GEMM per (memory, head, half), each written straight into its strided slice of the
     # (M, H, 2, n) scores (BLAS takes the row stride): no permuted copy of the scores, which an
     # einsum over the heads needs (64 MiB for the static PKM's 4 heads at 4096 tokens)
-    dots = torch.empty(B, L, H, 2, n, dtype=qh_w.dtype, device=qh_w.device)
+    dots = _alloc.reusable((B, L, H, 2, n), qh_w.dtype, qh_w.device)  # mapped pages: no faults
     for b in range(B if per_seq else 1):
         qs, ds = (qh_w[b], dots[b]) if per_seq else (qh_w.view(M, H, 2, d2), dots.view(M, H, 2, n))
         for h in range(H):
@@ -712,8 +712,8 @@ def backward(gvhat, gkeys, gvalues, q, v, g, mask, hist, idx_all, half_all, w_al
     gK = gkeys.reshape(S * H * 2 * n, d2).clone() if gkeys is not None else \
         torch.zeros(S * H * 2 * n, d2, dtype=dt, device=dev)
     qh = q.reshape(B, T, H, 2, d2)
-    gq = torch.zeros(B, T, H, 2, d2, dtype=dt, device=dev)
-    gv = torch.zeros(B, T, dv, dtype=dt, device=dev)
+    gq = _alloc.reusable((B, T, H, 2, d2), dt, dev).zero_()  # (pages mapped by an earlier step)
+    gv = _alloc.reusable((B, T, dv), dt, dev).zero_()
     gg = torch.zeros(B, T, dtype=dt, device=dev)
     amask = addr_mask(mask)
     for wi, (s0, s1) in reversed(list(enumerate(windows(T, cfg.chunk_size)))):

@@ -57,7 +57,7 @@ struct TopkScratch {
   std::vector<T> maxima;                       // block maxima, 4k of them, then a copy to rank
   std::vector<std::pair<T, int64_t>> cand;     // candidates at or above the threshold
   std::vector<T> nd;                           // IDW: the negated distances
-  int64_t blocks = 0, width = 0;               // the last select_topk's blocks (0: plain scan)
+  int64_t blocks = 0;                          // the last select_topk's blocks (0: plain scan)
 };
 
 // Top-k of v[0..n) like scan_topk, for long lists. The k-th largest of 4k block maxima is a
@@ -67,39 +67,37 @@ struct TopkScratch {
 // instead of ~k ln(n/k) insertions into the sorted list (most of the time for n = 512). NaN
 // rank last: a block whose maximum reads NaN does not count, and with fewer than k numeric
 // maxima the plain scan runs.
-// The candidates come from the blocks whose maximum is not below the threshold only (k to ~2k of
-// the 4k blocks). A block's maximum ignores a NaN after its first element, so such a NaN may be
-// skipped: harmless, since the k blocks that set the threshold hold k numbers at or above it, and
-// NaN ranks below every number. The block maxima stay in w (w.blocks, w.width) for idw_topk.
+// Block b holds the elements b, b + 4k, b + 8k, ... (strided: the block maxima are then an
+// elementwise maximum of rows of 4k values, which vectorizes). The candidates come from the
+// blocks whose maximum is not below the threshold only (k to ~2k of the 4k blocks). A block's
+// maximum ignores a NaN after its first element, so such a NaN may be skipped: harmless, since
+// the k blocks that set the threshold hold k numbers at or above it, and NaN ranks below every
+// number. The block maxima stay in w (w.blocks) for idw_topk.
 template <typename T>
 inline int64_t select_topk(const T* v, int64_t n, int64_t k, T* bs, int64_t* bi,
                            TopkScratch<T>& w) {
   const int64_t nb = 4 * k;
   w.blocks = 0;
   if (n < 4 * nb) return scan_topk(v, n, k, bs, bi);
-  const int64_t width = n / nb;
   T* mx = w.maxima.data();
   T* rank = mx + nb;
-  for (int64_t b = 0; b < nb; ++b) {
-    const T* x = v + b * width;
-    const int64_t len = b == nb - 1 ? n - b * width : width;
-    T m = x[0];
-    for (int64_t i = 1; i < len; ++i) m = x[i] > m ? x[i] : m;
-    mx[b] = m;
-    rank[b] = m;
+  for (int64_t b = 0; b < nb; ++b) mx[b] = v[b];
+  for (int64_t i = nb; i < n; i += nb) {
+    const T* x = v + i;
+    const int64_t len = n - i < nb ? n - i : nb;
+    for (int64_t b = 0; b < len; ++b) mx[b] = x[b] > mx[b] ? x[b] : mx[b];
   }
+  std::memcpy(rank, mx, sizeof(T) * size_t(nb));
   // k-th largest numeric maximum (NaN after every number)
   std::nth_element(rank, rank + (k - 1), rank + nb, [](T a, T b) { return a > b || (a == a && b != b); });
   const T t0 = rank[k - 1];
   if (t0 != t0) return scan_topk(v, n, k, bs, bi);
   w.blocks = nb;
-  w.width = width;
   auto* cand = w.cand.data();
   int64_t c = 0;
   for (int64_t b = 0; b < nb; ++b) {
     if (mx[b] < t0) continue;  // nothing in it reaches t0 (a NaN maximum: scanned)
-    const int64_t end = b == nb - 1 ? n : (b + 1) * width;
-    for (int64_t i = b * width; i < end; ++i) {  // not below t0 (NaN included: sorted last)
+    for (int64_t i = b; i < n; i += nb) {  // not below t0 (NaN included: sorted last)
       cand[c] = {v[i], i};
       c += !(v[i] < t0);
     }
@@ -153,12 +151,11 @@ inline int64_t idw_topk(const T* d, T q2, const T* k2, int64_t n, int64_t k, T t
     const T reach = dk + (teps + dk) * T(1e-4);
     // blocks whose maximum -dist is below -reach hold no distance within reach (the maxima of
     // select_topk; a NaN maximum is scanned, and NaN distances are never within reach anyway)
-    const int64_t nb = w.blocks ? w.blocks : 1, width = w.blocks ? w.width : n;
+    const int64_t nb = w.blocks ? w.blocks : 1;
     const T* mx = w.maxima.data();
     for (int64_t b = 0; b < nb; ++b) {
       if (w.blocks && mx[b] < -reach) continue;
-      const int64_t end = b == nb - 1 ? n : (b + 1) * width;
-      for (int64_t i = b * width; i < end; ++i) {
+      for (int64_t i = b; i < n; i += nb) {
         const T dist = -nd[i];
         if (!(dist >= dk && dist <= reach)) continue;
         bool kept = false;
