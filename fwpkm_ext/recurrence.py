@@ -181,16 +181,17 @@ class Pairs:
             self._segs = segments(self.rows.reshape(-1), R=self.kflat.shape[0])
         return self._segs
 
-    def vjp(self, a: Tensor, gk: Tensor) -> Tensor:
-        """Coefficients a (M2, J) on the scores: adds a . ds/dK into gk, returns a . ds/dx."""
+    def vjp(self, a: Tensor, gk: Tensor, want_gx: bool = True) -> Optional[Tensor]:
+        """Coefficients a (M2, J) on the scores: adds a . ds/dK into gk (which must not be
+        self.kflat), returns a . ds/dx (None without `want_gx`)."""
         K, x, R = self.kflat, self.x, self.kflat.shape[0]
         if self.score == "idw":
             a2 = 2.0 * a * self.inv  # ds/dK = a2 (x - K), ds/dx = -a2 (x - K)
-            gx = gather_w(K, self.rows, a2) - a2.sum(1, keepdim=True) * x
+            gx = gather_w(K, self.rows, a2) - a2.sum(1, keepdim=True) * x if want_gx else None
             _native.scatter_rows(gk, *self.segs[:3], a2.reshape(-1).contiguous(), x, a2.shape[1])
-            gk -= seg_sum(self.segs, a2, R, self.rows).unsqueeze(1) * K
+            gk.addcmul_(seg_sum(self.segs, a2, R, self.rows).unsqueeze(1), K, value=-1.0)
             return gx
-        gx = gather_w(K, self.rows, a)
+        gx = gather_w(K, self.rows, a) if want_gx else None
         _native.scatter_rows(gk, *self.segs[:3], a.reshape(-1).contiguous(), x, a.shape[1])
         return gx
 
@@ -223,7 +224,7 @@ class Window:
 
     def __init__(self, K: Tensor, qh_w: Tensor, idx_w: Tensor, half_w: Tensor, grp: Tensor,
                  per_seq: bool, cfg: "RecurrenceConfig", amask: Optional[Tensor] = None,
-                 cache: Optional[Tensor] = None, addr: bool = False):
+                 cache: Optional[Tensor] = None, addr: bool = False, kn: Optional[Tensor] = None):
         """With `cache` (the row `to_cache` filled in the forward), the pair scores and, when
         `addr`, the addressing terms are taken from it instead of recomputed (the backward)."""
         B, L, H, _, d2 = qh_w.shape
@@ -233,7 +234,9 @@ class Window:
         x = qh_w.reshape(-1, d2)
         rows = key_rows(half_w, grp, H, n).reshape(-1, k)
         if cache is None:
-            kn = (self.kflat * self.kflat).sum(-1) if cfg.score == "idw" else None
+            if kn is None and cfg.score == "idw":
+                kn = key_norms(K)
+            kn = kn.reshape(-1) if kn is not None else None
             xn = (x * x).sum(-1) if cfg.score == "idw" else None
             self.half = Pairs(self.kflat, kn, x, xn, rows, cfg.score, cfg.eps)
         else:
@@ -314,12 +317,14 @@ class Window:
             self._addr = (P, u, gamma, dphi)
         return self._addr
 
-    def grad_keys(self) -> Tensor:
-        """dL_addr/dK, dense like the key table."""
+    def updated_keys(self, lr: float) -> Tensor:
+        """K - lr * dL_addr/dK, accumulated straight into a copy of the keys: the gradient's terms
+        are added with coefficients scaled by -lr, so no dense gradient table, scaling or
+        subtraction (five (R, d2) passes per window before, two now)."""
         _, _, gamma, _ = self.addr()
-        g = torch.zeros_like(self.kflat)
-        self.half.vjp(gamma, g)
-        return g
+        new = self.kflat.clone()
+        self.half.vjp(-lr * gamma, new, want_gx=False)
+        return new
 
     def addr_vjp(self, lam: Tensor):
         """For F = <lam, dL_addr/dK>: (dF/dK dense, dF/dx (M2, d2))."""
@@ -343,8 +348,8 @@ class Window:
             beta = 2.0 * hp.inv * gamma
             gx = alpha.sum(1, keepdim=True) * x - gather_w(K, hp.rows, alpha) + gather_w(lam, hp.rows, beta)
             _native.scatter_rows(gk, urows, offsets, order, (-alpha).reshape(-1).contiguous(), x, alpha.shape[1])
-            gk += seg_sum(hp.segs, alpha, K.shape[0], hp.rows).unsqueeze(1) * K
-            gk -= seg_sum(hp.segs, beta, K.shape[0], hp.rows).unsqueeze(1) * lam
+            gk.addcmul_(seg_sum(hp.segs, alpha, K.shape[0], hp.rows).unsqueeze(1), K)
+            gk.addcmul_(seg_sum(hp.segs, beta, K.shape[0], hp.rows).unsqueeze(1), lam, value=-1.0)
         else:
             gx = gather_w(K, hp.rows, chi) + gather_w(lam, hp.rows, gamma)
             _native.scatter_rows(gk, urows, offsets, order, chi.reshape(-1).contiguous(), x, chi.shape[1])
@@ -389,8 +394,14 @@ def value_pairs(rows: Tensor, contrib: Tensor, HK: int, R: Optional[int] = None)
 # forward
 
 
-def search(qh_w: Tensor, K: Tensor, per_seq: bool, cfg: RecurrenceConfig):
-    """Native product-key top-k for the tokens of qh_w (B, L, H, 2, d2)."""
+def key_norms(K: Tensor) -> Tensor:
+    """||K_r||^2 per sub-key, shaped like K without its last dimension."""
+    return (K * K).sum(-1)
+
+
+def search(qh_w: Tensor, K: Tensor, per_seq: bool, cfg: RecurrenceConfig, kn: Optional[Tensor] = None):
+    """Native product-key top-k for the tokens of qh_w (B, L, H, 2, d2); `kn`: key_norms(K)
+    when the caller has them (IDW)."""
     B, L, H, _, d2 = qh_w.shape
     M = B * L
     k = cfg.topk
@@ -413,7 +424,7 @@ def search(qh_w: Tensor, K: Tensor, per_seq: bool, cfg: RecurrenceConfig):
     qn = kn = None
     if cfg.score == "idw":
         qn = (qh_w * qh_w).sum(-1).reshape(M, H, 2).contiguous()
-        kn = (K * K).sum(-1).contiguous()
+        kn = (key_norms(K) if kn is None else kn).contiguous()
     _native.topk_select(dots, qn, kn, k, max(1, L if per_seq else M), cfg.score, cfg.eps, idx, score,
                         half_idx, half_score)
     return idx.view(B, L, H, k), half_idx.view(B, L, H, 2, k)
@@ -631,14 +642,15 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
         L = s1 - s0
         if keep:
             hist[wi] = K
+        kn = key_norms(K) if cfg.score == "idw" else None  # for the search and the window
         a0 = max(s0, P)
         if a0 < s1:
-            i, hi = search(qh[:, a0:s1].contiguous(), K, per_seq, cfg)
+            i, hi = search(qh[:, a0:s1].contiguous(), K, per_seq, cfg, kn)
             idx_all[:, a0:s1] = i
             half_all[:, a0:s1] = hi
         am_w = None if amask is None else amask[:, s0:s1]
         win = Window(K, qh[:, s0:s1].contiguous(), idx_all[:, s0:s1], half_all[:, s0:s1], grp,
-                     per_seq, cfg, am_w)
+                     per_seq, cfg, am_w, kn=kn)
         w = win.w
         w_all[:, s0:s1] = w.view(B, L, HK)
         rows = (idx_all[:, s0:s1].reshape(B, L, HK) + row_base).reshape(B * L, HK)
@@ -672,7 +684,7 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
         # (a window that writes makes the call one that writes: tr exists here)
         _native.scatter_rows(Cv, urows, offsets, order, coef, r, HK, nonfinite=tr.bad)
         # key update: K -= lr * dL_addr/dK
-        K = (win.kflat - cfg.lr * win.grad_keys()).view_as(K)
+        K = win.updated_keys(cfg.lr).view_as(K)
         if keep:
             win.to_cache(wcache[wi])
         if not finite_within(K):  # stop at the first bad window (the keys are small)
@@ -732,7 +744,7 @@ def backward(gvhat, gkeys, gvalues, q, v, g, mask, hist, idx_all, half_all, w_al
         if writes:
             # keys: K' = K - lr * G(K, q)  ->  gK -= lr * dG/dK^T gK ; gq -= lr * dG/dq^T gK
             dk_sec, dq_sec = win.addr_vjp(gK)
-            gK = gK - cfg.lr * dk_sec
+            gK.add_(dk_sec, alpha=-cfg.lr)
             gq[:, s0:s1] -= cfg.lr * dq_sec.view(B, L, H, 2, d2)
             # values: V' = V + sum_p coef_p r_t(p),  coef_p = -lr * HK * w_p / N_row(p)
             y, contrib, wt = contributing(v[:, s0:s1], g[:, s0:s1], mask[:, s0:s1], cfg.lookahead)

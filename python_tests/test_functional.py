@@ -526,9 +526,9 @@ def test_backward_window_cache_equals_recompute(monkeypatch, score):
 
     real_init = recurrence.Window.__init__
 
-    def recompute(self, *args, cache=None, addr=False):
+    def recompute(self, *args, cache=None, addr=False, kn=None):
         calls.append(cache is not None)
-        real_init(self, *args)
+        real_init(self, *args, kn=kn)
 
     monkeypatch.setattr(recurrence.Window, "__init__", recompute)
     fresh = grads()

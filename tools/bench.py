@@ -552,7 +552,7 @@ _PHASES = [
     ("recurrence.Window", "__init__", "window pairs: exact scores + read weights"),
     ("recurrence", "contributing", "write: targets/residual weights"),
     ("recurrence", "value_pairs", "write: bucket value pairs (sort)"),
-    ("recurrence.Window", "grad_keys", "key update: addressing gradient"),
+    ("recurrence.Window", "updated_keys", "key update: addressing gradient"),
     ("recurrence.Window", "addr_vjp", "backward: addressing 2nd order"),
     ("recurrence.Pairs", "vjp", "pair vjp (score -> q, K)"),
     ("recurrence", "segments", "segments: sort/unique of (row, pair)"),
