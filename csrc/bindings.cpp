@@ -192,6 +192,20 @@ void read_positions(std::uintptr_t idx, std::uintptr_t half, int64_t G, int64_t 
   fwpkm::read_positions_cpu(P<const int64_t>(idx), P<const int64_t>(half), G, k, n, P<int64_t>(pos));
 }
 
+// CPU only: slot/rows/cid/touched int64 and table/compact float host buffers (see kernels.h).
+int64_t map_rows(int dtype, std::uintptr_t slot, int64_t R, std::uintptr_t rows, int64_t Q,
+                 std::uintptr_t cid, std::uintptr_t touched, int64_t U, int64_t cap,
+                 std::uintptr_t table, std::uintptr_t compact, int64_t D) {
+  check_dtype(dtype, "map_rows");
+  py::gil_scoped_release nogil;
+  int64_t out = 0;
+  FWPKM_DISPATCH(dtype, "map_rows", {
+    out = fwpkm::map_rows_cpu<T>(P<int64_t>(slot), R, P<const int64_t>(rows), Q, P<int64_t>(cid),
+                                 P<int64_t>(touched), U, cap, P<const T>(table), P<T>(compact), D);
+  })
+  return out;
+}
+
 }  // namespace
 
 #ifndef FWPKM_VERSION
@@ -211,6 +225,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("segment_rows", &segment_rows);
   m.def("segment_rows_work", &fwpkm::segment_rows_work);
   m.def("read_positions", &read_positions);
+  m.def("map_rows", &map_rows);
   py::dict info;
 #ifdef FWPKM_WITH_CUDA
   info["cuda"] = true;

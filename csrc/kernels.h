@@ -76,6 +76,19 @@ int64_t segment_rows_cpu(const int64_t* rows, const int64_t* pairs, int64_t Q, i
 void read_positions_cpu(const int64_t* idx, const int64_t* half, int64_t G, int64_t k, int64_t n,
                         int64_t* pos);
 
+// Compact ids of table rows (CPU only; CUDA uses torch ops), adding the rows not seen yet:
+//   slot    [R]       compact id of each table row, -1 for rows not in the compact table (updated)
+//   rows    [Q]       table rows, 0 <= rows[j] < R;  cid [Q]: out, slot[rows[j]] after the call
+//   touched [cap]     touched[u]: the table row held by compact row u; rows [U, new U) appended
+//   table   [R, D]    a new row's values are copied to compact [cap, D] at its id
+// New rows get ids U, U + 1, ... in the order of their first occurrence in rows. Returns the new
+// U. A row id outside [0, R) throws std::invalid_argument, more than cap rows std::length_error;
+// slot is then as it was before the call.
+template <typename T>
+int64_t map_rows_cpu(int64_t* slot, int64_t R, const int64_t* rows, int64_t Q, int64_t* cid,
+                     int64_t* touched, int64_t U, int64_t cap, const T* table, T* compact,
+                     int64_t D);
+
 #ifdef FWPKM_WITH_CUDA
 // CUDA versions: same contracts, device pointers, enqueued on `stream` (a cudaStream_t).
 // Each throws std::runtime_error naming the op on a CUDA error. Reduced-precision q/v are

@@ -190,5 +190,31 @@ def read_positions(idx: torch.Tensor, half: torch.Tensor, n: int) -> torch.Tenso
         _C.read_positions(idx.data_ptr(), half.data_ptr(), G, k, n, pos.data_ptr())
     return pos
 
+
+def map_rows(slot: torch.Tensor, rows: torch.Tensor, cid: torch.Tensor, touched: torch.Tensor,
+             U: int, table: torch.Tensor, compact: torch.Tensor) -> int:
+    """CPU: cid = the compact ids of table rows `rows`, adding the rows not in `slot` yet (ids
+    U, U + 1, ... by first occurrence; their table rows appended to `touched` and their values
+    copied into `compact`). Returns the new U (kernels.h). A row outside the table, or more
+    rows than `compact` holds, raises ValueError; `slot` is then unchanged."""
+    code = _float_code("table", table)
+    cpu = torch.device("cpu")
+    if table.dim() != 2:
+        raise ValueError(f"table: expected shape (R, D), got {tuple(table.shape)}")
+    R, D = table.shape
+    _check("table", table, table.dtype, cpu)
+    _check("slot", slot, torch.int64, cpu, (R,))
+    _check("rows", rows, torch.int64, cpu)
+    _check("cid", cid, torch.int64, cpu, tuple(rows.shape))
+    _check("touched", touched, torch.int64, cpu)
+    cap = touched.numel()
+    _check("compact", compact, table.dtype, cpu, (cap, D))
+    if isinstance(U, bool) or not isinstance(U, int) or not 0 <= U <= cap:
+        raise ValueError(f"U: expected an int in [0, {cap}], got {U!r}")
+    if rows.numel() == 0:
+        return U
+    return _C.map_rows(code, slot.data_ptr(), R, rows.data_ptr(), rows.numel(), cid.data_ptr(),
+                       touched.data_ptr(), U, cap, table.data_ptr(), compact.data_ptr(), D)
+
 def build_info() -> dict:
     return dict(_C.BUILD_INFO)

@@ -491,7 +491,13 @@ class TouchedRows:
         self.bad = torch.zeros(1, dtype=torch.long) if dev.type == "cpu" else None
 
     def map(self, rows: Tensor) -> Tensor:
-        """Compact ids of table rows `rows` (any shape), adding the rows not seen yet."""
+        """Compact ids of table rows `rows` (any shape), adding the rows not seen yet (on CPU in
+        the order of their first occurrence, one native pass; elsewhere in increasing order)."""
+        if rows.device.type == "cpu":
+            rows = rows.contiguous()
+            cid = torch.empty_like(rows)
+            self.U = _native.map_rows(self.slot, rows, cid, self.rows, self.U, self.V, self.C)
+            return cid
         cid = self.slot[rows]
         miss = cid < 0
         if bool(miss.any()):

@@ -765,6 +765,58 @@ def test_read_positions_native_equals_torch(lead, n, k):
         assert int(pos[0, 0]) == 0 and torch.equal(pos, _read_positions_by_torch(idx, half, n))
 
 
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("R,D,Q", [(1, 1, 1), (7, 3, 40), (1000, 37, 257), (5000, 512, 3000)])
+def test_map_rows_adds_new_rows_in_first_occurrence_order(dtype, R, D, Q):
+    """Compact ids: each row keeps the id it got first, new rows get U, U + 1, ... in the order
+    they first occur, their values are copied in, rows already mapped are neither renumbered
+    nor copied again."""
+    g = gen(R + Q)
+    table = randn(g, R, D, dtype=dtype)
+    cap = min(R, 2 * Q)
+    slot = torch.full((R,), -1, dtype=torch.long)
+    touched = torch.full((cap,), -7, dtype=torch.long)
+    compact = torch.full((cap, D), float("nan"), dtype=dtype)
+    U = 0
+    seen = {}
+    for call in range(2):
+        rows = randint(g, 0, R, Q // 2 + 1, 2)
+        cid = torch.empty_like(rows)
+        before = compact[:U].clone()
+        U = _native.map_rows(slot, rows, cid, touched, U, table, compact)
+        for r in rows.reshape(-1).tolist():
+            seen.setdefault(r, len(seen))
+        want = torch.tensor([seen[r] for r in rows.reshape(-1).tolist()]).view_as(rows)
+        assert torch.equal(cid, want) and U == len(seen)
+        assert torch.equal(touched[:U], torch.tensor(sorted(seen, key=seen.get)))
+        assert torch.equal(compact[:U], table[touched[:U]])
+        assert torch.equal(compact[:before.shape[0]], before)
+        on = slot >= 0
+        assert int(on.sum()) == U and torch.equal(slot[touched[:U]], torch.arange(U))
+
+
+def test_map_rows_refusals_leave_the_map_as_it_was():
+    table = torch.randn(10, 4)
+    slot = torch.full((10,), -1, dtype=torch.long)
+    touched = torch.empty(3, dtype=torch.long)
+    compact = torch.empty(3, 4)
+    U = _native.map_rows(slot, torch.tensor([4]), torch.empty(1, dtype=torch.long), touched, 0, table, compact)
+    assert U == 1
+    kept = slot.clone()
+    with pytest.raises(ValueError, match=r"row id 10 at 2 is outside \[0, 10\)"):
+        _native.map_rows(slot, torch.tensor([5, 4, 10]), torch.empty(3, dtype=torch.long), touched, U, table, compact)
+    assert torch.equal(slot, kept)
+    with pytest.raises(ValueError, match=r"more than 3 distinct rows"):
+        _native.map_rows(slot, torch.tensor([1, 2, 3, 4]), torch.empty(4, dtype=torch.long), touched, U, table, compact)
+    assert torch.equal(slot, kept)
+    with pytest.raises(ValueError, match=r"^U"):
+        _native.map_rows(slot, torch.tensor([1]), torch.empty(1, dtype=torch.long), touched, 4, table, compact)
+    with pytest.raises(ValueError, match=r"^compact"):
+        _native.map_rows(slot, torch.tensor([1]), torch.empty(1, dtype=torch.long), touched, 0, table, compact[:2])
+    with pytest.raises(TypeError, match=r"^rows"):
+        _native.map_rows(slot, torch.tensor([1.0]), torch.empty(1, dtype=torch.long), touched, 0, table, compact)
+
 def test_read_positions_refuses_bad_arguments():
     idx, half = torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 2, 4, dtype=torch.long)
     with pytest.raises(TypeError, match=r"^idx"):
