@@ -148,6 +148,20 @@ void scatter_rows(const std::string& device, int dtype, std::uintptr_t table, in
   })
 }
 
+// CPU only: scatter_rows into a whole dense table, every row written once (see kernels.h).
+void scatter_rows_dense(int dtype, std::uintptr_t table, int64_t R, int64_t D, std::uintptr_t urows,
+                        std::uintptr_t offsets, int64_t U, std::uintptr_t order, std::uintptr_t coef,
+                        std::uintptr_t x, int64_t L) {
+  check_dtype(dtype, "scatter_rows_dense");
+  if (R == 0 || D == 0) return;
+  py::gil_scoped_release nogil;
+  FWPKM_DISPATCH(dtype, "scatter_rows_dense", {
+    fwpkm::scatter_rows_dense_cpu<T>(P<T>(table), R, D, P<const int64_t>(urows),
+                                     P<const int64_t>(offsets), U, P<const int64_t>(order),
+                                     P<const T>(coef), P<const T>(x), L);
+  })
+}
+
 // Non-deterministic variant of scatter_rows (same arguments and contract): on CUDA, one warp per
 // pair with atomicAdd (csrc/cuda/extra.h); the summation order, hence the rounding, changes from
 // run to run. There is no atomic CPU kernel: device "cpu" runs the deterministic CPU kernel.
@@ -222,6 +236,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("gather_dot", &gather_dot);
   m.def("scatter_rows", &scatter_rows);
   m.def("scatter_rows_atomic", &scatter_rows_atomic);
+  m.def("scatter_rows_dense", &scatter_rows_dense);
   m.def("segment_rows", &segment_rows);
   m.def("segment_rows_work", &fwpkm::segment_rows_work);
   m.def("read_positions", &read_positions);

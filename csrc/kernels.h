@@ -56,6 +56,14 @@ void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, cons
                       int64_t U, const int64_t* order, const T* coef, const T* x, int64_t L,
                       int64_t* nonfinite = nullptr);
 
+// The same sums written into a whole dense table (CPU only): table[r, :] = the sum of row r's
+// segment, 0 for a row without one. Every row is written exactly once (no zero pass before the
+// scatter: one sequential write of the table). urows strictly increasing.
+template <typename T>
+void scatter_rows_dense_cpu(T* table, int64_t R, int64_t D, const int64_t* urows,
+                            const int64_t* offsets, int64_t U, const int64_t* order, const T* coef,
+                            const T* x, int64_t L);
+
 // Stable bucketing of pairs by row (CPU only; CUDA uses torch's sort), what scatter_rows needs:
 //   the key of pair j (j in [0, Q)) is rows[pairs[j]] (pairs null: rows[j]), 0 <= key < R
 //   order   [Q]        the pair ids (pairs[j], or j) by increasing key, equal keys in input order

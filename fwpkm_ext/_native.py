@@ -117,6 +117,40 @@ def gather_dot(table: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, gw: tor
                   gw.data_ptr(), _stream(table))
 
 
+def _scatter_checks(table, urows, offsets, order, coef, x, L):
+    code = _float_code("table", table)
+    if table.dim() != 2:
+        raise ValueError(f"table: expected shape (R, D), got {tuple(table.shape)}")
+    R, D = table.shape
+    dev, dt = table.device, table.dtype
+    _check("table", table, dt, dev)
+    if not isinstance(urows, torch.Tensor) or urows.dim() != 1:
+        raise ValueError(f"urows: expected a 1-D tensor, got {tuple(getattr(urows, 'shape', ()))}")
+    U = urows.shape[0]
+    _check("urows", urows, torch.int64, dev, (U,))
+    _check("offsets", offsets, torch.int64, dev, (U + 1,))
+    _check("order", order, torch.int64, dev)
+    _check("coef", coef, dt, dev)
+    _check("x", x, dt, dev)
+    if x.dim() != 2 or x.shape[1] != D:
+        raise ValueError(f"x: expected shape (M, {D}), got {tuple(x.shape)}")
+    if coef.numel() != x.shape[0] * L:
+        raise ValueError(f"coef: expected {x.shape[0] * L} pair coefficients, got {coef.numel()}")
+    return code, R, D, U
+
+
+def scatter_rows_dense(table: torch.Tensor, urows: torch.Tensor, offsets: torch.Tensor,
+                       order: torch.Tensor, coef: torch.Tensor, x: torch.Tensor, L: int) -> None:
+    """CPU: table[r] = sum over r's segment of coef[p] * x[p // L], 0 for the rows without one:
+    every row of table written once (no zeroing before, any contents overwritten). urows
+    strictly increasing, as `segment_rows` gives them (kernels.h)."""
+    if table.device.type != "cpu":
+        raise ValueError(f"table: scatter_rows_dense is CPU only, got device {table.device}")
+    code, R, D, U = _scatter_checks(table, urows, offsets, order, coef, x, L)
+    _C.scatter_rows_dense(code, table.data_ptr(), R, D, urows.data_ptr(), offsets.data_ptr(), U,
+                          order.data_ptr(), coef.data_ptr(), x.data_ptr(), L)
+
+
 def scatter_rows(table: torch.Tensor, urows: torch.Tensor, offsets: torch.Tensor, order: torch.Tensor,
                  coef: torch.Tensor, x: torch.Tensor, L: int, *, deterministic: bool = True,
                  nonfinite: Optional[torch.Tensor] = None) -> None:
@@ -127,20 +161,8 @@ def scatter_rows(table: torch.Tensor, urows: torch.Tensor, offsets: torch.Tensor
     is ignored: the CPU kernel is always deterministic.
     nonfinite (CPU only): an int64 tensor of one element to which the number of updated rows that
     hold a NaN or an infinity afterwards is added."""
-    code = _float_code("table", table)
-    R, D = table.shape
-    U = urows.shape[0]
-    dev, dt = table.device, table.dtype
-    _check("table", table, dt, dev)
-    _check("urows", urows, torch.int64, dev, (U,))
-    _check("offsets", offsets, torch.int64, dev, (U + 1,))
-    _check("order", order, torch.int64, dev)
-    _check("coef", coef, dt, dev)
-    _check("x", x, dt, dev)
-    if x.dim() != 2 or x.shape[1] != D:
-        raise ValueError(f"x: expected shape (M, {D}), got {tuple(x.shape)}")
-    if coef.numel() != x.shape[0] * L:
-        raise ValueError(f"coef: expected {x.shape[0] * L} pair coefficients, got {coef.numel()}")
+    code, R, D, U = _scatter_checks(table, urows, offsets, order, coef, x, L)
+    dev = table.device
     if nonfinite is not None:
         if table.is_cuda:
             raise ValueError("nonfinite: the non-finite row count is CPU only")

@@ -118,9 +118,17 @@ def gather_backward(gout: Tensor, table: Tensor, rows: Tensor, w: Tensor, need_t
     gout = gout.contiguous()
     _native.gather_dot(table, rows, gout, gw)
     if need_table:
-        gt = _alloc.zeros(table.shape, table.dtype, table.device)  # huge pages: fewer faults
         urows, offsets, order, _ = recurrence.segments(rows.reshape(-1), R=table.shape[0])
-        _native.scatter_rows(gt, urows, offsets, order, w.reshape(-1).contiguous(), gout, rows.shape[1])
+        coef = w.reshape(-1).contiguous()
+        if table.device.type == "cpu":
+            # one sequential write of every row (zeros where no pair lands) into a buffer a
+            # previous step's gradient left, when free: no zero pass before a random scatter,
+            # and no page faults for a fresh 512 MiB at the paper's PKM
+            gt = _alloc.reusable(table.shape, table.dtype, table.device)
+            _native.scatter_rows_dense(gt, urows, offsets, order, coef, gout, rows.shape[1])
+        else:
+            gt = _alloc.zeros(table.shape, table.dtype, table.device)
+            _native.scatter_rows(gt, urows, offsets, order, coef, gout, rows.shape[1])
     else:
         gt = table.new_empty(0)
     return gw, gt

@@ -826,6 +826,29 @@ def test_read_positions_refuses_bad_arguments():
     with pytest.raises(ValueError, match=r"^n"):
         _native.read_positions(idx, half, 0)
 
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("R,D,M,L", [(1, 1, 1, 1), (5, 3, 0, 2), (300, 7, 40, 3), (257, 64, 500, 8),
+                                     (2000, 33, 64, 5)])
+def test_scatter_rows_dense_equals_zeros_then_scatter(dtype, R, D, M, L):
+    """The dense variant writes every row once: the segment sums where pairs land, zeros
+    elsewhere, whatever the buffer held (NaN here), bit-identical to zeroing then scattering;
+    chunk edges (256 rows) and rows without pairs included."""
+    g = gen(R * 7 + M)
+    rows = randint(g, 0, R, M, L)
+    if M:
+        rows[0, 0] = R - 1
+    x = randn(g, M, D, dtype=dtype)
+    coef = randn(g, M * L, dtype=dtype)
+    urows, offsets, order, _ = recurrence.segments(rows.reshape(-1), R=R)
+    want = torch.zeros(R, D, dtype=dtype)
+    _native.scatter_rows(want, urows, offsets, order, coef, x, L)
+    got = torch.full((R, D), float("nan"), dtype=dtype)
+    _native.scatter_rows_dense(got, urows, offsets, order, coef, x, L)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match=r"^x"):
+        _native.scatter_rows_dense(got, urows, offsets, order, coef, x[:, :D - 1] if D > 1 else x.new_empty(M, 2), L)
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", [1, 5, 37, 512])
 def test_scatter_rows_counts_nonfinite_rows(dtype, D):

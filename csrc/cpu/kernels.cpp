@@ -383,6 +383,36 @@ void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, cons
   if (nonfinite) *nonfinite += bad;
 }
 
+template <typename T>
+void scatter_rows_dense_cpu(T* table, int64_t R, int64_t D, const int64_t* urows,
+                            const int64_t* offsets, int64_t U, const int64_t* order, const T* coef,
+                            const T* x, int64_t L) {
+  // Rows in fixed chunks (not per thread): each row is zeroed, summed and written by one thread
+  // in pair order, whatever the thread count. A chunk finds its first segment by binary search
+  // (urows ascending).
+  constexpr int64_t kChunk = 256;
+  const int64_t chunks = (R + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) if (R * D > kSerialWork)
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const int64_t r0 = ch * kChunk, r1 = r0 + kChunk < R ? r0 + kChunk : R;
+    int64_t u = std::lower_bound(urows, urows + U, r0) - urows;
+    for (int64_t r = r0; r < r1; ++r) {
+      T* row = table + r * D;
+      std::memset(row, 0, sizeof(T) * size_t(D));
+      if (u < U && urows[u] == r) {
+        if (u + kAhead < U) prefetch_row(x + (order[offsets[u + kAhead]] / L) * D, D);
+        for (int64_t p = offsets[u]; p < offsets[u + 1]; ++p) {
+          const int64_t pair = order[p];
+          const T c = coef[pair];
+          const T* xm = x + (pair / L) * D;
+          for (int64_t d = 0; d < D; ++d) row[d] += c * xm[d];
+        }
+        ++u;
+      }
+    }
+  }
+}
+
 #define FWPKM_INSTANTIATE(T)                                                                    \
   template void topk_select_cpu<T>(const T*, const T*, const T*, int64_t, int64_t, int64_t,      \
                                    int64_t, int64_t, int, double, int64_t*, T*, int64_t*, T*);   \
@@ -392,7 +422,9 @@ void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, cons
                                   int64_t, T*);                                                  \
   template void scatter_rows_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,        \
                                     int64_t, const int64_t*, const T*, const T*, int64_t,        \
-                                    int64_t*);
+                                    int64_t*);                                                   \
+  template void scatter_rows_dense_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,  \
+                                          int64_t, const int64_t*, const T*, const T*, int64_t);
 FWPKM_INSTANTIATE(float)
 FWPKM_INSTANTIATE(double)
 #undef FWPKM_INSTANTIATE
