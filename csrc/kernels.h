@@ -58,7 +58,8 @@ void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, cons
 
 // The same sums written into a whole dense table (CPU only): table[r, :] = the sum of row r's
 // segment, 0 for a row without one. Every row is written exactly once (no zero pass before the
-// scatter: one sequential write of the table). urows strictly increasing.
+// scatter: one sequential write of the table). urows strictly increasing, within [0, R) (as
+// segment_rows gives them); segments may be empty.
 template <typename T>
 void scatter_rows_dense_cpu(T* table, int64_t R, int64_t D, const int64_t* urows,
                             const int64_t* offsets, int64_t U, const int64_t* order, const T* coef,

@@ -251,7 +251,7 @@ class FwPKM(nn.Module):
         gt = g.unsqueeze(-1)
         # g * vhat + (1 - g) * v as one op (a third of the passes over (B, T, dv) of the four
         # ops, forward and backward; the same up to rounding)
-        o = torch.lerp(v, vhat.to(v.dtype), gt)
+        o = torch.lerp(v, vhat.to(v.dtype), gt.to(v.dtype))  # lerp wants one dtype (autocast)
         return self.to_out(self.norm_out(o)), state
 
     def extra_repr(self) -> str:

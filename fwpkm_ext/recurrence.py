@@ -478,9 +478,12 @@ class TouchedRows:
                                or ws["C"].shape[0] < capacity):
             ws = None
         if ws is None:
-            ws = dict(slot=torch.full((R,), -1, dtype=torch.long, device=dev),
-                      rows=torch.empty(capacity, dtype=torch.long, device=dev),
-                      C=torch.empty(capacity, D, dtype=V.dtype, device=dev), busy=False)
+            # ordinary tensors even under torch.inference_mode: the workspace outlives the call,
+            # and a later call outside it writes into it (inference tensors refuse that)
+            with torch.inference_mode(False):
+                ws = dict(slot=torch.full((R,), -1, dtype=torch.long, device=dev),
+                          rows=torch.empty(capacity, dtype=torch.long, device=dev),
+                          C=torch.empty(capacity, D, dtype=V.dtype, device=dev), busy=False)
             if dev.type == "cpu" and capacity * D * V.element_size() <= _WORK_KEEP_BYTES:
                 _WORK.ws = ws
         ws["busy"] = True

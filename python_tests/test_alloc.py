@@ -29,17 +29,57 @@ def test_reusable_never_hands_out_a_held_buffer():
     assert _alloc.reusable((0, 5), torch.float32, "cpu").shape == (0, 5)
 
 
+def test_reusable_reuses_a_free_buffer_and_takes_the_smallest_fit():
+    if _alloc._USE is None:  # no usable use count in this torch: every call allocates
+        assert not _same_memory(_alloc.reusable((8,), torch.float32, "cpu"),
+                                _alloc.reusable((8,), torch.float32, "cpu"))
+        return
+    _alloc._POOL.bufs = []  # this thread's pool, empty: the other tests' buffers out of the way
+    big = _alloc.reusable((1000,), torch.float32, "cpu")
+    small = _alloc.reusable((100,), torch.float32, "cpu")
+    big_ptr, small_ptr = big.data_ptr(), small.data_ptr()
+    del big, small
+    again = _alloc.reusable((50,), torch.float32, "cpu")
+    assert again.data_ptr() == small_ptr  # free, fits, smallest
+    other = _alloc.reusable((900,), torch.float32, "cpu")
+    assert other.data_ptr() == big_ptr
+
+
 def test_reusable_buffers_are_per_thread():
     got = {}
 
     def take(name):
-        got[name] = _alloc.reusable((128,), torch.float32, "cpu")
+        got[name] = _alloc.reusable((128,), torch.float32, "cpu").data_ptr()
 
-    take("main")
+    take("main")  # the main thread's buffer is free again: only its own thread may reuse it
     t = threading.Thread(target=take, args=("other",))
     t.start()
     t.join()
-    assert not _same_memory(got["main"], got["other"])
+    assert got["main"] != got["other"]
+
+
+def test_buffers_made_under_inference_mode_serve_training_later():
+    """Streaming under torch.inference_mode, then a training call on the same thread: the
+    workspaces and buffers the first call left must be ordinary tensors (an inference tensor
+    refuses the in-place writes and the saving of the second)."""
+    torch.manual_seed(1)
+    cfg = fwpkm_ext.MemoryConfig(n_subkeys=6, key_dim=8, value_dim=5, heads=2, topk=3, chunk_size=4)
+    st = fwpkm_ext.MemoryState(config=cfg, keys=torch.randn(1, 2, 2, 6, 4), values=torch.randn(1, 36, 5),
+                               per_sequence=False)
+    q, v, g = torch.randn(1, 11, 2, 8), torch.randn(1, 11, 5), torch.rand(1, 11)
+    with torch.inference_mode():
+        with_inf, _ = fwpkm_ext.memory_step(q, v, g, st)
+        assert _alloc.reusable((7,), torch.float32, "cpu").is_inference() is False
+    qq = q.clone().requires_grad_(True)
+    y, _ = fwpkm_ext.memory_step(qq, v, g, st, return_state=False)
+    y.square().sum().backward()
+    assert torch.isfinite(qq.grad).all() and torch.equal(y.detach(), with_inf)
+    pkm = fwpkm_ext.PKM(16, n_subkeys=8, k_dim=8, heads=2, topk=3)
+    x = torch.randn(2, 5, 16)
+    with torch.inference_mode():
+        pkm(x)
+    pkm(x).sum().backward()
+    assert pkm.values.grad is not None
 
 
 def test_two_steps_in_one_graph_keep_their_saved_rows():

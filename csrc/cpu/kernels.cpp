@@ -400,7 +400,8 @@ void scatter_rows_dense_cpu(T* table, int64_t R, int64_t D, const int64_t* urows
       T* row = table + r * D;
       std::memset(row, 0, sizeof(T) * size_t(D));
       if (u < U && urows[u] == r) {
-        if (u + kAhead < U) prefetch_row(x + (order[offsets[u + kAhead]] / L) * D, D);
+        if (u + kAhead < U && offsets[u + kAhead] < offsets[u + kAhead + 1])
+          prefetch_row(x + (order[offsets[u + kAhead]] / L) * D, D);
         for (int64_t p = offsets[u]; p < offsets[u + 1]; ++p) {
           const int64_t pair = order[p];
           const T c = coef[pair];
