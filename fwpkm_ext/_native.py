@@ -78,12 +78,18 @@ def topk_select(dots: torch.Tensor, qn: Optional[torch.Tensor], kn: Optional[tor
                    half_idx.data_ptr(), half_score.data_ptr(), _stream(dots))
 
 
-def _table_and_rows(table: torch.Tensor, rows: torch.Tensor):
-    """Checks shared by the row kernels: a 2-D float table and (M, L) int64 rows beside it."""
+def _table(table: torch.Tensor) -> int:
+    """A contiguous 2-D float table: its dtype code."""
     code = _float_code("table", table)
     if table.dim() != 2:
         raise ValueError(f"table: expected shape (R, D), got {tuple(table.shape)}")
     _check("table", table, table.dtype, table.device)
+    return code
+
+
+def _table_and_rows(table: torch.Tensor, rows: torch.Tensor):
+    """Checks shared by the row kernels: a 2-D float table and (M, L) int64 rows beside it."""
+    code = _table(table)
     if not isinstance(rows, torch.Tensor) or rows.dim() != 2:
         raise ValueError(f"rows: expected an (M, L) tensor, got {tuple(getattr(rows, 'shape', ()))}")
     _check("rows", rows, torch.int64, table.device)
@@ -118,12 +124,9 @@ def gather_dot(table: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, gw: tor
 
 
 def _scatter_checks(table, urows, offsets, order, coef, x, L):
-    code = _float_code("table", table)
-    if table.dim() != 2:
-        raise ValueError(f"table: expected shape (R, D), got {tuple(table.shape)}")
+    code = _table(table)
     R, D = table.shape
     dev, dt = table.device, table.dtype
-    _check("table", table, dt, dev)
     if not isinstance(urows, torch.Tensor) or urows.dim() != 1:
         raise ValueError(f"urows: expected a 1-D tensor, got {tuple(getattr(urows, 'shape', ()))}")
     U = urows.shape[0]
@@ -195,7 +198,6 @@ def segment_rows(rows: torch.Tensor, R: int, pairs: Optional[torch.Tensor] = Non
     return urows[:U], offsets[:U + 1], order
 
 
-
 def read_positions(idx: torch.Tensor, half: torch.Tensor, n: int) -> torch.Tensor:
     """CPU: pos (G * 2, k) with half[g, c, pos[g * 2 + c, j]] the sub-key of slot idx[g, j] in
     half c (kernels.h). idx (..., k) and half (..., 2, k): int64, the same leading shape."""
@@ -219,12 +221,10 @@ def map_rows(slot: torch.Tensor, rows: torch.Tensor, cid: torch.Tensor, touched:
     U, U + 1, ... by first occurrence; their table rows appended to `touched` and their values
     copied into `compact`). Returns the new U (kernels.h). A row outside the table, or more
     rows than `compact` holds, raises ValueError; `slot` is then unchanged."""
-    code = _float_code("table", table)
     cpu = torch.device("cpu")
-    if table.dim() != 2:
-        raise ValueError(f"table: expected shape (R, D), got {tuple(table.shape)}")
-    R, D = table.shape
+    code = _table(table)
     _check("table", table, table.dtype, cpu)
+    R, D = table.shape
     _check("slot", slot, torch.int64, cpu, (R,))
     _check("rows", rows, torch.int64, cpu)
     _check("cid", cid, torch.int64, cpu, tuple(rows.shape))
@@ -237,6 +237,7 @@ def map_rows(slot: torch.Tensor, rows: torch.Tensor, cid: torch.Tensor, touched:
         return U
     return _C.map_rows(code, slot.data_ptr(), R, rows.data_ptr(), rows.numel(), cid.data_ptr(),
                        touched.data_ptr(), U, cap, table.data_ptr(), compact.data_ptr(), D)
+
 
 def build_info() -> dict:
     return dict(_C.BUILD_INFO)

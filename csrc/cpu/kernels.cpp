@@ -110,6 +110,12 @@ inline int64_t rank_candidates(const float* v, std::pair<float, int64_t>* cand, 
   return take;
 }
 
+// How many blocks: more blocks give a tighter threshold (fewer candidates), but ranking their
+// maxima costs more (branchy, ~40 % of the selection). Measured per (token, head) on one core of
+// the development VM: k = 32, n = 512: 2k blocks 6.9 us, 4k 7.8 us; k = 8: 32 blocks (4k) 3.4 us,
+// 16 (2k) 3.5 us.
+inline int64_t topk_blocks(int64_t k) { return k * 2 > 32 ? k * 2 : 32; }
+
 // Top-k of v[0..n) like scan_topk, for long lists. The k-th largest of nb >= k block maxima is a
 // lower bound of the k-th largest value (each of those k maxima is a distinct element at least
 // as large), so only the elements not below it, typically 1-2 k of them, are candidates: one
@@ -117,12 +123,6 @@ inline int64_t rank_candidates(const float* v, std::pair<float, int64_t>* cand, 
 // instead of ~k ln(n/k) insertions into the sorted list (most of the time for n = 512). NaN
 // rank last: a block whose maximum reads NaN does not count, and with fewer than k numeric
 // maxima the plain scan runs.
-// How many blocks: more blocks give a tighter threshold (fewer candidates), but ranking their
-// maxima costs more (branchy, ~40 % of the selection). Measured per (token, head) on one core of
-// the development VM: k = 32, n = 512: 2k blocks 6.9 us, 4k 7.8 us; k = 8: 32 blocks (4k) 3.4 us,
-// 16 (2k) 3.5 us.
-inline int64_t topk_blocks(int64_t k) { return k * 2 > 32 ? k * 2 : 32; }
-
 // Block b holds the elements b, b + nb, b + 2 nb, ... (strided: the block maxima are then an
 // elementwise maximum of rows of nb values, which vectorizes). The candidates come from the
 // blocks whose maximum is not below the threshold only. A block's
@@ -278,6 +278,19 @@ inline void prefetch_row(const T* row, int64_t D) {
   for (int64_t b = 0; b < D * int64_t(sizeof(T)); b += 64) __builtin_prefetch(p + b);
 }
 
+// row += sum over the segment's pairs, in their order, of coef[pair] * x[pair / L]: the one
+// summation of scatter_rows and scatter_rows_dense (the same order, hence the same rounding).
+template <typename T>
+inline void add_segment(T* row, int64_t D, const int64_t* pairs, int64_t count, const T* coef,
+                        const T* x, int64_t L) {
+  for (int64_t p = 0; p < count; ++p) {
+    const int64_t pair = pairs[p];
+    const T c = coef[pair];
+    const T* xm = x + (pair / L) * D;
+    for (int64_t d = 0; d < D; ++d) row[d] += c * xm[d];
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -372,12 +385,7 @@ void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, cons
   for (int64_t u = 0; u < U; ++u) {
     if (u + kAhead < U) prefetch_row(table + urows[u + kAhead] * D, D);
     T* row = table + urows[u] * D;
-    for (int64_t p = offsets[u]; p < offsets[u + 1]; ++p) {
-      const int64_t pair = order[p];
-      const T c = coef[pair];
-      const T* xm = x + (pair / L) * D;
-      for (int64_t d = 0; d < D; ++d) row[d] += c * xm[d];
-    }
+    add_segment(row, D, order + offsets[u], offsets[u + 1] - offsets[u], coef, x, L);
     if (nonfinite && !row_finite(row, D)) ++bad;
   }
   if (nonfinite) *nonfinite += bad;
@@ -402,12 +410,7 @@ void scatter_rows_dense_cpu(T* table, int64_t R, int64_t D, const int64_t* urows
       if (u < U && urows[u] == r) {
         if (u + kAhead < U && offsets[u + kAhead] < offsets[u + kAhead + 1])
           prefetch_row(x + (order[offsets[u + kAhead]] / L) * D, D);
-        for (int64_t p = offsets[u]; p < offsets[u + 1]; ++p) {
-          const int64_t pair = order[p];
-          const T c = coef[pair];
-          const T* xm = x + (pair / L) * D;
-          for (int64_t d = 0; d < D; ++d) row[d] += c * xm[d];
-        }
+        add_segment(row, D, order + offsets[u], offsets[u + 1] - offsets[u], coef, x, L);
         ++u;
       }
     }
