@@ -189,6 +189,18 @@ void scatter_rows_atomic(const std::string& device, int dtype, std::uintptr_t ta
   })
 }
 
+// CPU only: the unsorted pair update of a small table (see kernels.h).
+void scatter_pairs(int dtype, std::uintptr_t table, int64_t R, int64_t D, std::uintptr_t rows,
+                   int64_t M, int64_t L, std::uintptr_t coef, std::uintptr_t x) {
+  check_dtype(dtype, "scatter_pairs");
+  if (M * L == 0 || D == 0) return;
+  py::gil_scoped_release nogil;
+  FWPKM_DISPATCH(dtype, "scatter_pairs", {
+    fwpkm::scatter_pairs_cpu<T>(P<T>(table), R, D, P<const int64_t>(rows), M, L, P<const T>(coef),
+                                P<const T>(x));
+  })
+}
+
 // CPU only: rows/pairs/order/urows/offsets/work are int64 host buffers (see kernels.h).
 int64_t segment_rows(std::uintptr_t rows, std::uintptr_t pairs, int64_t Q, int64_t R,
                      std::uintptr_t order, std::uintptr_t urows, std::uintptr_t offsets,
@@ -237,6 +249,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("scatter_rows", &scatter_rows);
   m.def("scatter_rows_atomic", &scatter_rows_atomic);
   m.def("scatter_rows_dense", &scatter_rows_dense);
+  m.def("scatter_pairs", &scatter_pairs);
   m.def("segment_rows", &segment_rows);
   m.def("segment_rows_work", &fwpkm::segment_rows_work);
   m.def("read_positions", &read_positions);

@@ -56,6 +56,15 @@ void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, cons
                       int64_t U, const int64_t* order, const T* coef, const T* x, int64_t L,
                       int64_t* nonfinite = nullptr);
 
+// Unsorted pair update of a small table, in place (CPU only): for p = 0, 1, ..., M * L - 1 in
+// that order, table[rows[p], :] += coef[p] * x[p / L, :]. rows [M, L], coef [M, L], x [M, D].
+// Every row gets its terms in increasing p: the sums, and their rounding, of scatter_rows over
+// segment_rows(rows)'s buckets, whatever the thread count. A row id outside [0, R) throws
+// std::invalid_argument naming it, before anything is written.
+template <typename T>
+void scatter_pairs_cpu(T* table, int64_t R, int64_t D, const int64_t* rows, int64_t M, int64_t L,
+                       const T* coef, const T* x);
+
 // The same sums written into a whole dense table (CPU only): table[r, :] = the sum of row r's
 // segment, 0 for a row without one. Every row is written exactly once (no zero pass before the
 // scatter: one sequential write of the table). urows strictly increasing, within [0, R) (as

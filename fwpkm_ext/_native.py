@@ -180,6 +180,21 @@ def scatter_rows(table: torch.Tensor, urows: torch.Tensor, offsets: torch.Tensor
         _C.scatter_rows_atomic(*args)
 
 
+def scatter_pairs(table: torch.Tensor, rows: torch.Tensor, coef: torch.Tensor, x: torch.Tensor) -> None:
+    """CPU, in place: table[rows[m, l]] += coef[m, l] * x[m] for every pair, each row's terms in
+    pair order (scatter_rows' sums over segment_rows' buckets, without the sort): for small
+    tables, the sub-keys (kernels.h). A row outside the table raises ValueError, nothing written."""
+    if table.device.type != "cpu":
+        raise ValueError(f"table: scatter_pairs is CPU only, got device {table.device}")
+    code, R, D, M, L = _table_and_rows(table, rows)
+    dev, dt = table.device, table.dtype
+    _check("coef", coef, dt, dev, (M, L))
+    _check("x", x, dt, dev, (M, D))
+    if M * L == 0 or D == 0:
+        return
+    _C.scatter_pairs(code, table.data_ptr(), R, D, rows.data_ptr(), M, L, coef.data_ptr(), x.data_ptr())
+
+
 def segment_rows(rows: torch.Tensor, R: int, pairs: Optional[torch.Tensor] = None):
     """CPU: the pair ids (pairs, default all of rows) grouped by row: (urows, offsets, order),
     a stable counting/radix sort (kernels.h). rows: int64 with values in [0, R)."""

@@ -123,15 +123,15 @@ def read_kid(idx: Tensor, grp: Tensor, H: int, n: int) -> Tensor:
 # the per-pair work reduces to the four native kernels; no (pairs x d2) temporaries.
 
 
-def seg_sum(segs, coef: Tensor, R: int, rows: Optional[Tensor] = None) -> Tensor:
-    """Dense (R,) vector: per row, the sum of the pair coefficients (deterministic).
+def seg_sum(pairs: "Pairs", coef: Tensor, R: int) -> Tensor:
+    """Dense (R,) vector: per row of pairs.rows, the sum of the pair coefficients (deterministic).
 
-    On CPU with the pairs' `rows` given: a weighted bincount, which adds in pair order, the order
-    of the segments too, and needs no sorted segments; elsewhere the one-writer-per-row kernel
-    (CUDA's bincount uses atomics: not deterministic)."""
-    if rows is not None and coef.device.type == "cpu":
-        return torch.bincount(rows.reshape(-1), weights=coef.reshape(-1), minlength=R).to(coef.dtype)
-    urows, offsets, order, _ = segs
+    On CPU: a weighted bincount, which adds in pair order, the order of the segments too, and
+    needs no sorted segments; elsewhere the one-writer-per-row kernel over pairs.segs (CUDA's
+    bincount uses atomics: not deterministic)."""
+    if coef.device.type == "cpu":
+        return torch.bincount(pairs.rows.reshape(-1), weights=coef.reshape(-1), minlength=R).to(coef.dtype)
+    urows, offsets, order, _ = pairs.segs
     out = torch.zeros(R, 1, dtype=coef.dtype, device=coef.device)
     ones = torch.ones(coef.numel(), 1, dtype=coef.dtype, device=coef.device)
     _native.scatter_rows(out, urows, offsets, order, coef.reshape(-1).contiguous(), ones, 1)
@@ -181,6 +181,16 @@ class Pairs:
             self._segs = segments(self.rows.reshape(-1), R=self.kflat.shape[0])
         return self._segs
 
+    def scatter(self, table: Tensor, coef: Tensor) -> None:
+        """table[rows[m, j]] += coef[m, j] * x[m] for every pair (table shaped like kflat), each
+        row's terms in pair order. On CPU without sorting the pairs (scatter_pairs: the key
+        tables are small); elsewhere over the sorted segments. The same sums either way."""
+        coef = coef.reshape(self.rows.shape).contiguous()
+        if table.device.type == "cpu":
+            _native.scatter_pairs(table, self.rows.contiguous(), coef, self.x.contiguous())
+        else:
+            _native.scatter_rows(table, *self.segs[:3], coef.reshape(-1), self.x, self.rows.shape[1])
+
     def vjp(self, a: Tensor, gk: Tensor, want_gx: bool = True) -> Optional[Tensor]:
         """Coefficients a (M2, J) on the scores: adds a . ds/dK into gk (which must not be
         self.kflat), returns a . ds/dx (None without `want_gx`)."""
@@ -188,11 +198,11 @@ class Pairs:
         if self.score == "idw":
             a2 = 2.0 * a * self.inv  # ds/dK = a2 (x - K), ds/dx = -a2 (x - K)
             gx = gather_w(K, self.rows, a2) - a2.sum(1, keepdim=True) * x if want_gx else None
-            _native.scatter_rows(gk, *self.segs[:3], a2.reshape(-1).contiguous(), x, a2.shape[1])
-            gk.addcmul_(seg_sum(self.segs, a2, R, self.rows).unsqueeze(1), K, value=-1.0)
+            self.scatter(gk, a2)
+            gk.addcmul_(seg_sum(self, a2, R).unsqueeze(1), K, value=-1.0)
             return gx
         gx = gather_w(K, self.rows, a) if want_gx else None
-        _native.scatter_rows(gk, *self.segs[:3], a.reshape(-1).contiguous(), x, a.shape[1])
+        self.scatter(gk, a)
         return gx
 
 
@@ -307,7 +317,7 @@ class Window:
             P = torch.softmax(hp.s, dim=-1)
             if self.row_on is not None:
                 P = P * self.row_on
-            pbar = self._per_row(seg_sum(hp.segs, P, self.kflat.shape[0], hp.rows))
+            pbar = self._per_row(seg_sum(hp, P, self.kflat.shape[0]))
             w, d = self.cfg.addr_loss_weight, ENTROPY_EPS
             pe = pbar + d
             phi = w * (torch.log(pe) + pbar / pe)  # dL/dpbar
@@ -337,22 +347,21 @@ class Window:
         else:
             psi = lx
         pdot = P * (psi - (P * psi).sum(-1, keepdim=True))
-        dpbar = self._per_row(seg_sum(hp.segs, pdot, K.shape[0], hp.rows))
+        dpbar = self._per_row(seg_sum(hp, pdot, K.shape[0]))
         du = self._per_pair((dphi * dpbar)[hp.rows])
         chi = pdot * (u - (P * u).sum(-1, keepdim=True)) + P * (
             du - (pdot * u).sum(-1, keepdim=True) - (P * du).sum(-1, keepdim=True))
         gk = torch.zeros_like(K)
-        urows, offsets, order, _ = hp.segs
         if self.cfg.score == "idw":
             alpha = -2.0 * hp.inv * (chi + gamma * psi)  # pair term alpha (x - K) + beta lam
             beta = 2.0 * hp.inv * gamma
             gx = alpha.sum(1, keepdim=True) * x - gather_w(K, hp.rows, alpha) + gather_w(lam, hp.rows, beta)
-            _native.scatter_rows(gk, urows, offsets, order, (-alpha).reshape(-1).contiguous(), x, alpha.shape[1])
-            gk.addcmul_(seg_sum(hp.segs, alpha, K.shape[0], hp.rows).unsqueeze(1), K)
-            gk.addcmul_(seg_sum(hp.segs, beta, K.shape[0], hp.rows).unsqueeze(1), lam, value=-1.0)
+            hp.scatter(gk, -alpha)
+            gk.addcmul_(seg_sum(hp, alpha, K.shape[0]).unsqueeze(1), K)
+            gk.addcmul_(seg_sum(hp, beta, K.shape[0]).unsqueeze(1), lam, value=-1.0)
         else:
             gx = gather_w(K, hp.rows, chi) + gather_w(lam, hp.rows, gamma)
-            _native.scatter_rows(gk, urows, offsets, order, chi.reshape(-1).contiguous(), x, chi.shape[1])
+            hp.scatter(gk, chi)
         return gk, gx
 
 

@@ -877,3 +877,55 @@ def test_scatter_rows_counts_nonfinite_rows(dtype, D):
     assert int(count) == 3 + len(bad_after)
     with pytest.raises(TypeError, match="^nonfinite"):
         _native.scatter_rows(table, urows, offsets, order, coef, x, L, nonfinite=torch.zeros(1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("R,D,M,L", [(1, 1, 1, 1), (5, 3, 0, 2), (7, 4, 9, 3), (300, 7, 40, 3),
+                                     (1024, 33, 700, 8), (4096, 64, 1500, 32)])
+def test_scatter_pairs_equals_bucketed_scatter(dtype, R, D, M, L):
+    """The unsorted pair update adds each row's terms in pair order: bit-identical to
+    scatter_rows over segment_rows' buckets, at one and at two threads, starting from a random
+    table (not zeros), with rows that get many pairs and rows that get none."""
+    g = gen(R * 13 + M)
+    rows = randint(g, 0, R, M, L)
+    if M:
+        rows[:, 0] = rows[0, 0]  # one row with a long segment
+    x = randn(g, M, D, dtype=dtype)
+    coef = randn(g, M, L, dtype=dtype)
+    base = randn(g, R, D, dtype=dtype)
+    want = base.clone()
+    urows, offsets, order, _ = recurrence.segments(rows.reshape(-1), R=R)
+    _native.scatter_rows(want, urows, offsets, order, coef.reshape(-1), x, L)
+    if M:
+        assert not torch.equal(want, base)
+    threads = torch.get_num_threads()
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            got = base.clone()
+            _native.scatter_pairs(got, rows, coef, x)
+            assert torch.equal(got, want)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_scatter_pairs_refuses_bad_arguments_writing_nothing():
+    g = gen(3)
+    table = randn(g, 10, 4)
+    x, coef = randn(g, 3, 4), randn(g, 3, 2)
+    rows = randint(g, 0, 10, 3, 2)
+    for bad in (10, -1):
+        r = rows.clone()
+        r[2, 1] = bad
+        t = table.clone()
+        with pytest.raises(ValueError, match=f"rows holds {bad}"):
+            _native.scatter_pairs(t, r, coef, x)
+        assert torch.equal(t, table)
+    with _raises(ValueError, "x"):
+        _native.scatter_pairs(table, rows, coef, x[:, :3].contiguous())
+    with _raises(ValueError, "coef"):
+        _native.scatter_pairs(table, rows, coef[:, :1].contiguous(), x)
+    with _raises(TypeError, "coef"):
+        _native.scatter_pairs(table, rows, coef.float(), x)
+    with _raises(ValueError, "rows"):
+        _native.scatter_pairs(table, rows.reshape(-1), coef, x)

@@ -8,8 +8,14 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <stdexcept>
+#include <string>
 #include <utility>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace fwpkm {
 namespace {
@@ -281,13 +287,15 @@ inline void prefetch_row(const T* row, int64_t D) {
 // row += sum over the segment's pairs, in their order, of coef[pair] * x[pair / L]: the one
 // summation of scatter_rows and scatter_rows_dense (the same order, hence the same rounding).
 template <typename T>
+inline void add_pair(T* row, int64_t D, T c, const T* xm) {
+  for (int64_t d = 0; d < D; ++d) row[d] += c * xm[d];
+}
+template <typename T>
 inline void add_segment(T* row, int64_t D, const int64_t* pairs, int64_t count, const T* coef,
                         const T* x, int64_t L) {
   for (int64_t p = 0; p < count; ++p) {
     const int64_t pair = pairs[p];
-    const T c = coef[pair];
-    const T* xm = x + (pair / L) * D;
-    for (int64_t d = 0; d < D; ++d) row[d] += c * xm[d];
+    add_pair(row, D, coef[pair], x + (pair / L) * D);
   }
 }
 
@@ -392,6 +400,42 @@ void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, cons
 }
 
 template <typename T>
+void scatter_pairs_cpu(T* table, int64_t R, int64_t D, const int64_t* rows, int64_t M, int64_t L,
+                       const T* coef, const T* x) {
+  const int64_t Q = M * L;
+  // every row id first (all threads, then a barrier): a bad one throws before anything is written
+  int64_t bad = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad) if (Q > kSerialWork)
+  for (int64_t p = 0; p < Q; ++p) bad += rows[p] < 0 || rows[p] >= R;
+  if (bad) {
+    for (int64_t p = 0; p < Q; ++p)
+      if (rows[p] < 0 || rows[p] >= R)
+        throw std::invalid_argument("fwpkm scatter_pairs: rows holds " + std::to_string(rows[p]) +
+                                    ", outside [0, " + std::to_string(R) + ")");
+  }
+  // Thread t owns the rows [R t / nt, R (t + 1) / nt) and walks every pair in order, applying
+  // those that land in its rows: one writer per row, and each row's terms in increasing pair
+  // order whatever nt. That is scatter_rows' order over segment_rows' stable buckets (the same
+  // rounding), without the sort. It suits tables of a few thousand rows (the sub-keys): a
+  // thread's rows stay in its cache and x is read in order, where the bucketed scatter reads x
+  // at random (1.1 s for PKM's 8.4 M key pairs at B = 8, measured).
+#pragma omp parallel if (Q * D > kSerialWork)
+  {
+#ifdef _OPENMP
+    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+    const int64_t nt = 1, t = 0;
+#endif
+    const int64_t lo = R * t / nt, hi = R * (t + 1) / nt;
+    for (int64_t p = 0; p < Q; ++p) {
+      const int64_t r = rows[p];
+      if (r < lo || r >= hi) continue;
+      add_pair(table + r * D, D, coef[p], x + (p / L) * D);
+    }
+  }
+}
+
+template <typename T>
 void scatter_rows_dense_cpu(T* table, int64_t R, int64_t D, const int64_t* urows,
                             const int64_t* offsets, int64_t U, const int64_t* order, const T* coef,
                             const T* x, int64_t L) {
@@ -427,6 +471,8 @@ void scatter_rows_dense_cpu(T* table, int64_t R, int64_t D, const int64_t* urows
   template void scatter_rows_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,        \
                                     int64_t, const int64_t*, const T*, const T*, int64_t,        \
                                     int64_t*);                                                   \
+  template void scatter_pairs_cpu<T>(T*, int64_t, int64_t, const int64_t*, int64_t, int64_t,       \
+                                     const T*, const T*);                                        \
   template void scatter_rows_dense_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,  \
                                           int64_t, const int64_t*, const T*, const T*, int64_t);
 FWPKM_INSTANTIATE(float)
