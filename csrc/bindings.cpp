@@ -8,6 +8,7 @@
 #include <string>
 
 #include "kernels.h"
+#include "cpu/isa.h"
 #ifdef FWPKM_WITH_CUDA
 #include "cuda/extra.h"  // scatter_rows_atomic_cuda (CUDA only, not in the shared contract)
 #endif
@@ -232,6 +233,28 @@ int64_t map_rows(int dtype, std::uintptr_t slot, int64_t R, std::uintptr_t rows,
   return out;
 }
 
+// The instruction-set variant of the CPU kernels (csrc/cpu/isa.h), by name.
+const char* const kIsaNames[] = {"base", "avx2"};
+
+int isa_code(const std::string& name) {
+  for (int i = 0; i < 2; ++i)
+    if (name == kIsaNames[i]) return i;
+  throw std::invalid_argument("fwpkm cpu_isa: expected 'base' or 'avx2', got '" + name + "'");
+}
+
+std::string cpu_isa() { return kIsaNames[fwpkm::cpu_isa()]; }
+
+std::string set_cpu_isa(const std::string& name) {
+  return kIsaNames[fwpkm::set_cpu_isa(isa_code(name))];
+}
+
+py::list cpu_isas_available() {
+  py::list out;
+  for (int i = 0; i < 2; ++i)
+    if (fwpkm::cpu_isa_available(i)) out.append(kIsaNames[i]);
+  return out;
+}
+
 }  // namespace
 
 #ifndef FWPKM_VERSION
@@ -254,6 +277,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("segment_rows_work", &fwpkm::segment_rows_work);
   m.def("read_positions", &read_positions);
   m.def("map_rows", &map_rows);
+  m.def("cpu_isa", &cpu_isa);
+  m.def("set_cpu_isa", &set_cpu_isa);
+  m.def("cpu_isas_available", &cpu_isas_available);
   py::dict info;
 #ifdef FWPKM_WITH_CUDA
   info["cuda"] = true;

@@ -255,4 +255,24 @@ def map_rows(slot: torch.Tensor, rows: torch.Tensor, cid: torch.Tensor, touched:
 
 
 def build_info() -> dict:
-    return dict(_C.BUILD_INFO)
+    info = dict(_C.BUILD_INFO)
+    info["cpu_isa"] = _C.cpu_isa()
+    info["cpu_isas"] = list(_C.cpu_isas_available())
+    return info
+
+
+def cpu_isa() -> str:
+    """The instruction-set variant the CPU kernels run: 'avx2' (AVX2 + FMA, where the build has
+    it and the CPU runs it) or 'base'. FWPKM_CPU_ISA=base in the environment before the import
+    forces 'base'."""
+    return _C.cpu_isa()
+
+
+def set_cpu_isa(name: str) -> str:
+    """Run the CPU kernels' variant `name` ('base' or 'avx2') from now on; returns the previous
+    one. For comparing the variants (tests, benchmarks): not while a kernel runs."""
+    if name not in ("base", "avx2"):
+        raise ValueError(f"name: expected 'base' or 'avx2', got {name!r}")
+    if name not in _C.cpu_isas_available():
+        raise ValueError(f"name: {name!r} is not available here (available: {list(_C.cpu_isas_available())})")
+    return _C.set_cpu_isa(name)

@@ -929,3 +929,93 @@ def test_scatter_pairs_refuses_bad_arguments_writing_nothing():
         _native.scatter_pairs(table, rows, coef.float(), x)
     with _raises(ValueError, "rows"):
         _native.scatter_pairs(table, rows.reshape(-1), coef, x)
+
+
+# ================================================================================ instruction sets
+
+
+def _every_kernel(g, dtype):
+    """Each CPU kernel once on random data, with its torch oracle: [(name, got, want, exact)]."""
+    out = []
+    M, H, n, k = 37, 2, 70, 5
+    dots = randn(g, M, H, 2, n, dtype=dtype)
+    qn = rand(g, M, H, 2, dtype=dtype, lo=2.0, hi=4.0)
+    kn = rand(g, 3, H, 2, n, dtype=dtype, lo=0.5, hi=2.0)
+    for kind in ("idw", "dot"):
+        got = run_topk_select(dots, qn, kn, k, 13, kind)
+        want = topk_oracle(dots.double(), qn.double(), kn.double(), k, 13, kind, 1e-3)
+        out += [(f"topk_select {kind} idx", got[0], want[0], True),
+                (f"topk_select {kind} score", got[1], want[1].to(dtype), False)]
+    R, D, Mr, L = 300, 37, 90, 6
+    table, rows, w = gather_case(g, R, D, Mr, L, dtype)
+    x = randn(g, Mr, D, dtype=dtype)
+    o = torch.empty(Mr, D, dtype=dtype)
+    _native.gather_rows(table, rows, w, o)
+    out.append(("gather_rows", o, torch.einsum("ml,mld->md", w.double(), table.double()[rows]).to(dtype), False))
+    gw = torch.empty(Mr, L, dtype=dtype)
+    _native.gather_dot(table, rows, x, gw)
+    out.append(("gather_dot", gw, torch.einsum("mld,md->ml", table.double()[rows], x.double()).to(dtype), False))
+    flat = rows.reshape(-1)
+    pairs = torch.arange(flat.numel())
+    want = scatter_expected(table, flat, pairs, w.reshape(-1), x, L).to(dtype)
+    urows, offsets, order, _ = recurrence.segments(flat, R=R)
+    t = table.clone()
+    _native.scatter_rows(t, urows, offsets, order, w.reshape(-1).contiguous(), x, L)
+    out.append(("scatter_rows", t, want, False))
+    t = table.clone()
+    _native.scatter_pairs(t, rows, w, x)
+    out.append(("scatter_pairs", t, want, False))
+    t = torch.full_like(table, float("nan"))
+    _native.scatter_rows_dense(t, urows, offsets, order, w.reshape(-1).contiguous(), x, L)
+    out.append(("scatter_rows_dense", t, (want - table).to(dtype), False))
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_cpu_isa_matches_the_oracles_and_is_deterministic(dtype):
+    """Each instruction-set variant of the CPU kernels (csrc/cpu/isa.h) this build and CPU can
+    run: every kernel against its float64 oracle, and bit-identical at one and two threads.
+    Across variants the selections agree and the values agree to rounding."""
+    avail = _native.build_info()["cpu_isas"]
+    assert "base" in avail and _native.cpu_isa() in avail
+    first = _native.cpu_isa()
+    threads = torch.get_num_threads()
+    results = {}
+    try:
+        for isa in avail:
+            assert _native.set_cpu_isa(isa) in avail
+            assert _native.cpu_isa() == isa
+            runs = []
+            for nt in (1, 2):
+                torch.set_num_threads(nt)
+                runs.append(_every_kernel(gen(99), dtype))
+            for (name, got, want, exact), (_, got2, _, _) in zip(*runs):
+                assert torch.equal(got, got2), f"{isa} {name}: differs between 1 and 2 threads"
+                if exact:
+                    assert torch.equal(got, want), f"{isa} {name}"
+                else:
+                    torch.testing.assert_close(got, want, **TOL[dtype], msg=f"{isa} {name}")
+            results[isa] = runs[0]
+    finally:
+        torch.set_num_threads(threads)
+        _native.set_cpu_isa(first)
+    for isa in avail:
+        for (name, got, _, exact), (_, ref_got, _, _) in zip(results[isa], results["base"]):
+            if exact:
+                assert torch.equal(got, ref_got), f"{isa} vs base: {name}"
+    with pytest.raises(ValueError, match="^name"):
+        _native.set_cpu_isa("sse9")
+    assert _native.cpu_isa() == first
+
+
+def test_cpu_isa_environment_variable_forces_base():
+    import os
+    import subprocess
+    import sys
+    code = "from fwpkm_ext import _native; print(_native.cpu_isa())"
+    env = dict(os.environ, FWPKM_CPU_ISA="base")
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == "base"
+    env.pop("FWPKM_CPU_ISA")
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == _native.build_info()["cpu_isas"][-1]

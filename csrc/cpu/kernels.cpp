@@ -1,7 +1,11 @@
 // CPU versions of the native kernels (contracts in ../kernels.h).
 // Every output element is produced by exactly one thread in a fixed order, so results are
 // bit-identical from run to run whatever the thread count.
+//
+// This file is compiled once per instruction set (isa.h): as is, into fwpkm::isa_base, and by
+// kernels_avx2.cpp with AVX2 and FMA into fwpkm::isa_avx2. dispatch.cpp picks one at load time.
 #include "../kernels.h"
+#include "isa.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -17,7 +21,12 @@
 #include <omp.h>
 #endif
 
+#ifndef FWPKM_CPU_ISA
+#define FWPKM_CPU_ISA isa_base
+#endif
+
 namespace fwpkm {
+namespace FWPKM_CPU_ISA {
 namespace {
 
 // (score, index) ordering used everywhere: higher score first, then smaller index. NaN scores
@@ -479,4 +488,5 @@ FWPKM_INSTANTIATE(float)
 FWPKM_INSTANTIATE(double)
 #undef FWPKM_INSTANTIATE
 
+}  // namespace FWPKM_CPU_ISA
 }  // namespace fwpkm

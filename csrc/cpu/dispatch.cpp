@@ -1,0 +1,111 @@
+// kernels.h's CPU kernels: each forwards to the instruction-set variant picked at load (isa.h).
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "../kernels.h"
+#include "isa.h"
+
+namespace fwpkm {
+namespace {
+
+bool avx2_runs() {
+#if defined(FWPKM_HAVE_AVX2) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+int initial_isa() {
+  const char* env = std::getenv("FWPKM_CPU_ISA");
+  if (env != nullptr && std::strcmp(env, "base") == 0) return kIsaBase;
+  return avx2_runs() ? kIsaAvx2 : kIsaBase;
+}
+
+std::atomic<int> g_isa{initial_isa()};
+
+}  // namespace
+
+bool cpu_isa_available(int isa) { return isa == kIsaBase || (isa == kIsaAvx2 && avx2_runs()); }
+
+int cpu_isa() { return g_isa.load(std::memory_order_relaxed); }
+
+int set_cpu_isa(int isa) {
+  if (!cpu_isa_available(isa))
+    throw std::invalid_argument("fwpkm set_cpu_isa: instruction set " + std::to_string(isa) +
+                                " is not available in this build on this CPU");
+  return g_isa.exchange(isa);
+}
+
+#ifdef FWPKM_HAVE_AVX2
+#define FWPKM_RUN(fn, ...) \
+  (cpu_isa() == kIsaAvx2 ? isa_avx2::fn(__VA_ARGS__) : isa_base::fn(__VA_ARGS__))
+#else
+#define FWPKM_RUN(fn, ...) isa_base::fn(__VA_ARGS__)
+#endif
+
+template <typename T>
+void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t H, int64_t n,
+                     int64_t k, int64_t tokens_per_group, int kind, double eps, int64_t* idx,
+                     T* score, int64_t* half_idx, T* half_score) {
+  FWPKM_RUN(topk_select_cpu<T>, dots, qn, kn, M, H, n, k, tokens_per_group, kind, eps, idx, score,
+            half_idx, half_score);
+}
+
+template <typename T>
+void gather_rows_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* w,
+                     int64_t M, int64_t L, T* out, T* saved) {
+  FWPKM_RUN(gather_rows_cpu<T>, table, R, D, rows, w, M, L, out, saved);
+}
+
+template <typename T>
+void gather_dot_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* x,
+                    int64_t M, int64_t L, T* gw) {
+  FWPKM_RUN(gather_dot_cpu<T>, table, R, D, rows, x, M, L, gw);
+}
+
+template <typename T>
+void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, const int64_t* offsets,
+                      int64_t U, const int64_t* order, const T* coef, const T* x, int64_t L,
+                      int64_t* nonfinite) {
+  FWPKM_RUN(scatter_rows_cpu<T>, table, R, D, urows, offsets, U, order, coef, x, L, nonfinite);
+}
+
+template <typename T>
+void scatter_pairs_cpu(T* table, int64_t R, int64_t D, const int64_t* rows, int64_t M, int64_t L,
+                       const T* coef, const T* x) {
+  FWPKM_RUN(scatter_pairs_cpu<T>, table, R, D, rows, M, L, coef, x);
+}
+
+template <typename T>
+void scatter_rows_dense_cpu(T* table, int64_t R, int64_t D, const int64_t* urows,
+                            const int64_t* offsets, int64_t U, const int64_t* order, const T* coef,
+                            const T* x, int64_t L) {
+  FWPKM_RUN(scatter_rows_dense_cpu<T>, table, R, D, urows, offsets, U, order, coef, x, L);
+}
+
+#undef FWPKM_RUN
+
+#define FWPKM_INSTANTIATE(T)                                                                    \
+  template void topk_select_cpu<T>(const T*, const T*, const T*, int64_t, int64_t, int64_t,      \
+                                   int64_t, int64_t, int, double, int64_t*, T*, int64_t*, T*);   \
+  template void gather_rows_cpu<T>(const T*, int64_t, int64_t, const int64_t*, const T*,         \
+                                   int64_t, int64_t, T*, T*);                                    \
+  template void gather_dot_cpu<T>(const T*, int64_t, int64_t, const int64_t*, const T*, int64_t, \
+                                  int64_t, T*);                                                  \
+  template void scatter_rows_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,        \
+                                    int64_t, const int64_t*, const T*, const T*, int64_t,        \
+                                    int64_t*);                                                   \
+  template void scatter_pairs_cpu<T>(T*, int64_t, int64_t, const int64_t*, int64_t, int64_t,     \
+                                     const T*, const T*);                                        \
+  template void scatter_rows_dense_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,  \
+                                          int64_t, const int64_t*, const T*, const T*, int64_t);
+FWPKM_INSTANTIATE(float)
+FWPKM_INSTANTIATE(double)
+#undef FWPKM_INSTANTIATE
+
+}  // namespace fwpkm

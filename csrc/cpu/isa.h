@@ -1,0 +1,57 @@
+// The CPU kernels of ../kernels.h, once per instruction set they are compiled for.
+//
+// kernels.cpp is built twice: as is into fwpkm::isa_base (the compiler's default target, e.g.
+// x86-64 with SSE2 only, which any CPU of the architecture runs), and by kernels_avx2.cpp with
+// -mavx2 -mfma into fwpkm::isa_avx2 (x86-64 builds whose compiler takes the flags). dispatch.cpp
+// defines kernels.h's fwpkm::*_cpu by forwarding to the one picked when the module loads: AVX2
+// when the CPU has AVX2 and FMA, unless FWPKM_CPU_ISA=base is set. A wheel built on one machine
+// so runs everywhere, at the speed of the machine it runs on.
+//
+// Each variant is deterministic (fixed summation orders, one writer per output). The two round
+// differently where the AVX2 one contracts a * b + c into one FMA (one rounding instead of two);
+// wider registers change no order, since the kernels fix theirs. Results are bit-identical
+// across runs and thread counts with one variant, not across variants.
+#pragma once
+#include <cstdint>
+
+#define FWPKM_CPU_KERNEL_DECLS                                                                       \
+  template <typename T>                                                                              \
+  void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t H, int64_t n,     \
+                       int64_t k, int64_t tokens_per_group, int kind, double eps, int64_t* idx,     \
+                       T* score, int64_t* half_idx, T* half_score);                                  \
+  template <typename T>                                                                              \
+  void gather_rows_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* w,       \
+                       int64_t M, int64_t L, T* out, T* saved);                                      \
+  template <typename T>                                                                              \
+  void gather_dot_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* x,        \
+                      int64_t M, int64_t L, T* gw);                                                  \
+  template <typename T>                                                                              \
+  void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows,                       \
+                        const int64_t* offsets, int64_t U, const int64_t* order, const T* coef,     \
+                        const T* x, int64_t L, int64_t* nonfinite);                                  \
+  template <typename T>                                                                              \
+  void scatter_pairs_cpu(T* table, int64_t R, int64_t D, const int64_t* rows, int64_t M, int64_t L, \
+                         const T* coef, const T* x);                                                 \
+  template <typename T>                                                                              \
+  void scatter_rows_dense_cpu(T* table, int64_t R, int64_t D, const int64_t* urows,                 \
+                              const int64_t* offsets, int64_t U, const int64_t* order,              \
+                              const T* coef, const T* x, int64_t L);
+
+namespace fwpkm {
+namespace isa_base {
+FWPKM_CPU_KERNEL_DECLS
+}  // namespace isa_base
+namespace isa_avx2 {
+FWPKM_CPU_KERNEL_DECLS
+}  // namespace isa_avx2
+
+enum CpuIsa : int { kIsaBase = 0, kIsaAvx2 = 1 };
+
+// Whether this build holds the variant and this CPU runs it.
+bool cpu_isa_available(int isa);
+// The variant the CPU kernels run now.
+int cpu_isa();
+// Run `isa` from now on (tests compare the variants); returns the previous one. A variant that
+// is not available throws std::invalid_argument. Not meant to be called while kernels run.
+int set_cpu_isa(int isa);
+}  // namespace fwpkm
