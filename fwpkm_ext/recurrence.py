@@ -234,9 +234,11 @@ class Window:
 
     def __init__(self, K: Tensor, qh_w: Tensor, idx_w: Tensor, half_w: Tensor, grp: Tensor,
                  per_seq: bool, cfg: "RecurrenceConfig", amask: Optional[Tensor] = None,
-                 cache: Optional[Tensor] = None, addr: bool = False, kn: Optional[Tensor] = None):
+                 cache: Optional[Tensor] = None, addr: bool = False, kn: Optional[Tensor] = None,
+                 xn: Optional[Tensor] = None):
         """With `cache` (the row `to_cache` filled in the forward), the pair scores and, when
-        `addr`, the addressing terms are taken from it instead of recomputed (the backward)."""
+        `addr`, the addressing terms are taken from it instead of recomputed (the backward).
+        `kn` and `xn`: key_norms of K and of qh_w, when the caller has them (IDW)."""
         B, L, H, _, d2 = qh_w.shape
         n, k = K.shape[3], cfg.topk
         self.B, self.L, self.H, self.k = B, L, H, k
@@ -247,7 +249,10 @@ class Window:
             if kn is None and cfg.score == "idw":
                 kn = key_norms(K)
             kn = kn.reshape(-1) if kn is not None else None
-            xn = (x * x).sum(-1) if cfg.score == "idw" else None
+            if cfg.score == "idw":
+                xn = key_norms(x) if xn is None else xn.reshape(-1)
+            else:
+                xn = None
             self.half = Pairs(self.kflat, kn, x, xn, rows, cfg.score, cfg.eps)
         else:
             per = cache[: rows.numel() * 5].view(5, -1, k)
@@ -369,16 +374,31 @@ class Window:
 # the value write-back
 
 
-def contributing(v_w, g_w, mask_w, la):
-    """Targets y, contribution flags and token weights wt*1[contrib] for one window (B, L)."""
+def contributing(v_w, g_w, mask_w, la, targets: bool = True):
+    """Targets y (None without `targets`), contribution flags and token weights wt*1[contrib]
+    for one window (B, L)."""
     B, L, dv = v_w.shape
-    y = torch.zeros_like(v_w)
+    y = torch.zeros_like(v_w) if targets else None
     contrib = torch.zeros(B, L, dtype=torch.bool, device=v_w.device)
     if la < L:
-        y[:, : L - la] = v_w[:, la:]
+        if targets:
+            y[:, : L - la] = v_w[:, la:]
         contrib[:, : L - la] = mask_w[:, : L - la] > 0
     wt = g_w * mask_w * contrib
     return y, contrib, wt
+
+
+def residual(out: Tensor, v_w: Tensor, wt: Tensor, la: int) -> Tensor:
+    """r = wt * (vhat - y) (B*L, dv) for one window, y_t = v_{t+la}, without materialising y:
+    the same two roundings per element as wt * (out - y). The last la rows (no target: no pair
+    of theirs is written) are 0."""
+    B, L, dv = out.shape
+    m = max(L - la, 0)
+    r = torch.empty(B, L, dv, dtype=out.dtype, device=out.device)
+    torch.sub(out[:, :m], v_w[:, la:la + m], out=r[:, :m])
+    r[:, :m].mul_(wt[:, :m].unsqueeze(-1))
+    r[:, m:].zero_()
+    return r.view(B * L, dv)
 
 
 def inv_counts(rows: Tensor, contrib: Tensor, HK: int, R: int) -> Tensor:
@@ -404,13 +424,14 @@ def value_pairs(rows: Tensor, contrib: Tensor, HK: int, R: Optional[int] = None)
 
 
 def key_norms(K: Tensor) -> Tensor:
-    """||K_r||^2 per sub-key, shaped like K without its last dimension."""
+    """||K_r||^2 per sub-key (or query half), shaped like K without its last dimension."""
     return (K * K).sum(-1)
 
 
-def search(qh_w: Tensor, K: Tensor, per_seq: bool, cfg: RecurrenceConfig, kn: Optional[Tensor] = None):
-    """Native product-key top-k for the tokens of qh_w (B, L, H, 2, d2); `kn`: key_norms(K)
-    when the caller has them (IDW)."""
+def search(qh_w: Tensor, K: Tensor, per_seq: bool, cfg: RecurrenceConfig, kn: Optional[Tensor] = None,
+           qn: Optional[Tensor] = None):
+    """Native product-key top-k for the tokens of qh_w (B, L, H, 2, d2); `kn`: key_norms(K) and
+    `qn`: key_norms(qh_w), when the caller has them (IDW)."""
     B, L, H, _, d2 = qh_w.shape
     M = B * L
     k = cfg.topk
@@ -430,10 +451,11 @@ def search(qh_w: Tensor, K: Tensor, per_seq: bool, cfg: RecurrenceConfig, kn: Op
     half_idx = torch.empty(M, H, 2, k, dtype=torch.long, device=qh_w.device)
     score = torch.empty(M, H, k, **opts)
     half_score = torch.empty(M, H, 2, k, **opts)
-    qn = kn = None
     if cfg.score == "idw":
-        qn = (qh_w * qh_w).sum(-1).reshape(M, H, 2).contiguous()
+        qn = (key_norms(qh_w) if qn is None else qn).reshape(M, H, 2).contiguous()
         kn = (key_norms(K) if kn is None else kn).contiguous()
+    else:
+        qn = kn = None
     _native.topk_select(dots, qn, kn, k, max(1, L if per_seq else M), cfg.score, cfg.eps, idx, score,
                         half_idx, half_score)
     return idx.view(B, L, H, k), half_idx.view(B, L, H, 2, k)
@@ -660,15 +682,19 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
         L = s1 - s0
         if keep:
             hist[wi] = K
-        kn = key_norms(K) if cfg.score == "idw" else None  # for the search and the window
+        # key and query-half norms once, for the search and the window
+        qh_w = qh[:, s0:s1].contiguous()
+        kn = key_norms(K) if cfg.score == "idw" else None
+        xn = key_norms(qh_w) if cfg.score == "idw" else None
         a0 = max(s0, P)
         if a0 < s1:
-            i, hi = search(qh[:, a0:s1].contiguous(), K, per_seq, cfg, kn)
+            i, hi = search(qh_w[:, a0 - s0:].contiguous(), K, per_seq, cfg, kn,
+                           None if xn is None else xn[:, a0 - s0:])
             idx_all[:, a0:s1] = i
             half_all[:, a0:s1] = hi
         am_w = None if amask is None else amask[:, s0:s1]
-        win = Window(K, qh[:, s0:s1].contiguous(), idx_all[:, s0:s1], half_all[:, s0:s1], grp,
-                     per_seq, cfg, am_w, kn=kn)
+        win = Window(K, qh_w, idx_all[:, s0:s1], half_all[:, s0:s1], grp, per_seq, cfg, am_w, kn=kn,
+                     xn=xn)
         w = win.w
         w_all[:, s0:s1] = w.view(B, L, HK)
         rows = (idx_all[:, s0:s1].reshape(B, L, HK) + row_base).reshape(B * L, HK)
@@ -693,8 +719,9 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
                 win.to_cache(wcache[wi])
             continue
         # value write-back: V_i -= lr * HK / N_i * sum w r over the contributing pairs of row i
-        y, contrib, wt = contributing(v[:, s0:s1], g[:, s0:s1], mask[:, s0:s1], cfg.lookahead)
-        r = (wt.unsqueeze(-1) * (out - y)).reshape(B * L, dv)
+        _, contrib, wt = contributing(v[:, s0:s1], g[:, s0:s1], mask[:, s0:s1], cfg.lookahead,
+                                     targets=False)
+        r = residual(out, v[:, s0:s1], wt, cfg.lookahead)
         urows, offsets, order, inv_count = value_pairs(rows, contrib, HK, Cv.shape[0])
         coef = (-cfg.lr * HK) * w.reshape(-1) * inv_count.to(dt)
         if undo:

@@ -526,9 +526,9 @@ def test_backward_window_cache_equals_recompute(monkeypatch, score):
 
     real_init = recurrence.Window.__init__
 
-    def recompute(self, *args, cache=None, addr=False, kn=None):
+    def recompute(self, *args, cache=None, addr=False, kn=None, xn=None):
         calls.append(cache is not None)
-        real_init(self, *args, kn=kn)
+        real_init(self, *args, kn=kn, xn=xn)
 
     monkeypatch.setattr(recurrence.Window, "__init__", recompute)
     fresh = grads()
