@@ -190,6 +190,31 @@ void scatter_rows_atomic(const std::string& device, int dtype, std::uintptr_t ta
   })
 }
 
+// CPU only: scatter_rows in place with its undo log (kernels.h: map_rows without the copy, then
+// scatter_rows copying each row it writes for the first time into the log). Returns the new U.
+// Every refusal (a row outside the table, more rows than the log holds) comes from map_rows,
+// before anything is written; the map is then as it was.
+int64_t scatter_rows_logged(int dtype, std::uintptr_t table, int64_t R, int64_t D,
+                            std::uintptr_t urows, std::uintptr_t offsets, int64_t U,
+                            std::uintptr_t order, std::uintptr_t coef, std::uintptr_t x, int64_t L,
+                            std::uintptr_t nonfinite, std::uintptr_t slot, std::uintptr_t touched,
+                            int64_t used, int64_t cap, std::uintptr_t log, std::uintptr_t ids) {
+  check_dtype(dtype, "scatter_rows_logged");
+  if (U == 0) return used;
+  py::gil_scoped_release nogil;
+  int64_t out = used;
+  FWPKM_DISPATCH(dtype, "scatter_rows_logged", {
+    int64_t* id = P<int64_t>(ids);
+    out = fwpkm::map_rows_cpu<T>(P<int64_t>(slot), R, P<const int64_t>(urows), U, id,
+                                 P<int64_t>(touched), used, cap, nullptr, nullptr, D);
+    for (int64_t u = 0; u < U; ++u) id[u] = id[u] >= used ? id[u] : -1;  // logged already
+    fwpkm::scatter_rows_cpu<T>(P<T>(table), R, D, P<const int64_t>(urows), P<const int64_t>(offsets),
+                               U, P<const int64_t>(order), P<const T>(coef), P<const T>(x), L,
+                               P<int64_t>(nonfinite), P<T>(log), id);
+  })
+  return out;
+}
+
 // CPU only: the unsorted pair update of a small table (see kernels.h).
 void scatter_pairs(int dtype, std::uintptr_t table, int64_t R, int64_t D, std::uintptr_t rows,
                    int64_t M, int64_t L, std::uintptr_t coef, std::uintptr_t x) {
@@ -273,6 +298,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("scatter_rows_atomic", &scatter_rows_atomic);
   m.def("scatter_rows_dense", &scatter_rows_dense);
   m.def("scatter_pairs", &scatter_pairs);
+  m.def("scatter_rows_logged", &scatter_rows_logged);
   m.def("segment_rows", &segment_rows);
   m.def("segment_rows_work", &fwpkm::segment_rows_work);
   m.def("read_positions", &read_positions);

@@ -50,11 +50,14 @@ void gather_dot_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, c
 // urows must be distinct (one writer per row); order lists pair ids (m * L + l) grouped by row.
 // CPU only: when nonfinite is not null, *nonfinite += the number of updated rows that hold a
 // NaN or an infinity afterwards (checked while the row is in cache: the all-or-nothing commit's
-// overflow check without a pass over the table).
+// overflow check without a pass over the table). When log is not null, row urows[u] is first
+// copied, as it was, to log[log_id[u], :] for every u with log_id[u] >= 0 (the undo log of an
+// in-place call, written while the row is in cache: no second random read of it).
 template <typename T>
 void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, const int64_t* offsets,
                       int64_t U, const int64_t* order, const T* coef, const T* x, int64_t L,
-                      int64_t* nonfinite = nullptr);
+                      int64_t* nonfinite = nullptr, T* log = nullptr,
+                      const int64_t* log_id = nullptr);
 
 // Unsorted pair update of a small table, in place (CPU only): for p = 0, 1, ..., M * L - 1 in
 // that order, table[rows[p], :] += coef[p] * x[p / L, :]. rows [M, L], coef [M, L], x [M, D].
@@ -98,7 +101,8 @@ void read_positions_cpu(const int64_t* idx, const int64_t* half, int64_t G, int6
 //   slot    [R]       compact id of each table row, -1 for rows not in the compact table (updated)
 //   rows    [Q]       table rows, 0 <= rows[j] < R;  cid [Q]: out, slot[rows[j]] after the call
 //   touched [cap]     touched[u]: the table row held by compact row u; rows [U, new U) appended
-//   table   [R, D]    a new row's values are copied to compact [cap, D] at its id
+//   table   [R, D]    a new row's values are copied to compact [cap, D] at its id (both null:
+//                     no copy; the caller copies them, e.g. scatter_rows' undo log)
 // New rows get ids U, U + 1, ... in the order of their first occurrence in rows. Returns the new
 // U. A row id outside [0, R) throws std::invalid_argument, more than cap rows std::length_error;
 // slot is then as it was before the call.

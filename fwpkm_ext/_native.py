@@ -180,6 +180,34 @@ def scatter_rows(table: torch.Tensor, urows: torch.Tensor, offsets: torch.Tensor
         _C.scatter_rows_atomic(*args)
 
 
+def scatter_rows_logged(table: torch.Tensor, urows: torch.Tensor, offsets: torch.Tensor,
+                        order: torch.Tensor, coef: torch.Tensor, x: torch.Tensor, L: int,
+                        nonfinite: torch.Tensor, slot: torch.Tensor, touched: torch.Tensor, U: int,
+                        log: torch.Tensor) -> int:
+    """CPU, in place: scatter_rows (counting non-finite rows into `nonfinite`), each row written
+    for the first time copied before its write into `log` (its id in slot/touched as map_rows
+    gives them, the values as they were). Returns the new U. A row outside the table, or more
+    rows than `log` holds, raises ValueError with nothing written and `slot` as it was."""
+    cpu = torch.device("cpu")
+    if table.device != cpu:
+        raise ValueError(f"table: scatter_rows_logged is CPU only, got device {table.device}")
+    code, R, D, n_u = _scatter_checks(table, urows, offsets, order, coef, x, L)
+    _check("nonfinite", nonfinite, torch.int64, cpu, (1,))
+    _check("slot", slot, torch.int64, cpu, (R,))
+    _check("touched", touched, torch.int64, cpu)
+    cap = touched.numel()
+    _check("log", log, table.dtype, cpu, (cap, D))
+    if isinstance(U, bool) or not isinstance(U, int) or not 0 <= U <= cap:
+        raise ValueError(f"U: expected an int in [0, {cap}], got {U!r}")
+    if n_u == 0 or D == 0:
+        return U
+    ids = torch.empty(n_u, dtype=torch.int64)
+    return _C.scatter_rows_logged(code, table.data_ptr(), R, D, urows.data_ptr(), offsets.data_ptr(),
+                                  n_u, order.data_ptr(), coef.data_ptr(), x.data_ptr(), L,
+                                  nonfinite.data_ptr(), slot.data_ptr(), touched.data_ptr(), U, cap,
+                                  log.data_ptr(), ids.data_ptr())
+
+
 def scatter_pairs(table: torch.Tensor, rows: torch.Tensor, coef: torch.Tensor, x: torch.Tensor) -> None:
     """CPU, in place: table[rows[m, l]] += coef[m, l] * x[m] for every pair, each row's terms in
     pair order (scatter_rows' sums over segment_rows' buckets, without the sort): for small

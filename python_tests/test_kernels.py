@@ -1019,3 +1019,56 @@ def test_cpu_isa_environment_variable_forces_base():
     env.pop("FWPKM_CPU_ISA")
     got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert got.stdout.strip() == _native.build_info()["cpu_isas"][-1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scatter_rows_logged_writes_like_scatter_rows_and_logs_first_writes(dtype):
+    """The in-place value write with its undo log: the table as scatter_rows leaves it, the
+    non-finite count, and in the log each row written for the first time as it was before
+    (rows logged by an earlier call are not logged again); the map as map_rows would leave it."""
+    g = gen(5)
+    R, D, M, L, cap = 400, 9, 30, 4, 300
+    table = randn(g, R, D, dtype=dtype)
+    slot = torch.full((R,), -1, dtype=torch.long)
+    touched = torch.full((cap,), -5, dtype=torch.long)
+    log = torch.full((cap, D), float("nan"), dtype=dtype)
+    bad = torch.zeros(1, dtype=torch.long)
+    U = 0
+    for call in range(3):
+        rows = randint(g, 0, R, M, L)
+        x = randn(g, M, D, dtype=dtype)
+        if call == 2:
+            x[3, 0] = float("inf")
+        coef = randn(g, M * L, dtype=dtype)
+        urows, offsets, order, _ = recurrence.segments(rows.reshape(-1), R=R)
+        want = table.clone()
+        want_bad = torch.zeros(1, dtype=torch.long)
+        _native.scatter_rows(want, urows, offsets, order, coef, x, L, nonfinite=want_bad)
+        old_slot = slot.clone()
+        before = table.clone()
+        U2 = _native.scatter_rows_logged(table, urows, offsets, order, coef, x, L, bad, slot, touched, U, log)
+        assert torch.equal(table.nan_to_num(0, 7, -7), want.nan_to_num(0, 7, -7))
+        new = [int(r) for r in urows if old_slot[r] < 0]
+        assert U2 == U + len(new)
+        assert touched[U:U2].tolist() == new
+        for u in range(U, U2):
+            assert int(slot[touched[u]]) == u
+            assert torch.equal(log[u], before[touched[u]])
+        U = U2
+    assert int(bad) == int(want_bad) > 0
+    # refusals: nothing written, the map as it was
+    rows = torch.tensor([[3, R]])
+    urows, offsets, order = torch.tensor([3, R]), torch.tensor([0, 1, 2]), torch.tensor([0, 1])
+    t0, s0 = table.clone(), slot.clone()
+    with pytest.raises(ValueError, match="outside"):
+        _native.scatter_rows_logged(table, urows, offsets, order, randn(g, 2, dtype=dtype),
+                                    randn(g, 1, D, dtype=dtype), 2, bad, slot, touched, U, log)
+    assert torch.equal(table.nan_to_num(0, 7, -7), t0.nan_to_num(0, 7, -7)) and torch.equal(slot, s0)
+    free = [r for r in range(R) if slot[r] < 0][: cap - U + 1]
+    urows = torch.tensor(free)
+    n = len(free)
+    with pytest.raises(ValueError, match="capacity"):
+        _native.scatter_rows_logged(table, urows, torch.arange(n + 1), torch.arange(n),
+                                    randn(g, n, dtype=dtype), randn(g, n, D, dtype=dtype), 1, bad,
+                                    slot, touched, U, log)
+    assert torch.equal(table.nan_to_num(0, 7, -7), t0.nan_to_num(0, 7, -7)) and torch.equal(slot, s0)

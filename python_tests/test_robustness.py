@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fwpkm_ext
-from fwpkm_ext import FwPKM, PKM, MemoryState, _native, flush_state, fwpkm_memory, memory_read, memory_step
+from fwpkm_ext import FwPKM, PKM, MemoryState, _native, flush_state, fwpkm_memory, memory_read, memory_step, recurrence
 from fwpkm_ext.reference import fwpkm_memory_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -240,25 +240,33 @@ def test_skip_streams_in_any_split():
 
 
 @pytest.mark.parametrize("inplace", [False, True])
-def test_failure_inside_a_call_leaves_the_state(monkeypatch, inplace):
+@pytest.mark.parametrize("where", ["value write", "key update"])
+def test_failure_inside_a_call_leaves_the_state(monkeypatch, inplace, where):
+    """A failure in the third window (its value write, or its key update after its values were
+    written), two windows in: the state is as before the call, in place or not, and a call on it
+    afterwards works. The in-place CPU value write is scatter_rows_logged (the undo log)."""
     q, v, g = _tokens(10, 2, 13)
     st = _state(11, 2, C=4)
     before = _tables(st)
-    real = _native.scatter_rows
+    if where == "key update":
+        owner, name = recurrence.Window, "updated_keys"
+    else:
+        owner, name = _native, ("scatter_rows_logged" if inplace else "scatter_rows")
+    real = getattr(owner, name)
     calls = {"n": 0}
 
     def failing(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 3:  # the third window's value write: two windows have been written
+        if calls["n"] == 3:
             raise RuntimeError("injected failure")
         return real(*a, **k)
 
-    monkeypatch.setattr(_native, "scatter_rows", failing)
+    monkeypatch.setattr(owner, name, failing)
     with torch.no_grad(), pytest.raises(RuntimeError, match="injected"):
         memory_step(q, v, g, st, inplace=inplace)
     assert calls["n"] == 3
     assert _same_tables(st, before)
-    monkeypatch.setattr(_native, "scatter_rows", real)
+    monkeypatch.setattr(owner, name, real)
     with torch.no_grad():
         _, new = memory_step(q, v, g, st, inplace=inplace)
     assert not _same_tables(new, before)

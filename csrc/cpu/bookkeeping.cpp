@@ -65,6 +65,7 @@ int64_t map_rows_cpu(int64_t* slot, int64_t R, const int64_t* rows, int64_t Q, i
     }
     cid[j] = c;
   }
+  if (compact == nullptr) return U;
   // the new rows' values, copied in parallel (rows in random order: prefetched ahead)
 #pragma omp parallel for schedule(static) if ((U - U0) * D > (int64_t(1) << 15))
   for (int64_t u = U0; u < U; ++u) {

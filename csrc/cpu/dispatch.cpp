@@ -71,8 +71,9 @@ void gather_dot_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, c
 template <typename T>
 void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, const int64_t* offsets,
                       int64_t U, const int64_t* order, const T* coef, const T* x, int64_t L,
-                      int64_t* nonfinite) {
-  FWPKM_RUN(scatter_rows_cpu<T>, table, R, D, urows, offsets, U, order, coef, x, L, nonfinite);
+                      int64_t* nonfinite, T* log, const int64_t* log_id) {
+  FWPKM_RUN(scatter_rows_cpu<T>, table, R, D, urows, offsets, U, order, coef, x, L, nonfinite, log,
+            log_id);
 }
 
 template <typename T>
@@ -99,7 +100,7 @@ void scatter_rows_dense_cpu(T* table, int64_t R, int64_t D, const int64_t* urows
                                   int64_t, T*);                                                  \
   template void scatter_rows_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,        \
                                     int64_t, const int64_t*, const T*, const T*, int64_t,        \
-                                    int64_t*);                                                   \
+                                    int64_t*, T*, const int64_t*);                               \
   template void scatter_pairs_cpu<T>(T*, int64_t, int64_t, const int64_t*, int64_t, int64_t,     \
                                      const T*, const T*);                                        \
   template void scatter_rows_dense_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,  \

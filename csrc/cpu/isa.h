@@ -28,7 +28,7 @@
   template <typename T>                                                                              \
   void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows,                       \
                         const int64_t* offsets, int64_t U, const int64_t* order, const T* coef,     \
-                        const T* x, int64_t L, int64_t* nonfinite);                                  \
+                        const T* x, int64_t L, int64_t* nonfinite, T* log, const int64_t* log_id);   \
   template <typename T>                                                                              \
   void scatter_pairs_cpu(T* table, int64_t R, int64_t D, const int64_t* rows, int64_t M, int64_t L, \
                          const T* coef, const T* x);                                                 \

@@ -395,13 +395,14 @@ void gather_dot_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, c
 template <typename T>
 void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, const int64_t* offsets,
                       int64_t U, const int64_t* order, const T* coef, const T* x, int64_t L,
-                      int64_t* nonfinite) {
+                      int64_t* nonfinite, T* log, const int64_t* log_id) {
   (void)R;
   int64_t bad = 0;
 #pragma omp parallel for schedule(dynamic, 16) reduction(+ : bad) if ((offsets[U] - offsets[0]) * D > kSerialWork)
   for (int64_t u = 0; u < U; ++u) {
     if (u + kAhead < U) prefetch_row(table + urows[u + kAhead] * D, D);
     T* row = table + urows[u] * D;
+    if (log && log_id[u] >= 0) std::memcpy(log + log_id[u] * D, row, sizeof(T) * size_t(D));
     add_segment(row, D, order + offsets[u], offsets[u + 1] - offsets[u], coef, x, L);
     if (nonfinite && !row_finite(row, D)) ++bad;
   }
@@ -479,7 +480,7 @@ void scatter_rows_dense_cpu(T* table, int64_t R, int64_t D, const int64_t* urows
                                   int64_t, T*);                                                  \
   template void scatter_rows_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,        \
                                     int64_t, const int64_t*, const T*, const T*, int64_t,        \
-                                    int64_t*);                                                   \
+                                    int64_t*, T*, const int64_t*);                               \
   template void scatter_pairs_cpu<T>(T*, int64_t, int64_t, const int64_t*, int64_t, int64_t,       \
                                      const T*, const T*);                                        \
   template void scatter_rows_dense_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,  \
