@@ -215,6 +215,20 @@ int64_t scatter_rows_logged(int dtype, std::uintptr_t table, int64_t R, int64_t 
   return out;
 }
 
+// CPU only: the addressing loss' terms and key step of one window (see kernels.h).
+void addr_step(int dtype, std::uintptr_t s, std::uintptr_t inv, std::uintptr_t rows, int64_t M,
+               int64_t L, std::uintptr_t x, std::uintptr_t K, int64_t R, int64_t D, double rpg,
+               double w, double lr, double eps, std::uintptr_t prob, std::uintptr_t u,
+               std::uintptr_t gamma, std::uintptr_t pbar, std::uintptr_t out) {
+  check_dtype(dtype, "addr_step");
+  py::gil_scoped_release nogil;
+  FWPKM_DISPATCH(dtype, "addr_step", {
+    fwpkm::addr_step_cpu<T>(P<const T>(s), inv ? P<const T>(inv) : nullptr, P<const int64_t>(rows),
+                            M, L, P<const T>(x), P<const T>(K), R, D, rpg, w, lr, eps, P<T>(prob),
+                            P<T>(u), P<T>(gamma), P<T>(pbar), out ? P<T>(out) : nullptr);
+  })
+}
+
 // CPU only: the unsorted pair update of a small table (see kernels.h).
 void scatter_pairs(int dtype, std::uintptr_t table, int64_t R, int64_t D, std::uintptr_t rows,
                    int64_t M, int64_t L, std::uintptr_t coef, std::uintptr_t x) {
@@ -299,6 +313,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("scatter_rows_dense", &scatter_rows_dense);
   m.def("scatter_pairs", &scatter_pairs);
   m.def("scatter_rows_logged", &scatter_rows_logged);
+  m.def("addr_step", &addr_step);
   m.def("segment_rows", &segment_rows);
   m.def("segment_rows_work", &fwpkm::segment_rows_work);
   m.def("read_positions", &read_positions);

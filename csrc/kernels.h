@@ -77,6 +77,22 @@ void scatter_rows_dense_cpu(T* table, int64_t R, int64_t D, const int64_t* urows
                             const int64_t* offsets, int64_t U, const int64_t* order, const T* coef,
                             const T* x, int64_t L);
 
+// The addressing loss' key step of one window (CPU only; SPEC "Update", keys), for M pair rows
+// of L pairs (query half m against key row rows[m, l]) whose rows are all the memory's rows:
+//   s [M, L] the pairs' sub-scores; inv [M, L] = 1 / (eps_idw + distance) for IDW, null for dot
+//   x [M, D] the query halves; K [R, D] the keys; rpg: the rows sharing the memory (the mean's
+//   divisor); w: the loss weight; eps: the entropy's log epsilon
+// Writes P = softmax(s) per row, pbar [R] = (sum of P over each key row's pairs) / rpg,
+// u [M, L] = dL/dP = phi[rows] / rpg with phi = w (log(pbar + eps) + pbar / (pbar + eps)),
+// gamma [M, L] = dL/ds = P (u - <P, u>), and, when out [R, D] is not null, the step
+// out = K - lr dL/dK: out[r] = K[r] + sum_p c_p x[p / L] (- (sum_p c_p) K[r] for IDW), with
+// c = -lr gamma (IDW: times 2 inv), each row's terms in pair order. Row sums accumulate in
+// double. A row outside [0, R) throws std::invalid_argument before anything is written.
+template <typename T>
+void addr_step_cpu(const T* s, const T* inv, const int64_t* rows, int64_t M, int64_t L,
+                   const T* x, const T* K, int64_t R, int64_t D, double rpg, double w, double lr,
+                   double eps, T* P, T* u, T* gamma, T* pbar, T* out);
+
 // Stable bucketing of pairs by row (CPU only; CUDA uses torch's sort), what scatter_rows needs:
 //   the key of pair j (j in [0, Q)) is rows[pairs[j]] (pairs null: rows[j]), 0 <= key < R
 //   order   [Q]        the pair ids (pairs[j], or j) by increasing key, equal keys in input order

@@ -208,6 +208,37 @@ def scatter_rows_logged(table: torch.Tensor, urows: torch.Tensor, offsets: torch
                                   log.data_ptr(), ids.data_ptr())
 
 
+def addr_step(s: torch.Tensor, inv: Optional[torch.Tensor], rows: torch.Tensor, x: torch.Tensor,
+              K: torch.Tensor, rpg: float, w: float, lr: float, eps: float, want_keys: bool = True):
+    """CPU: the addressing loss' terms of one window's pairs and its key step (kernels.h):
+    returns (P, u, gamma, pbar, new_keys); new_keys = K - lr dL/dK, None without `want_keys`.
+    s, inv (None for dot scores) and rows (M, L); x (M, D); K (R, D)."""
+    if K.device.type != "cpu":
+        raise ValueError(f"K: addr_step is CPU only, got device {K.device}")
+    code, R, D, M, L = _table_and_rows(K, rows)
+    dev, dt = K.device, K.dtype
+    _check("s", s, dt, dev, (M, L))
+    if inv is not None:
+        _check("inv", inv, dt, dev, (M, L))
+    _check("x", x, dt, dev, (M, D))
+    for name, val in (("rpg", rpg), ("w", w), ("lr", lr), ("eps", eps)):
+        if isinstance(val, bool) or not isinstance(val, (int, float)):
+            raise TypeError(f"{name}: expected a float, got {type(val).__name__}")
+    P, u, gamma = (torch.empty(M, L, dtype=dt) for _ in range(3))
+    pbar = torch.empty(R, dtype=dt)
+    out = torch.empty(R, D, dtype=dt) if want_keys else None
+    if M * L == 0:
+        pbar.zero_()
+        if out is not None:
+            out.copy_(K)
+        return P, u, gamma, pbar, out
+    _C.addr_step(code, s.data_ptr(), inv.data_ptr() if inv is not None else 0, rows.data_ptr(), M, L,
+                 x.data_ptr(), K.data_ptr(), R, D, float(rpg), float(w), float(lr), float(eps),
+                 P.data_ptr(), u.data_ptr(), gamma.data_ptr(), pbar.data_ptr(),
+                 out.data_ptr() if out is not None else 0)
+    return P, u, gamma, pbar, out
+
+
 def scatter_pairs(table: torch.Tensor, rows: torch.Tensor, coef: torch.Tensor, x: torch.Tensor) -> None:
     """CPU, in place: table[rows[m, l]] += coef[m, l] * x[m] for every pair, each row's terms in
     pair order (scatter_rows' sums over segment_rows' buckets, without the sort): for small

@@ -292,7 +292,7 @@ class Window:
         if hp.inv is not None:
             per[1] = hp.inv.reshape(-1)
         if self._addr is not None:
-            P, u, gamma, dphi = self._addr
+            P, u, gamma, dphi = self.addr()
             per[2], per[3], per[4] = P.reshape(-1), u.reshape(-1), gamma.reshape(-1)
             row[row.numel() - dphi.numel():] = dphi
 
@@ -316,26 +316,55 @@ class Window:
         return self.half.vjp(ah, gk)
 
     # addressing loss L = w_addr * sum_i pbar_i log(pbar_i + 1e-8), per (memory, head, half)
+    def _native_addr(self) -> bool:
+        """The addressing terms and key step by the native kernel (addr_step): on CPU, when every
+        token row enters the loss with the same divisor (no skipped tokens)."""
+        return (self.kflat.device.type == "cpu" and self.row_on is None
+                and isinstance(self.rows_per_group, float))
+
+    def _addr_native(self, lr: Optional[float]) -> Optional[Tensor]:
+        hp = self.half
+        P, u, gamma, pbar, new = _native.addr_step(
+            hp.s.contiguous(), hp.inv.contiguous() if hp.inv is not None else None,
+            hp.rows.contiguous(), hp.x.contiguous(), self.kflat.contiguous(), self.rows_per_group,
+            self.cfg.addr_loss_weight, 0.0 if lr is None else lr, ENTROPY_EPS, want_keys=lr is not None)
+        self._addr = (P, u, gamma, None)
+        self._pbar = pbar
+        return new
+
+    def _dphi(self, pbar: Tensor) -> Tensor:
+        w, d = self.cfg.addr_loss_weight, ENTROPY_EPS
+        pe = pbar + d
+        return w * (1.0 / pe + d / (pe * pe))
+
     def addr(self):
+        """(P, u, gamma, dphi): the window's softmax over each pair row, dL/dP, dL/ds per pair,
+        and d2L/dpbar2 per key row."""
         if self._addr is None:
-            hp = self.half
-            P = torch.softmax(hp.s, dim=-1)
-            if self.row_on is not None:
-                P = P * self.row_on
-            pbar = self._per_row(seg_sum(hp, P, self.kflat.shape[0]))
-            w, d = self.cfg.addr_loss_weight, ENTROPY_EPS
-            pe = pbar + d
-            phi = w * (torch.log(pe) + pbar / pe)  # dL/dpbar
-            dphi = w * (1.0 / pe + d / (pe * pe))
-            u = self._per_pair(phi[hp.rows])  # dL/dP
-            gamma = P * (u - (P * u).sum(-1, keepdim=True))  # dL/ds
-            self._addr = (P, u, gamma, dphi)
+            if self._native_addr():
+                self._addr_native(None)
+            else:
+                hp = self.half
+                P = torch.softmax(hp.s, dim=-1)
+                if self.row_on is not None:
+                    P = P * self.row_on
+                pbar = self._per_row(seg_sum(hp, P, self.kflat.shape[0]))
+                w, d = self.cfg.addr_loss_weight, ENTROPY_EPS
+                pe = pbar + d
+                phi = w * (torch.log(pe) + pbar / pe)  # dL/dpbar
+                u = self._per_pair(phi[hp.rows])  # dL/dP
+                gamma = P * (u - (P * u).sum(-1, keepdim=True))  # dL/ds
+                self._addr = (P, u, gamma, self._dphi(pbar))
+        if self._addr[3] is None:  # from the native kernel: dphi only when asked for
+            self._addr = self._addr[:3] + (self._dphi(self._pbar),)
         return self._addr
 
     def updated_keys(self, lr: float) -> Tensor:
-        """K - lr * dL_addr/dK, accumulated straight into a copy of the keys: the gradient's terms
-        are added with coefficients scaled by -lr, so no dense gradient table, scaling or
-        subtraction (five (R, d2) passes per window before, two now)."""
+        """K - lr * dL_addr/dK. On CPU without skipped tokens, one native pass (addr_step: the
+        terms, then the pair sums straight into a copy of the keys); otherwise the gradient's
+        terms are accumulated into a copy of the keys with coefficients scaled by -lr."""
+        if self._addr is None and self._native_addr():
+            return self._addr_native(lr)
         _, _, gamma, _ = self.addr()
         new = self.kflat.clone()
         self.half.vjp(-lr * gamma, new, want_gx=False)

@@ -1072,3 +1072,60 @@ def test_scatter_rows_logged_writes_like_scatter_rows_and_logs_first_writes(dtyp
                                     randn(g, n, dtype=dtype), randn(g, n, D, dtype=dtype), 1, bad,
                                     slot, touched, U, log)
     assert torch.equal(table.nan_to_num(0, 7, -7), t0.nan_to_num(0, 7, -7)) and torch.equal(slot, s0)
+
+
+def _addr_by_torch(K, x, rows, score, rpg, w, lr, eps=1e-3):
+    """The addressing terms and key step from their definitions (autograd through the pair
+    scores): an oracle for addr_step that shares no code with it."""
+    Kd = K.double().clone().requires_grad_(True)
+    xd = x.double()
+    Kr = Kd[rows]  # (M, L, D)
+    if score == "idw":
+        d = ((xd.unsqueeze(1) - Kr) ** 2).sum(-1)
+        s = -torch.log(eps + d)
+    else:
+        s = (xd.unsqueeze(1) * Kr).sum(-1)
+    P = torch.softmax(s, -1)
+    pbar = torch.zeros(K.shape[0], dtype=torch.float64).index_add(0, rows.reshape(-1), P.reshape(-1)) / rpg
+    loss = w * (pbar * torch.log(pbar + 1e-8)).sum()
+    gK, = torch.autograd.grad(loss, Kd)
+    return s.detach(), P.detach(), pbar.detach(), (Kd - lr * gK).detach()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("score", ["idw", "dot"])
+@pytest.mark.parametrize("R,D,M,L", [(3, 2, 4, 2), (64, 9, 50, 5), (1024, 33, 300, 8)])
+def test_addr_step_vs_autograd(dtype, score, R, D, M, L):
+    """addr_step's P, pbar and key step against autograd of the addressing loss (float64
+    oracle), from random keys and queries (not zeros); bit-identical at one and two threads;
+    without want_keys the same terms and no step."""
+    g = gen(R + M * 3 + L)
+    K = randn(g, R, D, dtype=dtype, scale=0.3)
+    x = randn(g, M, D, dtype=dtype)
+    rows = randint(g, 0, R, M, L)
+    rpg, w, lr = float(M) / 2, 0.8, 0.6
+    s, P_want, pbar_want, new_want = _addr_by_torch(K, x, rows, score, rpg, w, lr)
+    inv = torch.exp(s).to(dtype) if score == "idw" else None  # 1 / (eps + d)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            outs.append(_native.addr_step(s.to(dtype), inv, rows, x, K, rpg, w, lr, 1e-8))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    P, u, gamma, pbar, new = outs[0]
+    tol = dict(rtol=1e-9, atol=1e-12) if dtype == F64 else dict(rtol=2e-3, atol=2e-5)
+    torch.testing.assert_close(P.double(), P_want, **tol)
+    torch.testing.assert_close(pbar.double(), pbar_want, **tol)
+    torch.testing.assert_close(new.double() - K.double(), new_want - K.double(), **tol)
+    assert not torch.equal(new, K)
+    P2, u2, gamma2, pbar2, none = _native.addr_step(s.to(dtype), inv, rows, x, K, rpg, w, lr, 1e-8,
+                                                   want_keys=False)
+    assert none is None and torch.equal(P2, P) and torch.equal(gamma2, gamma) and torch.equal(pbar2, pbar)
+    bad = rows.clone()
+    bad[-1, -1] = R
+    with pytest.raises(ValueError, match=f"rows holds {R}"):
+        _native.addr_step(s.to(dtype), inv, bad, x, K, rpg, w, lr, 1e-8)

@@ -446,6 +446,87 @@ void scatter_pairs_cpu(T* table, int64_t R, int64_t D, const int64_t* rows, int6
 }
 
 template <typename T>
+void addr_step_cpu(const T* s, const T* inv, const int64_t* rows, int64_t M, int64_t L,
+                   const T* x, const T* K, int64_t R, int64_t D, double rpg, double w, double lr,
+                   double eps, T* P, T* u, T* gamma, T* pbar, T* out) {
+  const int64_t Q = M * L;
+  for (int64_t p = 0; p < Q; ++p)
+    if (rows[p] < 0 || rows[p] >= R)
+      throw std::invalid_argument("fwpkm addr_step: rows holds " + std::to_string(rows[p]) +
+                                  ", outside [0, " + std::to_string(R) + ")");
+  const T trpg = static_cast<T>(rpg), tw = static_cast<T>(w), teps = static_cast<T>(eps);
+  // P: the softmax of each pair row (max subtracted, exp, divided by the sum)
+#pragma omp parallel for schedule(static) if (Q > kSerialWork)
+  for (int64_t m = 0; m < M; ++m) {
+    const T* sm = s + m * L;
+    T* pm = P + m * L;
+    T mx = sm[0];
+    for (int64_t j = 1; j < L; ++j) mx = sm[j] > mx ? sm[j] : mx;
+    T sum = T(0);
+    for (int64_t j = 0; j < L; ++j) sum += (pm[j] = std::exp(sm[j] - mx));
+    for (int64_t j = 0; j < L; ++j) pm[j] /= sum;
+  }
+  // pbar: per key row, the sum of its pairs' P in pair order (in double), over the rows sharing
+  // the memory; then dL/dpbar = w (log(pbar + eps) + pbar / (pbar + eps)) in place of phi
+  std::vector<double> acc(static_cast<size_t>(R), 0.0);
+  for (int64_t p = 0; p < Q; ++p) acc[size_t(rows[p])] += double(P[p]);
+  std::vector<T> phi(static_cast<size_t>(R));
+  for (int64_t r = 0; r < R; ++r) {
+    const T pb = static_cast<T>(acc[size_t(r)]) / trpg;
+    pbar[r] = pb;
+    const T pe = pb + teps;
+    phi[size_t(r)] = tw * (std::log(pe) + pb / pe);
+  }
+  // u = dL/dP and gamma = dL/ds = P (u - <P, u>) per pair row; the key step's pair coefficient
+  // c = -lr gamma (IDW: times ds/dK's 2 inv), summed per key row (in double) for the -c K term
+#pragma omp parallel for schedule(static) if (Q > kSerialWork)
+  for (int64_t m = 0; m < M; ++m) {
+    T dotpu = T(0);
+    for (int64_t j = 0; j < L; ++j) {
+      const int64_t p = m * L + j;
+      u[p] = phi[size_t(rows[p])] / trpg;
+      dotpu += P[p] * u[p];
+    }
+    for (int64_t j = 0; j < L; ++j) {
+      const int64_t p = m * L + j;
+      gamma[p] = P[p] * (u[p] - dotpu);
+    }
+  }
+  if (out == nullptr) return;
+  std::vector<T> c(static_cast<size_t>(Q));
+  const T tlr = static_cast<T>(lr);
+  for (int64_t p = 0; p < Q; ++p) c[size_t(p)] = inv ? T(2) * (-tlr * gamma[p]) * inv[p] : -tlr * gamma[p];
+  std::fill(acc.begin(), acc.end(), 0.0);
+  if (inv)
+    for (int64_t p = 0; p < Q; ++p) acc[size_t(rows[p])] += double(c[size_t(p)]);
+  // out = K + sum_p c_p x_m (one writer per row: threads own row ranges and walk the pairs in
+  // order, as scatter_pairs), then (IDW) out -= (sum_p c_p) K
+  std::memcpy(out, K, sizeof(T) * size_t(R * D));
+#pragma omp parallel if (Q * D > kSerialWork)
+  {
+#ifdef _OPENMP
+    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+    const int64_t nt = 1, t = 0;
+#endif
+    const int64_t lo = R * t / nt, hi = R * (t + 1) / nt;
+    for (int64_t p = 0; p < Q; ++p) {
+      const int64_t r = rows[p];
+      if (r < lo || r >= hi) continue;
+      add_pair(out + r * D, D, c[size_t(p)], x + (p / L) * D);
+    }
+    if (inv) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const T cs = static_cast<T>(acc[size_t(r)]);
+        T* o = out + r * D;
+        const T* kr = K + r * D;
+        for (int64_t d = 0; d < D; ++d) o[d] -= cs * kr[d];
+      }
+    }
+  }
+}
+
+template <typename T>
 void scatter_rows_dense_cpu(T* table, int64_t R, int64_t D, const int64_t* urows,
                             const int64_t* offsets, int64_t U, const int64_t* order, const T* coef,
                             const T* x, int64_t L) {
@@ -484,7 +565,10 @@ void scatter_rows_dense_cpu(T* table, int64_t R, int64_t D, const int64_t* urows
   template void scatter_pairs_cpu<T>(T*, int64_t, int64_t, const int64_t*, int64_t, int64_t,       \
                                      const T*, const T*);                                        \
   template void scatter_rows_dense_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,  \
-                                          int64_t, const int64_t*, const T*, const T*, int64_t);
+                                          int64_t, const int64_t*, const T*, const T*, int64_t); \
+  template void addr_step_cpu<T>(const T*, const T*, const int64_t*, int64_t, int64_t, const T*, \
+                                 const T*, int64_t, int64_t, double, double, double, double, T*, \
+                                 T*, T*, T*, T*);
 FWPKM_INSTANTIATE(float)
 FWPKM_INSTANTIATE(double)
 #undef FWPKM_INSTANTIATE
