@@ -216,17 +216,19 @@ int64_t scatter_rows_logged(int dtype, std::uintptr_t table, int64_t R, int64_t 
 }
 
 // CPU only: the addressing loss' terms and key step of one window (see kernels.h).
-void addr_step(int dtype, std::uintptr_t s, std::uintptr_t inv, std::uintptr_t rows, int64_t M,
+int64_t addr_step(int dtype, std::uintptr_t s, std::uintptr_t inv, std::uintptr_t rows, int64_t M,
                int64_t L, std::uintptr_t x, std::uintptr_t K, int64_t R, int64_t D, double rpg,
                double w, double lr, double eps, std::uintptr_t prob, std::uintptr_t u,
                std::uintptr_t gamma, std::uintptr_t pbar, std::uintptr_t out) {
   check_dtype(dtype, "addr_step");
   py::gil_scoped_release nogil;
+  int64_t bad = 0;
   FWPKM_DISPATCH(dtype, "addr_step", {
-    fwpkm::addr_step_cpu<T>(P<const T>(s), inv ? P<const T>(inv) : nullptr, P<const int64_t>(rows),
+    bad = fwpkm::addr_step_cpu<T>(P<const T>(s), inv ? P<const T>(inv) : nullptr, P<const int64_t>(rows),
                             M, L, P<const T>(x), P<const T>(K), R, D, rpg, w, lr, eps, P<T>(prob),
                             P<T>(u), P<T>(gamma), P<T>(pbar), out ? P<T>(out) : nullptr);
   })
+  return bad;
 }
 
 // CPU only: the unsorted pair update of a small table (see kernels.h).

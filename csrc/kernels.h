@@ -87,11 +87,13 @@ void scatter_rows_dense_cpu(T* table, int64_t R, int64_t D, const int64_t* urows
 // gamma [M, L] = dL/ds = P (u - <P, u>), and, when out [R, D] is not null, the step
 // out = K - lr dL/dK: out[r] = K[r] + sum_p c_p x[p / L] (- (sum_p c_p) K[r] for IDW), with
 // c = -lr gamma (IDW: times 2 inv), each row's terms in pair order. Row sums accumulate in
-// double. A row outside [0, R) throws std::invalid_argument before anything is written.
+// double. Returns the number of rows of out holding a NaN or an infinity (0 without out: the
+// window's overflow check, made while the rows are in cache). A row outside [0, R) throws
+// std::invalid_argument before anything is written.
 template <typename T>
-void addr_step_cpu(const T* s, const T* inv, const int64_t* rows, int64_t M, int64_t L,
-                   const T* x, const T* K, int64_t R, int64_t D, double rpg, double w, double lr,
-                   double eps, T* P, T* u, T* gamma, T* pbar, T* out);
+int64_t addr_step_cpu(const T* s, const T* inv, const int64_t* rows, int64_t M, int64_t L,
+                      const T* x, const T* K, int64_t R, int64_t D, double rpg, double w,
+                      double lr, double eps, T* P, T* u, T* gamma, T* pbar, T* out);
 
 // Stable bucketing of pairs by row (CPU only; CUDA uses torch's sort), what scatter_rows needs:
 //   the key of pair j (j in [0, Q)) is rows[pairs[j]] (pairs null: rows[j]), 0 <= key < R

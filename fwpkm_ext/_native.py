@@ -211,7 +211,8 @@ def scatter_rows_logged(table: torch.Tensor, urows: torch.Tensor, offsets: torch
 def addr_step(s: torch.Tensor, inv: Optional[torch.Tensor], rows: torch.Tensor, x: torch.Tensor,
               K: torch.Tensor, rpg: float, w: float, lr: float, eps: float, want_keys: bool = True):
     """CPU: the addressing loss' terms of one window's pairs and its key step (kernels.h):
-    returns (P, u, gamma, pbar, new_keys); new_keys = K - lr dL/dK, None without `want_keys`.
+    returns (P, u, gamma, pbar, new_keys, bad); new_keys = K - lr dL/dK (None without
+    `want_keys`), bad: how many of its rows hold a NaN or an infinity.
     s, inv (None for dot scores) and rows (M, L); x (M, D); K (R, D)."""
     if K.device.type != "cpu":
         raise ValueError(f"K: addr_step is CPU only, got device {K.device}")
@@ -231,12 +232,12 @@ def addr_step(s: torch.Tensor, inv: Optional[torch.Tensor], rows: torch.Tensor, 
         pbar.zero_()
         if out is not None:
             out.copy_(K)
-        return P, u, gamma, pbar, out
-    _C.addr_step(code, s.data_ptr(), inv.data_ptr() if inv is not None else 0, rows.data_ptr(), M, L,
+        return P, u, gamma, pbar, out, 0 if out is None else int((~torch.isfinite(out)).any(1).sum())
+    bad = _C.addr_step(code, s.data_ptr(), inv.data_ptr() if inv is not None else 0, rows.data_ptr(), M, L,
                  x.data_ptr(), K.data_ptr(), R, D, float(rpg), float(w), float(lr), float(eps),
                  P.data_ptr(), u.data_ptr(), gamma.data_ptr(), pbar.data_ptr(),
                  out.data_ptr() if out is not None else 0)
-    return P, u, gamma, pbar, out
+    return P, u, gamma, pbar, out, bad
 
 
 def scatter_pairs(table: torch.Tensor, rows: torch.Tensor, coef: torch.Tensor, x: torch.Tensor) -> None:

@@ -272,6 +272,7 @@ class Window:
             self.row_on = amask.reshape(B, L, 1, 1).expand(B, L, H, 2).reshape(-1, 1)
         self.cfg = cfg
         self._addr = None
+        self.keys_finite: Optional[bool] = None  # known after a native key step
         if cache is not None and addr:
             R = self.kflat.shape[0]
             self._addr = (per[2], per[3], per[4], cache[cache.numel() - R:])
@@ -324,12 +325,13 @@ class Window:
 
     def _addr_native(self, lr: Optional[float]) -> Optional[Tensor]:
         hp = self.half
-        P, u, gamma, pbar, new = _native.addr_step(
+        P, u, gamma, pbar, new, bad = _native.addr_step(
             hp.s.contiguous(), hp.inv.contiguous() if hp.inv is not None else None,
             hp.rows.contiguous(), hp.x.contiguous(), self.kflat.contiguous(), self.rows_per_group,
             self.cfg.addr_loss_weight, 0.0 if lr is None else lr, ENTROPY_EPS, want_keys=lr is not None)
         self._addr = (P, u, gamma, None)
         self._pbar = pbar
+        self.keys_finite = bad == 0 if new is not None else None
         return new
 
     def _dphi(self, pbar: Tensor) -> Tensor:
@@ -771,7 +773,8 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
         K = win.updated_keys(cfg.lr).view_as(K)
         if keep:
             win.to_cache(wcache[wi])
-        if not finite_within(K):  # stop at the first bad window (the keys are small)
+        # stop at the first bad window (the native key step counted its non-finite rows)
+        if not (finite_within(K) if win.keys_finite is None else win.keys_finite):
             _commit_check(K, Cv, wi, tr.bad)
     return K
 

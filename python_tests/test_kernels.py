@@ -1114,16 +1114,21 @@ def test_addr_step_vs_autograd(dtype, score, R, D, M, L):
             outs.append(_native.addr_step(s.to(dtype), inv, rows, x, K, rpg, w, lr, 1e-8))
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(*outs):
+    for a, b in zip(outs[0][:5], outs[1][:5]):
         assert torch.equal(a, b)
-    P, u, gamma, pbar, new = outs[0]
+    P, u, gamma, pbar, new, bad = outs[0]
+    assert bad == 0 == outs[1][5]
     tol = dict(rtol=1e-9, atol=1e-12) if dtype == F64 else dict(rtol=2e-3, atol=2e-5)
     torch.testing.assert_close(P.double(), P_want, **tol)
     torch.testing.assert_close(pbar.double(), pbar_want, **tol)
     torch.testing.assert_close(new.double() - K.double(), new_want - K.double(), **tol)
     assert not torch.equal(new, K)
-    P2, u2, gamma2, pbar2, none = _native.addr_step(s.to(dtype), inv, rows, x, K, rpg, w, lr, 1e-8,
-                                                   want_keys=False)
+    P2, u2, gamma2, pbar2, none, _ = _native.addr_step(s.to(dtype), inv, rows, x, K, rpg, w, lr, 1e-8,
+                                                      want_keys=False)
+    K_inf = K.clone()
+    K_inf[R // 2, 0] = float("inf")  # that row of the step is not finite, whatever its pairs
+    *_, over, n_bad = _native.addr_step(s.to(dtype), inv, rows, x, K_inf, rpg, w, lr, 1e-8)
+    assert n_bad == int((~torch.isfinite(over)).any(1).sum()) >= 1
     assert none is None and torch.equal(P2, P) and torch.equal(gamma2, gamma) and torch.equal(pbar2, pbar)
     bad = rows.clone()
     bad[-1, -1] = R

@@ -90,10 +90,10 @@ void scatter_rows_dense_cpu(T* table, int64_t R, int64_t D, const int64_t* urows
 }
 
 template <typename T>
-void addr_step_cpu(const T* s, const T* inv, const int64_t* rows, int64_t M, int64_t L,
-                   const T* x, const T* K, int64_t R, int64_t D, double rpg, double w, double lr,
-                   double eps, T* P, T* u, T* gamma, T* pbar, T* out) {
-  FWPKM_RUN(addr_step_cpu<T>, s, inv, rows, M, L, x, K, R, D, rpg, w, lr, eps, P, u, gamma, pbar,
+int64_t addr_step_cpu(const T* s, const T* inv, const int64_t* rows, int64_t M, int64_t L,
+                      const T* x, const T* K, int64_t R, int64_t D, double rpg, double w,
+                      double lr, double eps, T* P, T* u, T* gamma, T* pbar, T* out) {
+  return FWPKM_RUN(addr_step_cpu<T>, s, inv, rows, M, L, x, K, R, D, rpg, w, lr, eps, P, u, gamma, pbar,
             out);
 }
 
@@ -113,9 +113,9 @@ void addr_step_cpu(const T* s, const T* inv, const int64_t* rows, int64_t M, int
                                      const T*, const T*);                                        \
   template void scatter_rows_dense_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,  \
                                           int64_t, const int64_t*, const T*, const T*, int64_t); \
-  template void addr_step_cpu<T>(const T*, const T*, const int64_t*, int64_t, int64_t, const T*, \
-                                 const T*, int64_t, int64_t, double, double, double, double, T*, \
-                                 T*, T*, T*, T*);
+  template int64_t addr_step_cpu<T>(const T*, const T*, const int64_t*, int64_t, int64_t,      \
+                                    const T*, const T*, int64_t, int64_t, double, double, double, \
+                                    double, T*, T*, T*, T*, T*);
 FWPKM_INSTANTIATE(float)
 FWPKM_INSTANTIATE(double)
 #undef FWPKM_INSTANTIATE
