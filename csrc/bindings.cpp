@@ -231,6 +231,17 @@ int64_t addr_step(int dtype, std::uintptr_t s, std::uintptr_t inv, std::uintptr_
   return bad;
 }
 
+// CPU only: the value write's pair coefficients (see kernels.h).
+void segment_coefs(int dtype, std::uintptr_t offsets, int64_t U, std::uintptr_t order,
+                   std::uintptr_t w, double scale, int64_t Q, std::uintptr_t coef) {
+  check_dtype(dtype, "segment_coefs");
+  py::gil_scoped_release nogil;
+  FWPKM_DISPATCH(dtype, "segment_coefs", {
+    fwpkm::segment_coefs_cpu<T>(P<const int64_t>(offsets), U, P<const int64_t>(order), P<const T>(w),
+                                scale, Q, P<T>(coef));
+  })
+}
+
 // CPU only: the unsorted pair update of a small table (see kernels.h).
 void scatter_pairs(int dtype, std::uintptr_t table, int64_t R, int64_t D, std::uintptr_t rows,
                    int64_t M, int64_t L, std::uintptr_t coef, std::uintptr_t x) {
@@ -316,6 +327,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("scatter_pairs", &scatter_pairs);
   m.def("scatter_rows_logged", &scatter_rows_logged);
   m.def("addr_step", &addr_step);
+  m.def("segment_coefs", &segment_coefs);
   m.def("segment_rows", &segment_rows);
   m.def("segment_rows_work", &fwpkm::segment_rows_work);
   m.def("read_positions", &read_positions);

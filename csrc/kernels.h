@@ -129,6 +129,13 @@ int64_t map_rows_cpu(int64_t* slot, int64_t R, const int64_t* rows, int64_t Q, i
                      int64_t* touched, int64_t U, int64_t cap, const T* table, T* compact,
                      int64_t D);
 
+// The value write's pair coefficients from segments (CPU only): for every pair p of segment u,
+// coef[p] = (scale * w[p]) * (1 / count_u), rounded in T in that order (1 / count_u computed in
+// double); 0 for the pairs of [0, Q) in no segment. order's ids must lie in [0, Q).
+template <typename T>
+void segment_coefs_cpu(const int64_t* offsets, int64_t U, const int64_t* order, const T* w,
+                       double scale, int64_t Q, T* coef);
+
 #ifdef FWPKM_WITH_CUDA
 // CUDA versions: same contracts, device pointers, enqueued on `stream` (a cudaStream_t).
 // Each throws std::runtime_error naming the op on a CUDA error. Reduced-precision q/v are

@@ -240,6 +240,30 @@ def addr_step(s: torch.Tensor, inv: Optional[torch.Tensor], rows: torch.Tensor, 
     return P, u, gamma, pbar, out, bad
 
 
+def segment_coefs(offsets: torch.Tensor, order: torch.Tensor, w: torch.Tensor, scale: float) -> torch.Tensor:
+    """CPU: coef (w's shape, flat) with coef[p] = (scale * w[p]) * (1 / count) for every pair p of
+    a segment of `count` pairs (offsets/order as segment_rows gives them), 0 for the others: the
+    value write's coefficients, scale = -lr * H * k (kernels.h)."""
+    cpu = torch.device("cpu")
+    code = _float_code("w", w)
+    _check("w", w, w.dtype, cpu)
+    _check("offsets", offsets, torch.int64, cpu)
+    _check("order", order, torch.int64, cpu)
+    if offsets.dim() != 1 or offsets.numel() < 1:
+        raise ValueError(f"offsets: expected a 1-D tensor of U + 1 >= 1 entries, got {tuple(offsets.shape)}")
+    U, Q = offsets.numel() - 1, w.numel()
+    if int(offsets[-1]) > order.numel():
+        raise ValueError(f"offsets: its last entry ({int(offsets[-1])}) is beyond order ({order.numel()})")
+    if order.numel() and (int(order.min()) < 0 or int(order.max()) >= Q):
+        raise ValueError(f"order: pair ids must lie in [0, {Q})")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
+    coef = torch.empty(Q, dtype=w.dtype)
+    _C.segment_coefs(code, offsets.data_ptr(), U, order.data_ptr(), w.data_ptr(), float(scale), Q,
+                     coef.data_ptr())
+    return coef
+
+
 def scatter_pairs(table: torch.Tensor, rows: torch.Tensor, coef: torch.Tensor, x: torch.Tensor) -> None:
     """CPU, in place: table[rows[m, l]] += coef[m, l] * x[m] for every pair, each row's terms in
     pair order (scatter_rows' sums over segment_rows' buckets, without the sort): for small

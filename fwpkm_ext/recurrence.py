@@ -450,6 +450,19 @@ def value_pairs(rows: Tensor, contrib: Tensor, HK: int, R: Optional[int] = None)
     return urows, offsets, order, inv_count
 
 
+def value_coefs(rows: Tensor, contrib: Tensor, w: Tensor, scale: float, R: int):
+    """Segments of the contributing (row, pair) pairs and each pair's write coefficient
+    scale * w / N_row (0 for the others); scale = -lr * H * k. On CPU the coefficients come from
+    the segments in one native pass, with the same roundings as the torch expression here."""
+    HK = rows.shape[-1]
+    if rows.device.type == "cpu":
+        pid = torch.nonzero(contrib.reshape(-1, 1).expand(-1, HK).reshape(-1)).squeeze(1)
+        urows, offsets, order, _ = segments(rows.reshape(-1), pid, R=R)
+        return urows, offsets, order, _native.segment_coefs(offsets, order, w.reshape(-1).contiguous(), scale)
+    urows, offsets, order, inv_count = value_pairs(rows, contrib, HK, R)
+    return urows, offsets, order, scale * w.reshape(-1) * inv_count.to(w.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 
@@ -762,8 +775,7 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
         _, contrib, wt = contributing(v[:, s0:s1], g[:, s0:s1], mask[:, s0:s1], cfg.lookahead,
                                      targets=False)
         r = residual(out, v[:, s0:s1], wt, cfg.lookahead)
-        urows, offsets, order, inv_count = value_pairs(rows, contrib, HK, Cv.shape[0])
-        coef = (-cfg.lr * HK) * w.reshape(-1) * inv_count.to(dt)
+        urows, offsets, order, coef = value_coefs(rows, contrib, w, -cfg.lr * HK, Cv.shape[0])
         # (a window that writes makes the call one that writes: tr exists here)
         if undo:  # rows written for the first time go to the undo log first, as they were
             tr.write_logged(urows, offsets, order, coef, r, HK)

@@ -1134,3 +1134,27 @@ def test_addr_step_vs_autograd(dtype, score, R, D, M, L):
     bad[-1, -1] = R
     with pytest.raises(ValueError, match=f"rows holds {R}"):
         _native.addr_step(s.to(dtype), inv, bad, x, K, rpg, w, lr, 1e-8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Q,R,keep", [(1, 1, 1.0), (40, 7, 0.5), (4096, 3000, 0.9), (300, 5, 0.0)])
+def test_segment_coefs_equals_the_torch_expression(dtype, Q, R, keep):
+    """The value write's coefficients from the segments: bit-identical to scale * w * (1 / N_row)
+    over the kept pairs as torch computes it (value_pairs), 0 for the pairs left out."""
+    g = gen(Q + R)
+    rows = randint(g, 0, R, Q)
+    w = rand(g, Q, dtype=dtype)
+    kept = torch.rand(Q, generator=g) < keep
+    pid = torch.nonzero(kept).squeeze(1)
+    urows, offsets, order, cnt = recurrence.segments(rows, pid, counts=True, R=R)
+    inv = torch.zeros(Q, dtype=torch.float64)
+    inv[order] = 1.0 / cnt.to(torch.float64)
+    want = -0.75 * w * inv.to(dtype)
+    got = _native.segment_coefs(offsets, order, w, -0.75)
+    assert torch.equal(got[kept], want[kept])
+    assert torch.equal(got[~kept], torch.zeros_like(got[~kept]))
+    if order.numel():
+        with pytest.raises(ValueError, match="^order"):
+            _native.segment_coefs(offsets, torch.full_like(order, Q), w, -0.75)
+    with _raises(TypeError, "w"):
+        _native.segment_coefs(offsets, order, rows, -0.75)

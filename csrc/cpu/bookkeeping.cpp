@@ -6,6 +6,9 @@
 //   map_rows        the compact ids of table rows (TouchedRows.map), adding and copying the rows
 //                   not seen yet: one serial pass over the ids instead of a lookup, a test, a
 //                   bucketing of the new rows, two scatters and a second lookup
+//   segment_coefs   the value write's pair coefficients scale * w / N_row from the segments: one
+//                   pass instead of a count expansion, a zeroed table, an indexed write, a
+//                   reciprocal, a cast and two products
 #include "../kernels.h"
 
 #include <cstring>
@@ -79,5 +82,25 @@ template int64_t map_rows_cpu<float>(int64_t*, int64_t, const int64_t*, int64_t,
                                      int64_t, int64_t, const float*, float*, int64_t);
 template int64_t map_rows_cpu<double>(int64_t*, int64_t, const int64_t*, int64_t, int64_t*,
                                       int64_t*, int64_t, int64_t, const double*, double*, int64_t);
+
+template <typename T>
+void segment_coefs_cpu(const int64_t* offsets, int64_t U, const int64_t* order, const T* w,
+                       double scale, int64_t Q, T* coef) {
+  std::memset(coef, 0, sizeof(T) * size_t(Q));
+  const T ts = static_cast<T>(scale);
+  for (int64_t u = 0; u < U; ++u) {
+    const int64_t a = offsets[u], b = offsets[u + 1];
+    const T inv = static_cast<T>(1.0 / double(b - a));
+    for (int64_t p = a; p < b; ++p) {
+      const int64_t pair = order[p];
+      coef[pair] = (ts * w[pair]) * inv;
+    }
+  }
+}
+
+template void segment_coefs_cpu<float>(const int64_t*, int64_t, const int64_t*, const float*, double,
+                                       int64_t, float*);
+template void segment_coefs_cpu<double>(const int64_t*, int64_t, const int64_t*, const double*,
+                                        double, int64_t, double*);
 
 }  // namespace fwpkm
