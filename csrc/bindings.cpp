@@ -231,6 +231,19 @@ int64_t addr_step(int dtype, std::uintptr_t s, std::uintptr_t inv, std::uintptr_
   return bad;
 }
 
+// CPU only: IDW pair scores and 1 / (eps + distance) (see kernels.h).
+void idw_pairs(int dtype, std::uintptr_t table, int64_t R, int64_t D, std::uintptr_t rows,
+               std::uintptr_t x, int64_t M, int64_t L, std::uintptr_t xn, std::uintptr_t kn,
+               double eps, std::uintptr_t s, std::uintptr_t inv) {
+  check_dtype(dtype, "idw_pairs");
+  if (M * L == 0) return;
+  py::gil_scoped_release nogil;
+  FWPKM_DISPATCH(dtype, "idw_pairs", {
+    fwpkm::idw_pairs_cpu<T>(P<const T>(table), R, D, P<const int64_t>(rows), P<const T>(x), M, L,
+                            P<const T>(xn), P<const T>(kn), eps, P<T>(s), P<T>(inv));
+  })
+}
+
 // CPU only: the value write's pair coefficients (see kernels.h).
 void segment_coefs(int dtype, std::uintptr_t offsets, int64_t U, std::uintptr_t order,
                    std::uintptr_t w, double scale, int64_t Q, std::uintptr_t coef) {
@@ -328,6 +341,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("scatter_rows_logged", &scatter_rows_logged);
   m.def("addr_step", &addr_step);
   m.def("segment_coefs", &segment_coefs);
+  m.def("idw_pairs", &idw_pairs);
   m.def("segment_rows", &segment_rows);
   m.def("segment_rows_work", &fwpkm::segment_rows_work);
   m.def("read_positions", &read_positions);

@@ -45,6 +45,14 @@ template <typename T>
 void gather_dot_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* x,
                     int64_t M, int64_t L, T* gw);
 
+// IDW sub-scores of (query half, sub-key) pairs (CPU only): with dot = table[rows[m, l]] . x[m]
+// (gather_dot's sum), d = max((xn[m] + kn[rows[m, l]]) - 2 dot, 0), inv[m, l] = 1 / (eps + d)
+// and s[m, l] = log(inv[m, l]) = -log(eps + d), each rounded in T in that order.
+//   xn [M] = ||x[m]||^2, kn [R] = ||table[r]||^2
+template <typename T>
+void idw_pairs_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* x,
+                   int64_t M, int64_t L, const T* xn, const T* kn, double eps, T* s, T* inv);
+
 // Segmented row update, in place:
 //   for u in [0, U): table[urows[u], :] += sum_{p = offsets[u]}^{offsets[u+1]-1} coef[order[p]] * x[order[p] / L, :]
 // urows must be distinct (one writer per row); order lists pair ids (m * L + l) grouped by row.

@@ -240,6 +240,26 @@ def addr_step(s: torch.Tensor, inv: Optional[torch.Tensor], rows: torch.Tensor, 
     return P, u, gamma, pbar, out, bad
 
 
+def idw_pairs(table: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, xn: torch.Tensor,
+              kn: torch.Tensor, eps: float):
+    """CPU: IDW sub-scores of the pairs (x[m], table[rows[m, l]]) and 1 / (eps + distance),
+    (s, inv) each (M, L), the distance from the norms xn (M,) and kn (R,) (kernels.h)."""
+    if table.device.type != "cpu":
+        raise ValueError(f"table: idw_pairs is CPU only, got device {table.device}")
+    code, R, D, M, L = _table_and_rows(table, rows)
+    dev, dt = table.device, table.dtype
+    _check("x", x, dt, dev, (M, D))
+    _check("xn", xn, dt, dev, (M,))
+    _check("kn", kn, dt, dev, (R,))
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
+    s = torch.empty(M, L, dtype=dt)
+    inv = torch.empty(M, L, dtype=dt)
+    _C.idw_pairs(code, table.data_ptr(), R, D, rows.data_ptr(), x.data_ptr(), M, L, xn.data_ptr(),
+                 kn.data_ptr(), float(eps), s.data_ptr(), inv.data_ptr())
+    return s, inv
+
+
 def segment_coefs(offsets: torch.Tensor, order: torch.Tensor, w: torch.Tensor, scale: float) -> torch.Tensor:
     """CPU: coef (w's shape, flat) with coef[p] = (scale * w[p]) * (1 / count) for every pair p of
     a segment of `count` pairs (offsets/order as segment_rows gives them), 0 for the others: the

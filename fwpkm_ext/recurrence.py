@@ -156,6 +156,11 @@ class Pairs:
     def __init__(self, kflat: Tensor, kn: Optional[Tensor], x: Tensor, xn: Optional[Tensor],
                  rows: Tensor, score: str, eps: float):
         self.kflat, self.x, self.rows, self.score = kflat, x, rows, score
+        self._segs = None
+        if score == "idw" and kflat.device.type == "cpu":  # one native pass, the same expression
+            self.s, self.inv = _native.idw_pairs(kflat, rows.contiguous(), x, xn.contiguous(),
+                                                 kn.contiguous(), eps)
+            return
         dot = gather_x(kflat, rows, x)
         if score == "idw":
             d = (xn.unsqueeze(1) + kn[rows] - 2.0 * dot).clamp_min(0.0)

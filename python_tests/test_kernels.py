@@ -1158,3 +1158,27 @@ def test_segment_coefs_equals_the_torch_expression(dtype, Q, R, keep):
             _native.segment_coefs(offsets, torch.full_like(order, Q), w, -0.75)
     with _raises(TypeError, "w"):
         _native.segment_coefs(offsets, order, rows, -0.75)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("R,D,M,L", [(1, 1, 1, 1), (9, 5, 7, 3), (1024, 64, 300, 8)])
+def test_idw_pairs_vs_oracle(dtype, R, D, M, L):
+    """IDW pair scores in one pass: 1 / (eps + d) bit-identical to the torch expression it
+    replaces (Pairs), the score -log(eps + d) against float64, and a query equal to its key
+    (distance rounding below 0, clamped) scoring -log(eps)."""
+    g = gen(R * 3 + M)
+    K = randn(g, R, D, dtype=dtype, scale=0.3)
+    x = randn(g, M, D, dtype=dtype)
+    rows = randint(g, 0, R, M, L)
+    x[0] = K[rows[0, 0]]
+    kn, xn = (K * K).sum(-1), (x * x).sum(-1)
+    s, inv = _native.idw_pairs(K, rows, x, xn, kn, 1e-3)
+    dot = recurrence.gather_x(K, rows, x)
+    d = (xn.unsqueeze(1) + kn[rows] - 2.0 * dot).clamp_min(0.0)
+    assert torch.equal(inv, 1.0 / (1e-3 + d))
+    want = -torch.log(1e-3 + ((x.double().unsqueeze(1) - K.double()[rows]) ** 2).sum(-1))
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == F64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s.double(), want, **tol)
+    assert abs(float(s[0, 0]) + math.log(1e-3)) < (1e-9 if dtype == F64 else 1e-3)
+    with _raises(ValueError, "kn"):
+        _native.idw_pairs(K, rows, x, xn, kn[:-1].contiguous() if R > 1 else kn.new_empty(2), 1e-3)

@@ -97,6 +97,12 @@ int64_t addr_step_cpu(const T* s, const T* inv, const int64_t* rows, int64_t M, 
             out);
 }
 
+template <typename T>
+void idw_pairs_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* x,
+                   int64_t M, int64_t L, const T* xn, const T* kn, double eps, T* s, T* inv) {
+  FWPKM_RUN(idw_pairs_cpu<T>, table, R, D, rows, x, M, L, xn, kn, eps, s, inv);
+}
+
 #undef FWPKM_RUN
 
 #define FWPKM_INSTANTIATE(T)                                                                    \
@@ -111,6 +117,8 @@ int64_t addr_step_cpu(const T* s, const T* inv, const int64_t* rows, int64_t M, 
                                     int64_t*, T*, const int64_t*);                               \
   template void scatter_pairs_cpu<T>(T*, int64_t, int64_t, const int64_t*, int64_t, int64_t,     \
                                      const T*, const T*);                                        \
+  template void idw_pairs_cpu<T>(const T*, int64_t, int64_t, const int64_t*, const T*, int64_t,  \
+                                 int64_t, const T*, const T*, double, T*, T*);                   \
   template void scatter_rows_dense_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,  \
                                           int64_t, const int64_t*, const T*, const T*, int64_t); \
   template int64_t addr_step_cpu<T>(const T*, const T*, const int64_t*, int64_t, int64_t,      \

@@ -37,6 +37,9 @@
                               const int64_t* offsets, int64_t U, const int64_t* order,              \
                               const T* coef, const T* x, int64_t L);                                 \
   template <typename T>                                                                              \
+  void idw_pairs_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* x,         \
+                     int64_t M, int64_t L, const T* xn, const T* kn, double eps, T* s, T* inv);     \
+  template <typename T>                                                                              \
   int64_t addr_step_cpu(const T* s, const T* inv, const int64_t* rows, int64_t M, int64_t L,        \
                         const T* x, const T* K, int64_t R, int64_t D, double rpg, double w,         \
                         double lr, double eps, T* P, T* u, T* gamma, T* pbar, T* out);

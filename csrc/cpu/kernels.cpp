@@ -410,6 +410,24 @@ void gather_dot_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, c
 }
 
 template <typename T>
+void idw_pairs_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* x,
+                   int64_t M, int64_t L, const T* xn, const T* kn, double eps, T* s, T* inv) {
+  (void)R;
+  const T teps = static_cast<T>(eps);
+#pragma omp parallel for schedule(static) if (M * L * D > kSerialWork)
+  for (int64_t ml = 0; ml < M * L; ++ml) {
+    if (ml + kAhead < M * L) prefetch_row(table + rows[ml + kAhead] * D, D);
+    const int64_t r = rows[ml], m = ml / L;
+    const T dot = dot_lanes(table + r * D, x + m * D, D);
+    T d = (xn[m] + kn[r]) - T(2) * dot;  // the order of Pairs' torch expression
+    d = d < T(0) ? T(0) : d;
+    const T iv = T(1) / (teps + d);
+    inv[ml] = iv;
+    s[ml] = std::log(iv);
+  }
+}
+
+template <typename T>
 void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, const int64_t* offsets,
                       int64_t U, const int64_t* order, const T* coef, const T* x, int64_t L,
                       int64_t* nonfinite, T* log, const int64_t* log_id) {
@@ -584,6 +602,8 @@ void scatter_rows_dense_cpu(T* table, int64_t R, int64_t D, const int64_t* urows
                                     int64_t*, T*, const int64_t*);                               \
   template void scatter_pairs_cpu<T>(T*, int64_t, int64_t, const int64_t*, int64_t, int64_t,       \
                                      const T*, const T*);                                        \
+  template void idw_pairs_cpu<T>(const T*, int64_t, int64_t, const int64_t*, const T*, int64_t,  \
+                                 int64_t, const T*, const T*, double, T*, T*);                   \
   template void scatter_rows_dense_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,  \
                                           int64_t, const int64_t*, const T*, const T*, int64_t); \
   template int64_t addr_step_cpu<T>(const T*, const T*, const int64_t*, int64_t, int64_t,      \
