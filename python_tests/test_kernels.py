@@ -1008,16 +1008,19 @@ def test_every_cpu_isa_matches_the_oracles_and_is_deterministic(dtype):
     assert _native.cpu_isa() == first
 
 
-def test_cpu_isa_environment_variable_forces_base():
+def test_cpu_isa_environment_variable_forces_base(tmp_path):
     import os
     import subprocess
     import sys
+    # run from elsewhere: in a source checkout with an installed package, the checkout's
+    # fwpkm_ext/ (no built module) would shadow the installed one
     code = "from fwpkm_ext import _native; print(_native.cpu_isa())"
     env = dict(os.environ, FWPKM_CPU_ISA="base")
-    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    run = dict(env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
+    got = subprocess.run([sys.executable, "-c", code], **run)
     assert got.stdout.strip() == "base"
     env.pop("FWPKM_CPU_ISA")
-    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    got = subprocess.run([sys.executable, "-c", code], **run)
     assert got.stdout.strip() == _native.build_info()["cpu_isas"][-1]
 
 

@@ -552,6 +552,7 @@ _PHASES = [
     ("recurrence.Window", "__init__", "window pairs: exact scores + read weights"),
     ("recurrence", "contributing", "write: targets/residual weights"),
     ("recurrence", "value_pairs", "write: bucket value pairs (sort)"),
+    ("recurrence", "value_coefs", "write: bucket value pairs and coefficients"),
     ("recurrence.Window", "updated_keys", "key update: addressing gradient"),
     ("recurrence.Window", "addr_vjp", "backward: addressing 2nd order"),
     ("recurrence.Pairs", "vjp", "pair vjp (score -> q, K)"),
@@ -562,7 +563,8 @@ _PHASES = [
     ("_alloc", "zeros", "N x dv zero table"),
     ("functional", "_count_reads", "state telemetry counters"),
 ]
-_KERNELS = ("topk_select", "gather_rows", "gather_dot", "scatter_rows")
+_KERNELS = ("topk_select", "gather_rows", "gather_dot", "scatter_rows", "scatter_rows_logged",
+            "scatter_pairs", "idw_pairs", "addr_step", "segment_coefs")
 
 
 def _install_profile_hooks():
