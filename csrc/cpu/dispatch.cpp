@@ -105,25 +105,7 @@ void idw_pairs_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, co
 
 #undef FWPKM_RUN
 
-#define FWPKM_INSTANTIATE(T)                                                                    \
-  template void topk_select_cpu<T>(const T*, const T*, const T*, int64_t, int64_t, int64_t,      \
-                                   int64_t, int64_t, int, double, int64_t*, T*, int64_t*, T*);   \
-  template void gather_rows_cpu<T>(const T*, int64_t, int64_t, const int64_t*, const T*,         \
-                                   int64_t, int64_t, T*, T*);                                    \
-  template void gather_dot_cpu<T>(const T*, int64_t, int64_t, const int64_t*, const T*, int64_t, \
-                                  int64_t, T*);                                                  \
-  template void scatter_rows_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,        \
-                                    int64_t, const int64_t*, const T*, const T*, int64_t,        \
-                                    int64_t*, T*, const int64_t*);                               \
-  template void scatter_pairs_cpu<T>(T*, int64_t, int64_t, const int64_t*, int64_t, int64_t,     \
-                                     const T*, const T*);                                        \
-  template void idw_pairs_cpu<T>(const T*, int64_t, int64_t, const int64_t*, const T*, int64_t,  \
-                                 int64_t, const T*, const T*, double, T*, T*);                   \
-  template void scatter_rows_dense_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,  \
-                                          int64_t, const int64_t*, const T*, const T*, int64_t); \
-  template int64_t addr_step_cpu<T>(const T*, const T*, const int64_t*, int64_t, int64_t,      \
-                                    const T*, const T*, int64_t, int64_t, double, double, double, \
-                                    double, T*, T*, T*, T*, T*);
+#define FWPKM_INSTANTIATE(T) FWPKM_CPU_KERNEL_INSTANTIATIONS(T)
 FWPKM_INSTANTIATE(float)
 FWPKM_INSTANTIATE(double)
 #undef FWPKM_INSTANTIATE

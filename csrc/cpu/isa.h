@@ -44,6 +44,28 @@
                         const T* x, const T* K, int64_t R, int64_t D, double rpg, double w,         \
                         double lr, double eps, T* P, T* u, T* gamma, T* pbar, T* out);
 
+// The explicit instantiations (T = float, double) of those kernels, in whichever namespace the
+// macro is used: each variant's (kernels.cpp) and the dispatching ones (dispatch.cpp).
+#define FWPKM_CPU_KERNEL_INSTANTIATIONS(T)                                                                    \
+  template void topk_select_cpu<T>(const T*, const T*, const T*, int64_t, int64_t, int64_t,      \
+                                   int64_t, int64_t, int, double, int64_t*, T*, int64_t*, T*);   \
+  template void gather_rows_cpu<T>(const T*, int64_t, int64_t, const int64_t*, const T*,         \
+                                   int64_t, int64_t, T*, T*);                                    \
+  template void gather_dot_cpu<T>(const T*, int64_t, int64_t, const int64_t*, const T*, int64_t, \
+                                  int64_t, T*);                                                  \
+  template void scatter_rows_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,        \
+                                    int64_t, const int64_t*, const T*, const T*, int64_t,        \
+                                    int64_t*, T*, const int64_t*);                               \
+  template void scatter_pairs_cpu<T>(T*, int64_t, int64_t, const int64_t*, int64_t, int64_t,       \
+                                     const T*, const T*);                                        \
+  template void idw_pairs_cpu<T>(const T*, int64_t, int64_t, const int64_t*, const T*, int64_t,  \
+                                 int64_t, const T*, const T*, double, T*, T*);                   \
+  template void scatter_rows_dense_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,  \
+                                          int64_t, const int64_t*, const T*, const T*, int64_t); \
+  template int64_t addr_step_cpu<T>(const T*, const T*, const int64_t*, int64_t, int64_t,      \
+                                    const T*, const T*, int64_t, int64_t, double, double, double, \
+                                    double, T*, T*, T*, T*, T*);
+
 namespace fwpkm {
 namespace isa_base {
 FWPKM_CPU_KERNEL_DECLS

@@ -325,6 +325,29 @@ inline void add_segment(T* row, int64_t D, const int64_t* pairs, int64_t count, 
   }
 }
 
+// Inside a parallel region: the rows [lo, hi) of [0, R) this thread owns (all of them outside
+// one), and the pairs' terms that land there added in increasing pair order (table[rows[p]] +=
+// coef[p] * x[p / L]). Every row thus gets its terms in pair order whatever the thread count:
+// scatter_rows' order over segment_rows' stable buckets, without the sort.
+inline void owned_rows(int64_t R, int64_t* lo, int64_t* hi) {
+#ifdef _OPENMP
+  const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+  const int64_t nt = 1, t = 0;
+#endif
+  *lo = R * t / nt;
+  *hi = R * (t + 1) / nt;
+}
+template <typename T>
+inline void add_owned_pairs(T* table, int64_t D, const int64_t* rows, int64_t Q, int64_t L,
+                            const T* coef, const T* x, int64_t lo, int64_t hi) {
+  for (int64_t p = 0; p < Q; ++p) {
+    const int64_t r = rows[p];
+    if (r < lo || r >= hi) continue;
+    add_pair(table + r * D, D, coef[p], x + (p / L) * D);
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -458,25 +481,15 @@ void scatter_pairs_cpu(T* table, int64_t R, int64_t D, const int64_t* rows, int6
         throw std::invalid_argument("fwpkm scatter_pairs: rows holds " + std::to_string(rows[p]) +
                                     ", outside [0, " + std::to_string(R) + ")");
   }
-  // Thread t owns the rows [R t / nt, R (t + 1) / nt) and walks every pair in order, applying
-  // those that land in its rows: one writer per row, and each row's terms in increasing pair
-  // order whatever nt. That is scatter_rows' order over segment_rows' stable buckets (the same
-  // rounding), without the sort. It suits tables of a few thousand rows (the sub-keys): a
-  // thread's rows stay in its cache and x is read in order, where the bucketed scatter reads x
-  // at random (1.1 s for PKM's 8.4 M key pairs at B = 8, measured).
+  // Each thread owns a range of rows and walks every pair in order (add_owned_pairs): one
+  // writer per row, scatter_rows' sums without the sort. It suits tables of a few thousand rows
+  // (the sub-keys): a thread's rows stay in its cache and x is read in order, where the bucketed
+  // scatter reads x at random (1.1 s for PKM's 8.4 M key pairs at B = 8, measured).
 #pragma omp parallel if (Q * D > kSerialWork)
   {
-#ifdef _OPENMP
-    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-#else
-    const int64_t nt = 1, t = 0;
-#endif
-    const int64_t lo = R * t / nt, hi = R * (t + 1) / nt;
-    for (int64_t p = 0; p < Q; ++p) {
-      const int64_t r = rows[p];
-      if (r < lo || r >= hi) continue;
-      add_pair(table + r * D, D, coef[p], x + (p / L) * D);
-    }
+    int64_t lo, hi;
+    owned_rows(R, &lo, &hi);
+    add_owned_pairs(table, D, rows, Q, L, coef, x, lo, hi);
   }
 }
 
@@ -540,17 +553,9 @@ int64_t addr_step_cpu(const T* s, const T* inv, const int64_t* rows, int64_t M, 
   int64_t bad = 0;
 #pragma omp parallel reduction(+ : bad) if (Q * D > kSerialWork)
   {
-#ifdef _OPENMP
-    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-#else
-    const int64_t nt = 1, t = 0;
-#endif
-    const int64_t lo = R * t / nt, hi = R * (t + 1) / nt;
-    for (int64_t p = 0; p < Q; ++p) {
-      const int64_t r = rows[p];
-      if (r < lo || r >= hi) continue;
-      add_pair(out + r * D, D, c[size_t(p)], x + (p / L) * D);
-    }
+    int64_t lo, hi;
+    owned_rows(R, &lo, &hi);
+    add_owned_pairs(out, D, rows, Q, L, c.data(), x, lo, hi);
     if (inv) {
       for (int64_t r = lo; r < hi; ++r) {
         const T cs = static_cast<T>(acc[size_t(r)]);
@@ -590,25 +595,7 @@ void scatter_rows_dense_cpu(T* table, int64_t R, int64_t D, const int64_t* urows
   }
 }
 
-#define FWPKM_INSTANTIATE(T)                                                                    \
-  template void topk_select_cpu<T>(const T*, const T*, const T*, int64_t, int64_t, int64_t,      \
-                                   int64_t, int64_t, int, double, int64_t*, T*, int64_t*, T*);   \
-  template void gather_rows_cpu<T>(const T*, int64_t, int64_t, const int64_t*, const T*,         \
-                                   int64_t, int64_t, T*, T*);                                    \
-  template void gather_dot_cpu<T>(const T*, int64_t, int64_t, const int64_t*, const T*, int64_t, \
-                                  int64_t, T*);                                                  \
-  template void scatter_rows_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,        \
-                                    int64_t, const int64_t*, const T*, const T*, int64_t,        \
-                                    int64_t*, T*, const int64_t*);                               \
-  template void scatter_pairs_cpu<T>(T*, int64_t, int64_t, const int64_t*, int64_t, int64_t,       \
-                                     const T*, const T*);                                        \
-  template void idw_pairs_cpu<T>(const T*, int64_t, int64_t, const int64_t*, const T*, int64_t,  \
-                                 int64_t, const T*, const T*, double, T*, T*);                   \
-  template void scatter_rows_dense_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,  \
-                                          int64_t, const int64_t*, const T*, const T*, int64_t); \
-  template int64_t addr_step_cpu<T>(const T*, const T*, const int64_t*, int64_t, int64_t,      \
-                                    const T*, const T*, int64_t, int64_t, double, double, double, \
-                                    double, T*, T*, T*, T*, T*);
+#define FWPKM_INSTANTIATE(T) FWPKM_CPU_KERNEL_INSTANTIATIONS(T)
 FWPKM_INSTANTIATE(float)
 FWPKM_INSTANTIATE(double)
 #undef FWPKM_INSTANTIATE
