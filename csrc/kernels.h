@@ -49,6 +49,7 @@ void gather_dot_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, c
 // (gather_dot's sum), d = max((xn[m] + kn[rows[m, l]]) - 2 dot, 0), inv[m, l] = 1 / (eps + d)
 // and s[m, l] = log(inv[m, l]) = -log(eps + d), each rounded in T in that order.
 //   xn [M] = ||x[m]||^2, kn [R] = ||table[r]||^2
+// A row outside [0, R) throws std::invalid_argument before anything is read.
 template <typename T>
 void idw_pairs_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* x,
                    int64_t M, int64_t L, const T* xn, const T* kn, double eps, T* s, T* inv);

@@ -968,6 +968,18 @@ def _every_kernel(g, dtype):
     t = torch.full_like(table, float("nan"))
     _native.scatter_rows_dense(t, urows, offsets, order, w.reshape(-1).contiguous(), x, L)
     out.append(("scatter_rows_dense", t, (want - table).to(dtype), False))
+    K = table * 0.3
+    kn, xn = (K * K).sum(-1), (x * x).sum(-1)
+    s, inv = _native.idw_pairs(K, rows, x, xn, kn, 1e-3)
+    d = ((x.double().unsqueeze(1) - K.double()[rows]) ** 2).sum(-1)
+    out.append(("idw_pairs", s, (-torch.log(1e-3 + d)).to(dtype), False))
+    gk = torch.empty(Mr, L, dtype=dtype)
+    _native.gather_dot(K, rows, x, gk)
+    for score, sc, iv in (("idw", s, inv), ("dot", gk, None)):
+        _, P_want, pbar_want, new_want = _addr_by_torch(K, x, rows, score, 45.0, 0.8, 0.6)
+        P, _, _, pbar, new, _ = _native.addr_step(sc, iv, rows, x, K, 45.0, 0.8, 0.6, 1e-8)
+        out += [(f"addr_step {score} P", P, P_want.to(dtype), False),
+                (f"addr_step {score} step", new - K, (new_want - K.double()).to(dtype), False)]
     return out
 
 
@@ -1015,7 +1027,11 @@ def test_cpu_isa_environment_variable_forces_base(tmp_path):
     # run from elsewhere: in a source checkout with an installed package, the checkout's
     # fwpkm_ext/ (no built module) would shadow the installed one
     code = "from fwpkm_ext import _native; print(_native.cpu_isa())"
-    env = dict(os.environ, FWPKM_CPU_ISA="base")
+    # the package this test imports, first on the child's path (an in-place build is found
+    # through the current directory only)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fwpkm_ext.__file__)))
+    env = dict(os.environ, FWPKM_CPU_ISA="base",
+               PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     run = dict(env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
     got = subprocess.run([sys.executable, "-c", code], **run)
     assert got.stdout.strip() == "base"

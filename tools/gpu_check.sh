@@ -196,7 +196,7 @@ step_selftest() {
   case $first in [0-9]*) arch="sm_$first" ;; esac
   echo "nvcc -arch=$arch ..."
   nvcc -std=c++17 -O3 -DFWPKM_WITH_CUDA -Icsrc -arch="$arch" csrc/cuda/tests/selftest.cu \
-    csrc/cuda/kernels.cu csrc/cpu/kernels.cpp -o "$WORK/fwpkm_selftest" || {
+    csrc/cuda/kernels.cu csrc/cpu/kernels.cpp csrc/cpu/dispatch.cpp -o "$WORK/fwpkm_selftest" || {
     echo "selftest did not compile" > "$WORK/note"; return 1; }
   "$WORK/fwpkm_selftest" --bench
 }

@@ -30,6 +30,11 @@ std::atomic<int> g_isa{initial_isa()};
 
 }  // namespace
 
+void bad_row(const char* op, int64_t row, int64_t R) {
+  throw std::invalid_argument(std::string("fwpkm ") + op + ": rows holds " + std::to_string(row) +
+                              ", outside [0, " + std::to_string(R) + ")");
+}
+
 bool cpu_isa_available(int isa) { return isa == kIsaBase || (isa == kIsaAvx2 && avx2_runs()); }
 
 int cpu_isa() { return g_isa.load(std::memory_order_relaxed); }

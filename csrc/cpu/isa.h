@@ -76,6 +76,11 @@ FWPKM_CPU_KERNEL_DECLS
 
 enum CpuIsa : int { kIsaBase = 0, kIsaAvx2 = 1 };
 
+// Throws std::invalid_argument("fwpkm <op>: rows holds <row>, outside [0, R)"). Defined in
+// dispatch.cpp, so that no variant builds strings itself (see kernels.cpp: no standard template
+// may be shared between the variants).
+[[noreturn]] void bad_row(const char* op, int64_t row, int64_t R);
+
 // Whether this build holds the variant and this CPU runs it.
 bool cpu_isa_available(int isa);
 // The variant the CPU kernels run now.

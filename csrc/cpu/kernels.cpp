@@ -29,6 +29,32 @@ namespace fwpkm {
 namespace FWPKM_CPU_ISA {
 namespace {
 
+// This file is compiled once per instruction set into one module, so any template that the two
+// compilations instantiate with the same arguments (std::vector<float>'s growth, std::sort with
+// std::greater, std::to_string) would be one weak symbol of which the linker keeps a single
+// copy, maybe the AVX2 one, which the default variant would then run on CPUs without AVX2.
+// Every standard template here is therefore instantiated with a type of this anonymous
+// namespace (an allocator, a comparator): local to each compilation. Error messages are built
+// outside, in dispatch.cpp (bad_row). The check: `nm -C` of kernels_avx2's object lists no weak
+// std:: definition.
+template <typename T>
+struct LocalAlloc : std::allocator<T> {
+  using value_type = T;
+  template <typename U>
+  struct rebind {
+    using other = LocalAlloc<U>;
+  };
+  LocalAlloc() = default;
+  template <typename U>
+  LocalAlloc(const LocalAlloc<U>&) {}
+};
+template <typename T>
+using Vec = std::vector<T, LocalAlloc<T>>;
+struct Greater {
+  template <typename A>
+  bool operator()(const A& a, const A& b) const { return a > b; }
+};
+
 // (score, index) ordering used everywhere: higher score first, then smaller index. NaN scores
 // rank below every number (among themselves by index), as in the CUDA kernel: the order is total,
 // so both backends select the same slots even from NaN scores.
@@ -70,10 +96,10 @@ inline int64_t scan_topk(const T* v, int64_t n, int64_t k, T* bs, int64_t* bi) {
 // Per-thread scratch of select_topk (sized by topk_select_cpu).
 template <typename T>
 struct TopkScratch {
-  std::vector<T> maxima;                       // block maxima, then a copy of them to rank
-  std::vector<std::pair<T, int64_t>> cand;     // candidates at or above the threshold
-  std::vector<T> nd;                           // IDW: the negated distances
-  std::vector<uint64_t> keys;                  // float candidates as packed rank keys
+  Vec<T> maxima;                       // block maxima, then a copy of them to rank
+  Vec<std::pair<T, int64_t>> cand;     // candidates at or above the threshold
+  Vec<T> nd;                           // IDW: the negated distances
+  Vec<uint64_t> keys;                  // float candidates as packed rank keys
   int64_t blocks = 0;                          // the last select_topk's blocks (0: plain scan)
 };
 
@@ -99,7 +125,7 @@ inline uint64_t rank_key(float v, int64_t i) {
 // packed keys (the same order; indices below 2^32).
 template <typename T>
 inline int64_t rank_candidates(const T* v, std::pair<T, int64_t>* cand, int64_t c, int64_t k,
-                               T* bs, int64_t* bi, std::vector<uint64_t>&) {
+                               T* bs, int64_t* bi, Vec<uint64_t>&) {
   const int64_t take = c < k ? c : k;
   std::partial_sort(cand, cand + take, cand + c, [](const std::pair<T, int64_t>& a,
                                                       const std::pair<T, int64_t>& b) {
@@ -112,12 +138,12 @@ inline int64_t rank_candidates(const T* v, std::pair<T, int64_t>* cand, int64_t 
   return take;
 }
 inline int64_t rank_candidates(const float* v, std::pair<float, int64_t>* cand, int64_t c,
-                               int64_t k, float* bs, int64_t* bi, std::vector<uint64_t>& keys) {
+                               int64_t k, float* bs, int64_t* bi, Vec<uint64_t>& keys) {
   const int64_t take = c < k ? c : k;
   uint64_t* key = keys.data();
   for (int64_t j = 0; j < c; ++j) key[j] = rank_key(cand[j].first, cand[j].second);
-  if (c > take) std::nth_element(key, key + (take - 1), key + c, std::greater<uint64_t>());
-  std::sort(key, key + take, std::greater<uint64_t>());
+  if (c > take) std::nth_element(key, key + (take - 1), key + c, Greater());
+  std::sort(key, key + take, Greater());
   for (int64_t j = 0; j < take; ++j) {
     bi[j] = int64_t(0xffffffffu - uint32_t(key[j]));
     bs[j] = v[bi[j]];
@@ -182,7 +208,7 @@ inline int64_t select_topk(const T* v, int64_t n, int64_t k, T* bs, int64_t* bi,
     if (any_nan)
       std::nth_element(rank, rank + (k - 1), rank + nb, [](T a, T b) { return a > b || (a == a && b != b); });
     else
-      std::nth_element(rank, rank + (k - 1), rank + nb, std::greater<T>());
+      std::nth_element(rank, rank + (k - 1), rank + nb, Greater());
     t0 = rank[k - 1];
   }
   if (t0 != t0) return scan_topk(v, n, k, bs, bi);
@@ -435,7 +461,8 @@ void gather_dot_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, c
 template <typename T>
 void idw_pairs_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* x,
                    int64_t M, int64_t L, const T* xn, const T* kn, double eps, T* s, T* inv) {
-  (void)R;
+  for (int64_t p = 0; p < M * L; ++p)
+    if (rows[p] < 0 || rows[p] >= R) bad_row("idw_pairs", rows[p], R);
   const T teps = static_cast<T>(eps);
 #pragma omp parallel for schedule(static) if (M * L * D > kSerialWork)
   for (int64_t ml = 0; ml < M * L; ++ml) {
@@ -478,8 +505,7 @@ void scatter_pairs_cpu(T* table, int64_t R, int64_t D, const int64_t* rows, int6
   if (bad) {
     for (int64_t p = 0; p < Q; ++p)
       if (rows[p] < 0 || rows[p] >= R)
-        throw std::invalid_argument("fwpkm scatter_pairs: rows holds " + std::to_string(rows[p]) +
-                                    ", outside [0, " + std::to_string(R) + ")");
+        bad_row("scatter_pairs", rows[p], R);
   }
   // Each thread owns a range of rows and walks every pair in order (add_owned_pairs): one
   // writer per row, scatter_rows' sums without the sort. It suits tables of a few thousand rows
@@ -500,8 +526,7 @@ int64_t addr_step_cpu(const T* s, const T* inv, const int64_t* rows, int64_t M, 
   const int64_t Q = M * L;
   for (int64_t p = 0; p < Q; ++p)
     if (rows[p] < 0 || rows[p] >= R)
-      throw std::invalid_argument("fwpkm addr_step: rows holds " + std::to_string(rows[p]) +
-                                  ", outside [0, " + std::to_string(R) + ")");
+      bad_row("addr_step", rows[p], R);
   const T trpg = static_cast<T>(rpg), tw = static_cast<T>(w), teps = static_cast<T>(eps);
   // P: the softmax of each pair row (max subtracted, exp, divided by the sum)
 #pragma omp parallel for schedule(static) if (Q > kSerialWork)
@@ -516,9 +541,9 @@ int64_t addr_step_cpu(const T* s, const T* inv, const int64_t* rows, int64_t M, 
   }
   // pbar: per key row, the sum of its pairs' P in pair order (in double), over the rows sharing
   // the memory; then dL/dpbar = w (log(pbar + eps) + pbar / (pbar + eps)) in place of phi
-  std::vector<double> acc(static_cast<size_t>(R), 0.0);
+  Vec<double> acc(static_cast<size_t>(R), 0.0);
   for (int64_t p = 0; p < Q; ++p) acc[size_t(rows[p])] += double(P[p]);
-  std::vector<T> phi(static_cast<size_t>(R));
+  Vec<T> phi(static_cast<size_t>(R));
   for (int64_t r = 0; r < R; ++r) {
     const T pb = static_cast<T>(acc[size_t(r)]) / trpg;
     pbar[r] = pb;
@@ -541,7 +566,7 @@ int64_t addr_step_cpu(const T* s, const T* inv, const int64_t* rows, int64_t M, 
     }
   }
   if (out == nullptr) return 0;
-  std::vector<T> c(static_cast<size_t>(Q));
+  Vec<T> c(static_cast<size_t>(Q));
   const T tlr = static_cast<T>(lr);
   for (int64_t p = 0; p < Q; ++p) c[size_t(p)] = inv ? T(2) * (-tlr * gamma[p]) * inv[p] : -tlr * gamma[p];
   std::fill(acc.begin(), acc.end(), 0.0);
@@ -581,7 +606,7 @@ void scatter_rows_dense_cpu(T* table, int64_t R, int64_t D, const int64_t* urows
 #pragma omp parallel for schedule(static) if (R * D > kSerialWork)
   for (int64_t ch = 0; ch < chunks; ++ch) {
     const int64_t r0 = ch * kChunk, r1 = r0 + kChunk < R ? r0 + kChunk : R;
-    int64_t u = std::lower_bound(urows, urows + U, r0) - urows;
+    int64_t u = std::lower_bound(urows, urows + U, r0, [](int64_t a, int64_t b) { return a < b; }) - urows;
     for (int64_t r = r0; r < r1; ++r) {
       T* row = table + r * D;
       std::memset(row, 0, sizeof(T) * size_t(D));

@@ -2,7 +2,7 @@
 // Not part of the extension (CMake only globs csrc/cuda/*.cu). Build and run on a GPU machine:
 //
 //   nvcc -std=c++17 -O3 -DFWPKM_WITH_CUDA -Icsrc -arch=native csrc/cuda/tests/selftest.cu
-//        csrc/cuda/kernels.cu csrc/cpu/kernels.cpp -o /tmp/fwpkm_selftest     (one line)
+//        csrc/cuda/kernels.cu csrc/cpu/kernels.cpp csrc/cpu/dispatch.cpp -o /tmp/fwpkm_selftest (one line)
 //   /tmp/fwpkm_selftest            # checks; exit status 0 when everything matches
 //   /tmp/fwpkm_selftest --bench    # plus timings at the paper's shapes
 //
