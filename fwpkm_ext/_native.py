@@ -78,6 +78,19 @@ def topk_select(dots: torch.Tensor, qn: Optional[torch.Tensor], kn: Optional[tor
                    half_idx.data_ptr(), half_score.data_ptr(), _stream(dots))
 
 
+def _real(name: str, val) -> float:
+    """A Python int or float scalar argument (not a bool), as a float."""
+    if isinstance(val, bool) or not isinstance(val, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(val).__name__}")
+    return float(val)
+
+
+def _used_rows(U, cap: int) -> None:
+    """U: how many compact rows are in use, an int in [0, cap]."""
+    if isinstance(U, bool) or not isinstance(U, int) or not 0 <= U <= cap:
+        raise ValueError(f"U: expected an int in [0, {cap}], got {U!r}")
+
+
 def _table(table: torch.Tensor) -> int:
     """A contiguous 2-D float table: its dtype code."""
     code = _float_code("table", table)
@@ -197,8 +210,7 @@ def scatter_rows_logged(table: torch.Tensor, urows: torch.Tensor, offsets: torch
     _check("touched", touched, torch.int64, cpu)
     cap = touched.numel()
     _check("log", log, table.dtype, cpu, (cap, D))
-    if isinstance(U, bool) or not isinstance(U, int) or not 0 <= U <= cap:
-        raise ValueError(f"U: expected an int in [0, {cap}], got {U!r}")
+    _used_rows(U, cap)
     if n_u == 0 or D == 0:
         return U
     ids = torch.empty(n_u, dtype=torch.int64)
@@ -222,9 +234,7 @@ def addr_step(s: torch.Tensor, inv: Optional[torch.Tensor], rows: torch.Tensor, 
     if inv is not None:
         _check("inv", inv, dt, dev, (M, L))
     _check("x", x, dt, dev, (M, D))
-    for name, val in (("rpg", rpg), ("w", w), ("lr", lr), ("eps", eps)):
-        if isinstance(val, bool) or not isinstance(val, (int, float)):
-            raise TypeError(f"{name}: expected a float, got {type(val).__name__}")
+    rpg, w, lr, eps = (_real(name, val) for name, val in (("rpg", rpg), ("w", w), ("lr", lr), ("eps", eps)))
     P, u, gamma = (torch.empty(M, L, dtype=dt) for _ in range(3))
     pbar = torch.empty(R, dtype=dt)
     out = torch.empty(R, D, dtype=dt) if want_keys else None
@@ -234,7 +244,7 @@ def addr_step(s: torch.Tensor, inv: Optional[torch.Tensor], rows: torch.Tensor, 
             out.copy_(K)
         return P, u, gamma, pbar, out, 0 if out is None else int((~torch.isfinite(out)).any(1).sum())
     bad = _C.addr_step(code, s.data_ptr(), inv.data_ptr() if inv is not None else 0, rows.data_ptr(), M, L,
-                 x.data_ptr(), K.data_ptr(), R, D, float(rpg), float(w), float(lr), float(eps),
+                 x.data_ptr(), K.data_ptr(), R, D, rpg, w, lr, eps,
                  P.data_ptr(), u.data_ptr(), gamma.data_ptr(), pbar.data_ptr(),
                  out.data_ptr() if out is not None else 0)
     return P, u, gamma, pbar, out, bad
@@ -251,12 +261,11 @@ def idw_pairs(table: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, xn: torc
     _check("x", x, dt, dev, (M, D))
     _check("xn", xn, dt, dev, (M,))
     _check("kn", kn, dt, dev, (R,))
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
+    eps = _real("eps", eps)
     s = torch.empty(M, L, dtype=dt)
     inv = torch.empty(M, L, dtype=dt)
     _C.idw_pairs(code, table.data_ptr(), R, D, rows.data_ptr(), x.data_ptr(), M, L, xn.data_ptr(),
-                 kn.data_ptr(), float(eps), s.data_ptr(), inv.data_ptr())
+                 kn.data_ptr(), eps, s.data_ptr(), inv.data_ptr())
     return s, inv
 
 
@@ -276,10 +285,9 @@ def segment_coefs(offsets: torch.Tensor, order: torch.Tensor, w: torch.Tensor, s
         raise ValueError(f"offsets: its last entry ({int(offsets[-1])}) is beyond order ({order.numel()})")
     if order.numel() and (int(order.min()) < 0 or int(order.max()) >= Q):
         raise ValueError(f"order: pair ids must lie in [0, {Q})")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
+    scale = _real("scale", scale)
     coef = torch.empty(Q, dtype=w.dtype)
-    _C.segment_coefs(code, offsets.data_ptr(), U, order.data_ptr(), w.data_ptr(), float(scale), Q,
+    _C.segment_coefs(code, offsets.data_ptr(), U, order.data_ptr(), w.data_ptr(), scale, Q,
                      coef.data_ptr())
     return coef
 
@@ -350,8 +358,7 @@ def map_rows(slot: torch.Tensor, rows: torch.Tensor, cid: torch.Tensor, touched:
     _check("touched", touched, torch.int64, cpu)
     cap = touched.numel()
     _check("compact", compact, table.dtype, cpu, (cap, D))
-    if isinstance(U, bool) or not isinstance(U, int) or not 0 <= U <= cap:
-        raise ValueError(f"U: expected an int in [0, {cap}], got {U!r}")
+    _used_rows(U, cap)
     if rows.numel() == 0:
         return U
     return _C.map_rows(code, slot.data_ptr(), R, rows.data_ptr(), rows.numel(), cid.data_ptr(),

@@ -168,7 +168,6 @@ class Pairs:
             self.s = torch.log(self.inv)  # -log(eps + d)
         else:
             self.inv, self.s = None, dot
-        self._segs = None
 
     @classmethod
     def known(cls, kflat: Tensor, x: Tensor, rows: Tensor, score: str, s: Optional[Tensor] = None,
@@ -446,10 +445,16 @@ def inv_counts(rows: Tensor, contrib: Tensor, HK: int, R: int) -> Tensor:
     return torch.where(on, 1.0 / cnt[flat].clamp_min(1.0), torch.zeros((), dtype=torch.float64))
 
 
+def contributing_segments(rows: Tensor, contrib: Tensor, HK: int, R: Optional[int], counts: bool = False):
+    """segments() of the contributing (row, pair) pairs: the HK pairs of each token with
+    contrib set."""
+    pid = torch.nonzero(contrib.reshape(-1, 1).expand(-1, HK).reshape(-1)).squeeze(1)
+    return segments(rows.reshape(-1), pid, counts=counts, R=R)
+
+
 def value_pairs(rows: Tensor, contrib: Tensor, HK: int, R: Optional[int] = None):
     """Segments of the contributing (row, pair) pairs (rows < R) and the per-pair factor 1 / N_row."""
-    pid = torch.nonzero(contrib.reshape(-1, 1).expand(-1, HK).reshape(-1)).squeeze(1)
-    urows, offsets, order, cnt = segments(rows.reshape(-1), pid, counts=True, R=R)
+    urows, offsets, order, cnt = contributing_segments(rows, contrib, HK, R, counts=True)
     inv_count = torch.zeros(rows.numel(), dtype=torch.float64, device=rows.device)
     inv_count[order] = 1.0 / cnt.to(torch.float64)
     return urows, offsets, order, inv_count
@@ -461,8 +466,7 @@ def value_coefs(rows: Tensor, contrib: Tensor, w: Tensor, scale: float, R: int):
     the segments in one native pass, with the same roundings as the torch expression here."""
     HK = rows.shape[-1]
     if rows.device.type == "cpu":
-        pid = torch.nonzero(contrib.reshape(-1, 1).expand(-1, HK).reshape(-1)).squeeze(1)
-        urows, offsets, order, _ = segments(rows.reshape(-1), pid, R=R)
+        urows, offsets, order, _ = contributing_segments(rows, contrib, HK, R)
         return urows, offsets, order, _native.segment_coefs(offsets, order, w.reshape(-1).contiguous(), scale)
     urows, offsets, order, inv_count = value_pairs(rows, contrib, HK, R)
     return urows, offsets, order, scale * w.reshape(-1) * inv_count.to(w.dtype)

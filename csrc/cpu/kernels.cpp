@@ -11,9 +11,6 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
-#include <functional>
-#include <stdexcept>
-#include <string>
 #include <utility>
 #include <vector>
 
@@ -336,12 +333,13 @@ inline void prefetch_row(const T* row, int64_t D) {
   for (int64_t b = 0; b < D * int64_t(sizeof(T)); b += 64) __builtin_prefetch(p + b);
 }
 
-// row += sum over the segment's pairs, in their order, of coef[pair] * x[pair / L]: the one
-// summation of scatter_rows and scatter_rows_dense (the same order, hence the same rounding).
+// row += c * xm: one pair's term, the one rounding of every scatter here.
 template <typename T>
 inline void add_pair(T* row, int64_t D, T c, const T* xm) {
   for (int64_t d = 0; d < D; ++d) row[d] += c * xm[d];
 }
+// row += sum over the segment's pairs, in their order, of coef[pair] * x[pair / L]: the one
+// summation of scatter_rows and scatter_rows_dense (the same order, hence the same rounding).
 template <typename T>
 inline void add_segment(T* row, int64_t D, const int64_t* pairs, int64_t count, const T* coef,
                         const T* x, int64_t L) {
@@ -349,6 +347,18 @@ inline void add_segment(T* row, int64_t D, const int64_t* pairs, int64_t count, 
     const int64_t pair = pairs[p];
     add_pair(row, D, coef[pair], x + (pair / L) * D);
   }
+}
+
+// Throws (bad_row, naming op) on the first of the Q row ids outside [0, R); called before a
+// kernel reads or writes anything through them. The ids are counted in parallel first: the
+// common case, all in range, costs one vectorizable pass.
+inline void check_rows(const char* op, const int64_t* rows, int64_t Q, int64_t R) {
+  int64_t bad = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad) if (Q > kSerialWork)
+  for (int64_t p = 0; p < Q; ++p) bad += rows[p] < 0 || rows[p] >= R;
+  if (bad == 0) return;
+  for (int64_t p = 0; p < Q; ++p)
+    if (rows[p] < 0 || rows[p] >= R) bad_row(op, rows[p], R);
 }
 
 // Inside a parallel region: the rows [lo, hi) of [0, R) this thread owns (all of them outside
@@ -461,8 +471,7 @@ void gather_dot_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, c
 template <typename T>
 void idw_pairs_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* x,
                    int64_t M, int64_t L, const T* xn, const T* kn, double eps, T* s, T* inv) {
-  for (int64_t p = 0; p < M * L; ++p)
-    if (rows[p] < 0 || rows[p] >= R) bad_row("idw_pairs", rows[p], R);
+  check_rows("idw_pairs", rows, M * L, R);
   const T teps = static_cast<T>(eps);
 #pragma omp parallel for schedule(static) if (M * L * D > kSerialWork)
   for (int64_t ml = 0; ml < M * L; ++ml) {
@@ -498,15 +507,7 @@ template <typename T>
 void scatter_pairs_cpu(T* table, int64_t R, int64_t D, const int64_t* rows, int64_t M, int64_t L,
                        const T* coef, const T* x) {
   const int64_t Q = M * L;
-  // every row id first (all threads, then a barrier): a bad one throws before anything is written
-  int64_t bad = 0;
-#pragma omp parallel for schedule(static) reduction(+ : bad) if (Q > kSerialWork)
-  for (int64_t p = 0; p < Q; ++p) bad += rows[p] < 0 || rows[p] >= R;
-  if (bad) {
-    for (int64_t p = 0; p < Q; ++p)
-      if (rows[p] < 0 || rows[p] >= R)
-        bad_row("scatter_pairs", rows[p], R);
-  }
+  check_rows("scatter_pairs", rows, Q, R);
   // Each thread owns a range of rows and walks every pair in order (add_owned_pairs): one
   // writer per row, scatter_rows' sums without the sort. It suits tables of a few thousand rows
   // (the sub-keys): a thread's rows stay in its cache and x is read in order, where the bucketed
@@ -524,9 +525,7 @@ int64_t addr_step_cpu(const T* s, const T* inv, const int64_t* rows, int64_t M, 
                       const T* x, const T* K, int64_t R, int64_t D, double rpg, double w,
                       double lr, double eps, T* P, T* u, T* gamma, T* pbar, T* out) {
   const int64_t Q = M * L;
-  for (int64_t p = 0; p < Q; ++p)
-    if (rows[p] < 0 || rows[p] >= R)
-      bad_row("addr_step", rows[p], R);
+  check_rows("addr_step", rows, Q, R);
   const T trpg = static_cast<T>(rpg), tw = static_cast<T>(w), teps = static_cast<T>(eps);
   // P: the softmax of each pair row (max subtracted, exp, divided by the sum)
 #pragma omp parallel for schedule(static) if (Q > kSerialWork)
