@@ -325,12 +325,19 @@ inline bool row_finite(const T* row, int64_t D) {
 
 // Rows are read in an order the hardware prefetcher cannot guess (the slots a query selected),
 // so each row's first cache lines would cost a full memory latency. Asking for the row kAhead
-// reads ahead overlaps those latencies (a hint only: results do not depend on it).
-constexpr int64_t kAhead = 4;
+// reads ahead overlaps those latencies (a hint only: results do not depend on it). Only the
+// row's first kPrefetchBytes are asked for: once they arrive, the L2 streamer fetches the rest of
+// the row by itself. Asking for every line of a 2 KB row (32 prefetches, 4 rows ahead, as
+// before) filled the line-fill buffers with requests the streamer would have made anyway:
+// random 2 KB rows of a 512 MiB table gathered at 11 GB/s on the 2-core VM, 18-19 GB/s with
+// 4 lines 8 rows ahead (docs/BENCHMARKS.md, "part 5").
+constexpr int64_t kAhead = 8;
+constexpr int64_t kPrefetchBytes = 256;
 template <typename T>
 inline void prefetch_row(const T* row, int64_t D) {
   const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < D * int64_t(sizeof(T)); b += 64) __builtin_prefetch(p + b);
+  const int64_t bytes = D * int64_t(sizeof(T)) < kPrefetchBytes ? D * int64_t(sizeof(T)) : kPrefetchBytes;
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
 }
 
 // row += c * xm: one pair's term, the one rounding of every scatter here.
