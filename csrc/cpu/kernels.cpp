@@ -17,6 +17,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #ifndef FWPKM_CPU_ISA
 #define FWPKM_CPU_ISA isa_base
@@ -148,6 +151,46 @@ inline int64_t rank_candidates(const float* v, std::pair<float, int64_t>* cand, 
   return take;
 }
 
+// The candidates of select_topk: the elements not below t0 (NaN included: it ranks last), from
+// the blocks whose maximum is not below t0 (a NaN maximum: scanned). Which extra NaN a variant
+// collects does not change the top k: at least k numbers are at or above t0.
+template <typename T>
+inline int64_t collect_candidates(const T* v, int64_t n, T t0, const T* mx, int64_t nb,
+                                  std::pair<T, int64_t>* cand) {
+  int64_t c = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    if (mx[b] < t0) continue;
+    for (int64_t i = b; i < n; i += nb) {
+      cand[c] = {v[i], i};
+      c += !(v[i] < t0);
+    }
+  }
+  return c;
+}
+#if defined(__AVX2__)
+// AVX2, float: one compare of 8 elements and a bit scan over the few that pass, in index order,
+// instead of a strided walk through the passing blocks (for k = 32 that walk visits half the
+// list one element at a time).
+inline int64_t collect_candidates(const float* v, int64_t n, float t0, const float*, int64_t,
+                                  std::pair<float, int64_t>* cand) {
+  const __m256 t = _mm256_set1_ps(t0);
+  int64_t c = 0, i = 0;
+  for (; i + 8 <= n; i += 8) {
+    unsigned m = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v + i), t, _CMP_NLT_UQ)));
+    while (m) {
+      const int j = __builtin_ctz(m);
+      cand[c++] = {v[i + j], i + j};
+      m &= m - 1;
+    }
+  }
+  for (; i < n; ++i) {
+    cand[c] = {v[i], i};
+    c += !(v[i] < t0);
+  }
+  return c;
+}
+#endif
+
 // How many blocks: more blocks give a tighter threshold (fewer candidates), but ranking their
 // maxima costs more (branchy, ~40 % of the selection). Measured per (token, head) on one core of
 // the development VM: k = 32, n = 512: 2k blocks 6.9 us, 4k 7.8 us; k = 8: 32 blocks (4k) 3.4 us,
@@ -211,16 +254,39 @@ inline int64_t select_topk(const T* v, int64_t n, int64_t k, T* bs, int64_t* bi,
   if (t0 != t0) return scan_topk(v, n, k, bs, bi);
   w.blocks = nb;
   auto* cand = w.cand.data();
-  int64_t c = 0;
-  for (int64_t b = 0; b < nb; ++b) {
-    if (mx[b] < t0) continue;  // nothing in it reaches t0 (a NaN maximum: scanned)
-    for (int64_t i = b; i < n; i += nb) {  // not below t0 (NaN included: sorted last)
-      cand[c] = {v[i], i};
-      c += !(v[i] < t0);
-    }
-  }
+  const int64_t c = collect_candidates(v, n, t0, mx, nb, cand);
   return rank_candidates(v, cand, c, k, bs, bi, w.keys);
 }
+
+// Calls f(i) for (at least) every i with lo <= v[i] <= hi, v[i] a number: over the blocks of
+// select_topk whose maximum is not below lo (every element when nb is 0); f checks again.
+template <typename T, typename F>
+inline void scan_within(const T* v, int64_t n, T lo, T hi, int64_t nb, const T* mx, F&& f) {
+  (void)hi;
+  const int64_t step = nb ? nb : 1;
+  for (int64_t b = 0; b < step; ++b) {
+    if (nb && mx[b] < lo) continue;
+    for (int64_t i = b; i < n; i += step) f(i);
+  }
+}
+#if defined(__AVX2__)
+// AVX2, float: two compares of 8 elements, the few in range visited in index order.
+template <typename F>
+inline void scan_within(const float* v, int64_t n, float lo, float hi, int64_t, const float*, F&& f) {
+  const __m256 l = _mm256_set1_ps(lo), h = _mm256_set1_ps(hi);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(v + i);
+    unsigned m = unsigned(_mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, l, _CMP_GE_OQ),
+                                                           _mm256_cmp_ps(x, h, _CMP_LE_OQ))));
+    while (m) {
+      f(i + __builtin_ctz(m));
+      m &= m - 1;
+    }
+  }
+  for (; i < n; ++i) f(i);
+}
+#endif
 
 // IDW sub-scores s_i = -log(eps + dist_i) of one query half against n sub-keys, top-k into
 // (bs, bi) sorted by (score desc, index asc). The score falls as the distance grows, so the scan
@@ -259,18 +325,16 @@ inline int64_t idw_topk(const T* d, T q2, const T* k2, int64_t n, int64_t k, T t
     const T reach = dk + (teps + dk) * T(1e-4);
     // blocks whose maximum -dist is below -reach hold no distance within reach (the maxima of
     // select_topk; a NaN maximum is scanned, and NaN distances are never within reach anyway)
-    const int64_t nb = w.blocks ? w.blocks : 1;
-    const T* mx = w.maxima.data();
-    for (int64_t b = 0; b < nb; ++b) {
-      if (w.blocks && mx[b] < -reach) continue;
-      for (int64_t i = b; i < n; i += nb) {
-        const T dist = -nd[i];
-        if (!(dist >= dk && dist <= reach)) continue;
-        bool kept = false;
-        for (int64_t j = 0; j < k && !kept; ++j) kept = bi[j] == i;
-        if (!kept) out = insert_sorted(bs, bi, out, k, -std::log(teps + dist), i);
-      }
-    }
+    // the candidates are merged by the total order of insert_sorted: the result does not depend
+    // on the order in which they are found
+    auto near = [&](int64_t i) {
+      const T dist = -nd[i];
+      if (!(dist >= dk && dist <= reach)) return;
+      bool kept = false;
+      for (int64_t j = 0; j < k && !kept; ++j) kept = bi[j] == i;
+      if (!kept) out = insert_sorted(bs, bi, out, k, -std::log(teps + dist), i);
+    };
+    scan_within(nd, n, -reach, -dk, w.blocks, w.maxima.data(), near);
   }
   return out;
 }
