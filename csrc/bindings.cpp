@@ -231,6 +231,59 @@ int64_t addr_step(int dtype, std::uintptr_t s, std::uintptr_t inv, std::uintptr_
   return bad;
 }
 
+// CPU only: the read weights (see kernels.h).
+void read_weights(int dtype, std::uintptr_t s, std::uintptr_t pos, int64_t M, int64_t H, int64_t k,
+                  std::uintptr_t w) {
+  check_dtype(dtype, "read_weights");
+  if (M * H * k == 0) return;
+  py::gil_scoped_release nogil;
+  FWPKM_DISPATCH(dtype, "read_weights", {
+    fwpkm::read_weights_cpu<T>(P<const T>(s), P<const int64_t>(pos), M, H, k, P<T>(w));
+  })
+}
+
+// CPU only: one whole window of an in-place streaming call (see kernels.h, WindowStep). The
+// arguments come by name in a dict (fwpkm_ext/_native.py window_step builds and checks it):
+// addresses, sizes and the window's scalars.
+int64_t window_step(int dtype, const py::dict& d) {
+  check_dtype(dtype, "window_step");
+  auto addr = [&](const char* key) { return d[key].cast<std::uintptr_t>(); };
+  auto num = [&](const char* key) { return d[key].cast<int64_t>(); };
+  auto real = [&](const char* key) { return d[key].cast<double>(); };
+  int64_t bad = 0;
+  FWPKM_DISPATCH(dtype, "window_step", {
+    fwpkm::WindowStep<T> a{};
+    a.dots = P<const T>(addr("dots"));
+    a.qn = addr("qn") ? P<const T>(addr("qn")) : nullptr;
+    a.kn = addr("kn") ? P<const T>(addr("kn")) : nullptr;
+    a.K = P<const T>(addr("K"));
+    a.x = P<const T>(addr("x"));
+    a.v = P<const T>(addr("v"));
+    a.g = P<const T>(addr("g"));
+    a.mask = P<const T>(addr("mask"));
+    a.B = num("B"); a.L = num("L"); a.Tt = num("Tt"); a.H = num("H"); a.n = num("n");
+    a.k = num("k"); a.S = num("S"); a.d2 = num("d2"); a.dv = num("dv"); a.la = num("la");
+    a.kind = int(num("kind"));
+    a.eps = real("eps"); a.lr = real("lr"); a.addr_w = real("addr_w"); a.ent_eps = real("ent_eps");
+    a.idx = P<int64_t>(addr("idx"));
+    a.half = P<int64_t>(addr("half"));
+    a.w = P<T>(addr("w"));
+    a.vhat = P<T>(addr("vhat"));
+    a.V = P<T>(addr("V"));
+    a.new_keys = P<T>(addr("new_keys"));
+    a.slot = P<int64_t>(addr("slot"));
+    a.touched = P<int64_t>(addr("touched"));
+    a.used = P<int64_t>(addr("used"));
+    a.cap = num("cap");
+    a.log = P<T>(addr("log"));
+    a.nonfinite = P<int64_t>(addr("nonfinite"));
+    a.work = reinterpret_cast<void*>(addr("work"));
+    py::gil_scoped_release nogil;
+    bad = fwpkm::window_step_cpu<T>(a);
+  })
+  return bad;
+}
+
 // CPU only: IDW pair scores and 1 / (eps + distance) (see kernels.h).
 void idw_pairs(int dtype, std::uintptr_t table, int64_t R, int64_t D, std::uintptr_t rows,
                std::uintptr_t x, int64_t M, int64_t L, std::uintptr_t xn, std::uintptr_t kn,
@@ -342,6 +395,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("addr_step", &addr_step);
   m.def("segment_coefs", &segment_coefs);
   m.def("idw_pairs", &idw_pairs);
+  m.def("read_weights", &read_weights);
+  m.def("window_step", &window_step);
+  m.def("window_step_work", &fwpkm::window_step_work);
   m.def("segment_rows", &segment_rows);
   m.def("segment_rows_work", &fwpkm::segment_rows_work);
   m.def("read_positions", &read_positions);

@@ -145,6 +145,60 @@ template <typename T>
 void segment_coefs_cpu(const int64_t* offsets, int64_t U, const int64_t* order, const T* w,
                        double scale, int64_t Q, T* coef);
 
+// The read weights of M tokens (CPU only; CUDA uses torch.softmax): token m's selected slot
+// (h, j) scores a = s[g0, pos[g0, j]] + s[g0 + 1, pos[g0 + 1, j]] with g0 = (m * H + h) * 2 (its
+// two sub-scores: the per-half pair scores s [M * H * 2, k] at read_positions' pos), and
+// w [M, H * k] is the softmax of a over all H * k slots of the token: the maximum subtracted,
+// exp, divided by the sum accumulated in slot order, each rounded in T. NaN propagates; pos must
+// lie in [0, k).
+template <typename T>
+void read_weights_cpu(const T* s, const int64_t* pos, int64_t M, int64_t H, int64_t k, T* w);
+
+// One window of an in-place streaming call, whole (CPU only; csrc/cpu/window.cpp): what the
+// window loop of recurrence.forward does, kernel after kernel, for a window that writes when
+// the call keeps nothing for a backward, writes the value table in place behind an undo log,
+// and every token enters the addressing loss. The same kernels on the same data in the same
+// order as the loop's op-by-op path, so the same results bit for bit, without the ~130 torch
+// operations around them per window. Token (b, l) (b < B, l < L) is m = b * L + l in the
+// window's own arrays and row b * Tt + l of the per-token ones (v, g, mask, the outputs: each
+// points at the window's first token of sequence 0 of a [B, Tt, ...] tensor). Its memory is
+// b with S > 1 (one per sequence, S == B), else 0. G = B * L * H token heads.
+template <typename T>
+struct WindowStep {
+  const T* dots;     // [B * L, H, 2, n] query half . sub-key, as topk_select takes them
+  const T* qn;       // [B * L, H, 2] squared norms of the query halves (IDW; null for dot)
+  const T* kn;       // [S, H, 2, n] squared norms of the sub-keys (IDW; null for dot)
+  const T* K;        // [S * H * 2 * n, d2] the keys
+  const T* x;        // [B * L * H * 2, d2] the query halves
+  const T* v;        // [B, Tt, dv] values (targets v[t + la])
+  const T* g;        // [B, Tt] gates
+  const T* mask;     // [B, Tt] (every token >= 0: all enter the addressing loss)
+  int64_t B, L, Tt, H, n, k, S, d2, dv, la;
+  int kind;          // kIDW or kDot
+  double eps;        // the IDW score's epsilon
+  double lr;         // the fast-weight learning rate
+  double addr_w;     // the addressing loss weight
+  double ent_eps;    // the addressing loss' log epsilon
+  int64_t* idx;      // out [B, Tt, H, k]
+  int64_t* half;     // out [B, Tt, H, 2, k]
+  T* w;              // out [B, Tt, H * k] the read weights
+  T* vhat;           // out [B, Tt, dv] the read
+  T* V;              // [S * n * n, dv] the value table, written in place
+  T* new_keys;       // out [S * H * 2 * n, d2]
+  int64_t* slot;     // the undo log as scatter_rows_logged keeps it: map_rows' slot [S n n],
+  int64_t* touched;  //   touched [cap] and its count *used (updated as soon as rows are added,
+  int64_t* used;     //   so that a caller can put them back whatever happens next), the rows'
+  int64_t cap;       //   values before the call in log [cap, dv]
+  T* log;
+  int64_t* nonfinite;  // += the value rows written that hold a NaN or an infinity
+  void* work;        // window_step_work(sizeof(T), B, L, H, k, S, n, dv) bytes, 64-byte aligned
+};
+int64_t window_step_work(int64_t elem, int64_t B, int64_t L, int64_t H, int64_t k, int64_t S,
+                         int64_t n, int64_t dv);
+// Returns the number of rows of new_keys that hold a NaN or an infinity.
+template <typename T>
+int64_t window_step_cpu(const WindowStep<T>& a);
+
 #ifdef FWPKM_WITH_CUDA
 // CUDA versions: same contracts, device pointers, enqueued on `stream` (a cudaStream_t).
 // Each throws std::runtime_error naming the op on a CUDA error. Reduced-precision q/v are

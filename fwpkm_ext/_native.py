@@ -250,6 +250,91 @@ def addr_step(s: torch.Tensor, inv: Optional[torch.Tensor], rows: torch.Tensor, 
     return P, u, gamma, pbar, out, bad
 
 
+def read_weights(s: torch.Tensor, pos: torch.Tensor, M: int, H: int) -> torch.Tensor:
+    """CPU: the read weights w (M, H * k) (kernels.h): per token, the softmax over its H * k slots
+    of each slot's two sub-scores summed, s[(m * H + h) * 2 + c, pos[(m * H + h) * 2 + c, j]].
+    s (float) and pos (int64, values in [0, k)): (M * H * 2, k)."""
+    cpu = torch.device("cpu")
+    code = _float_code("s", s)
+    if s.dim() != 2:
+        raise ValueError(f"s: expected shape (M * H * 2, k), got {tuple(s.shape)}")
+    for name, val in (("M", M), ("H", H)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < (0 if name == "M" else 1):
+            raise ValueError(f"{name}: expected an int >= {0 if name == 'M' else 1}, got {val!r}")
+    k = s.shape[1]
+    _check("s", s, s.dtype, cpu, (M * H * 2, k))
+    _check("pos", pos, torch.int64, cpu, (M * H * 2, k))
+    w = torch.empty(M, H * k, dtype=s.dtype)
+    _C.read_weights(code, s.data_ptr(), pos.data_ptr(), M, H, k, w.data_ptr())
+    return w
+
+
+def window_step(dots: torch.Tensor, qn: Optional[torch.Tensor], kn: Optional[torch.Tensor],
+                K: torch.Tensor, x: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                mask: torch.Tensor, s0: int, L: int, la: int, kind: str, eps: float, lr: float,
+                addr_w: float, ent_eps: float, idx: torch.Tensor, half: torch.Tensor,
+                w: torch.Tensor, vhat: torch.Tensor, V: torch.Tensor, new_keys: torch.Tensor,
+                slot: torch.Tensor, touched: torch.Tensor, used: torch.Tensor, log: torch.Tensor,
+                nonfinite: torch.Tensor) -> int:
+    """CPU: one whole window [s0, s0 + L) of an in-place streaming call (kernels.h, WindowStep):
+    the read into vhat/idx/half/w, the value write into V behind the undo log (slot, touched,
+    used [1]: the rows in use, updated as soon as rows join, log), new_keys. Returns how many
+    rows of new_keys hold a NaN or an infinity.
+    dots (B L, H, 2, n); qn (B L, H, 2) and kn (S, H, 2, n) for IDW, None for dot;
+    K (S, H, 2, n, d2); x (B L H 2, d2); v (B, T, dv); g, mask (B, T); idx (B, T, H, k);
+    half (B, T, H, 2, k); w (B, T, H k); vhat (B, T, dv); V (S n n, dv)."""
+    cpu = torch.device("cpu")
+    code = _float_code("V", V)
+    dt = V.dtype
+    if K.dim() != 5 or dots.dim() != 4 or v.dim() != 3:
+        raise ValueError(f"K, dots, v: expected 5, 4 and 3 dimensions, got shapes {tuple(K.shape)}, "
+                         f"{tuple(dots.shape)}, {tuple(v.shape)}")
+    S, H, _, n, d2 = K.shape
+    B, T, dv = v.shape
+    k = idx.shape[-1] if idx.dim() == 4 else -1
+    for name, val, lo, hi in (("s0", s0, 0, T), ("L", L, 1, T), ("la", la, 0, None)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < lo or (hi is not None and val > hi):
+            raise ValueError(f"{name}: expected an int in [{lo}, {hi if hi is not None else 'inf'}], got {val!r}")
+    if s0 + L > T:
+        raise ValueError(f"s0 + L: the window [{s0}, {s0 + L}) is not within the {T} tokens")
+    if S != 1 and S != B:
+        raise ValueError(f"K: one memory or one per sequence (S = 1 or {B}), got S = {S}")
+    if kind not in _KIND_CODE:
+        raise ValueError(f"kind: expected 'idw' or 'dot', got {kind!r}")
+    if k < 1:
+        raise ValueError(f"idx: expected shape (B, T, H, k), got {tuple(idx.shape)}")
+    M = B * L
+    idw = kind == "idw"
+    checks = [("dots", dots, dt, (M, H, 2, n)), ("K", K, dt, (S, H, 2, n, d2)), ("x", x, dt, (M * H * 2, d2)),
+              ("v", v, dt, (B, T, dv)), ("g", g, dt, (B, T)), ("mask", mask, dt, (B, T)),
+              ("idx", idx, torch.int64, (B, T, H, k)), ("half", half, torch.int64, (B, T, H, 2, k)),
+              ("w", w, dt, (B, T, H * k)), ("vhat", vhat, dt, (B, T, dv)), ("V", V, dt, (S * n * n, dv)),
+              ("new_keys", new_keys, dt, (S * H * 2 * n, d2)), ("slot", slot, torch.int64, (S * n * n,)),
+              ("touched", touched, torch.int64, None), ("used", used, torch.int64, (1,)),
+              ("nonfinite", nonfinite, torch.int64, (1,))]
+    if idw:
+        checks += [("qn", qn, dt, (M, H, 2)), ("kn", kn, dt, (S, H, 2, n))]
+    for name, t, dtype, shape in checks:
+        _check(name, t, dtype, cpu, shape)
+    cap = touched.numel()
+    _check("log", log, dt, cpu, (cap, dv))
+    _used_rows(int(used[0]), cap)
+    eps, lr, addr_w, ent_eps = (_real(nm, val) for nm, val in
+                                (("eps", eps), ("lr", lr), ("addr_w", addr_w), ("ent_eps", ent_eps)))
+    from . import _alloc  # (a late import: _alloc is pure Python over torch)
+    work = _alloc.reusable((_C.window_step_work(V.element_size(), B, L, H, k, S, n, dv),), torch.uint8, cpu)
+    tok = lambda t, width: t.data_ptr() + s0 * width * t.element_size()  # the window's first token
+    args = dict(dots=dots.data_ptr(), qn=qn.data_ptr() if idw else 0, kn=kn.data_ptr() if idw else 0,
+                K=K.data_ptr(), x=x.data_ptr(), v=tok(v, dv), g=tok(g, 1), mask=tok(mask, 1),
+                B=B, L=L, Tt=T, H=H, n=n, k=k, S=S, d2=d2, dv=dv, la=la, kind=_KIND_CODE[kind],
+                eps=eps, lr=lr, addr_w=addr_w, ent_eps=ent_eps,
+                idx=tok(idx, H * k), half=tok(half, H * 2 * k), w=tok(w, H * k), vhat=tok(vhat, dv),
+                V=V.data_ptr(), new_keys=new_keys.data_ptr(), slot=slot.data_ptr(),
+                touched=touched.data_ptr(), used=used.data_ptr(), cap=cap, log=log.data_ptr(),
+                nonfinite=nonfinite.data_ptr(), work=work.data_ptr())
+    return _C.window_step(code, args)
+
+
 def idw_pairs(table: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, xn: torch.Tensor,
               kn: torch.Tensor, eps: float):
     """CPU: IDW sub-scores of the pairs (x[m], table[rows[m, l]]) and 1 / (eps + distance),

@@ -263,8 +263,11 @@ class Window:
             self.half = Pairs.known(self.kflat, x, rows, cfg.score, per[0],
                                     per[1] if cfg.score == "idw" else None)
         self.pos = read_positions(idx_w, half_w, n)
-        sc = self.read_sub_scores().view(B, L, H, 2, k).sum(3)
-        self.w = torch.softmax(sc.reshape(B * L, H * k), dim=-1)
+        if self.kflat.device.type == "cpu":  # one native pass (window_step computes the same)
+            self.w = _native.read_weights(self.half.s.contiguous(), self.pos, B * L, H)
+        else:
+            sc = self.read_sub_scores().view(B, L, H, 2, k).sum(3)
+            self.w = torch.softmax(sc.reshape(B * L, H * k), dim=-1)
         if amask is None:
             self.rows_per_group = float(L if per_seq else B * L)
             self.row_on = None
@@ -481,14 +484,10 @@ def key_norms(K: Tensor) -> Tensor:
     return (K * K).sum(-1)
 
 
-def search(qh_w: Tensor, K: Tensor, per_seq: bool, cfg: RecurrenceConfig, kn: Optional[Tensor] = None,
-           qn: Optional[Tensor] = None):
-    """Native product-key top-k for the tokens of qh_w (B, L, H, 2, d2); `kn`: key_norms(K) and
-    `qn`: key_norms(qh_w), when the caller has them (IDW)."""
+def search_dots(qh_w: Tensor, K: Tensor, per_seq: bool) -> Tensor:
+    """(B*L, H, 2, n) query half . sub-key for the tokens of qh_w (B, L, H, 2, d2)."""
     B, L, H, _, d2 = qh_w.shape
-    M = B * L
-    k = cfg.topk
-    n = K.shape[3]
+    M, n = B * L, K.shape[3]
     # one GEMM per (memory, head, half), each written straight into its strided slice of the
     # (M, H, 2, n) scores (BLAS takes the row stride): no permuted copy of the scores, which an
     # einsum over the heads needs (64 MiB for the static PKM's 4 heads at 4096 tokens)
@@ -498,7 +497,18 @@ def search(qh_w: Tensor, K: Tensor, per_seq: bool, cfg: RecurrenceConfig, kn: Op
         for h in range(H):
             for c in range(2):
                 torch.mm(qs[..., h, c, :], K[b, h, c].t(), out=ds[..., h, c, :])
-    dots = dots.view(M, H, 2, n)
+    return dots.view(M, H, 2, n)
+
+
+def search(qh_w: Tensor, K: Tensor, per_seq: bool, cfg: RecurrenceConfig, kn: Optional[Tensor] = None,
+           qn: Optional[Tensor] = None):
+    """Native product-key top-k for the tokens of qh_w (B, L, H, 2, d2); `kn`: key_norms(K) and
+    `qn`: key_norms(qh_w), when the caller has them (IDW)."""
+    B, L, H, _, d2 = qh_w.shape
+    M = B * L
+    k = cfg.topk
+    n = K.shape[3]
+    dots = search_dots(qh_w, K, per_seq)
     opts = dict(dtype=qh_w.dtype, device=qh_w.device)
     idx = torch.empty(M, H, k, dtype=torch.long, device=qh_w.device)
     half_idx = torch.empty(M, H, 2, k, dtype=torch.long, device=qh_w.device)
@@ -535,6 +545,10 @@ def _commit_check(K: Tensor, Cv: Tensor, wi: int, bad: Optional[Tensor] = None) 
                          "(non-finite keys or values); nothing was written. Lower lr, or the scale "
                          "of v and g")
 
+
+#: Whether _windows runs a writing window of an in-place CPU call as one window_step call; the
+#: op-by-op path computes the same bits (tests compare the two by turning this off).
+FUSED_WINDOWS = True
 
 _WORK = threading.local()  # per-thread CPU workspaces of TouchedRows (reused across calls)
 _WORK_KEEP_BYTES = 1 << 29  # keep at most 512 MiB of compact table between calls
@@ -740,6 +754,11 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
     B, T, H, _, d2 = qh.shape
     dv, dt, dev = vhat.shape[-1], vhat.dtype, vhat.device
     HK = H * cfg.topk
+    # a window that writes, of an in-place CPU call that keeps nothing and whose tokens all enter
+    # the addressing loss: one native call (window_step), the same kernels as below
+    fused = FUSED_WINDOWS and undo and not keep and amask is None and dev.type == "cpu"
+    if fused:
+        v, g, mask = v.contiguous(), g.contiguous(), mask.contiguous()
     for wi, (s0, s1) in enumerate(wins):
         L = s1 - s0
         if keep:
@@ -749,6 +768,10 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
         kn = key_norms(K) if cfg.score == "idw" else None
         xn = key_norms(qh_w) if cfg.score == "idw" else None
         a0 = max(s0, P)
+        if fused and a0 == s0 and (L == cfg.chunk_size or cfg.flush):
+            K = _window_step(qh_w, K, kn, xn, v, g, mask, s0, L, V, tr, per_seq, cfg, idx_all,
+                             half_all, w_all, vhat, wi)
+            continue
         if a0 < s1:
             i, hi = search(qh_w[:, a0 - s0:].contiguous(), K, per_seq, cfg, kn,
                            None if xn is None else xn[:, a0 - s0:])
@@ -798,6 +821,29 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
         if not (finite_within(K) if win.keys_finite is None else win.keys_finite):
             _commit_check(K, Cv, wi, tr.bad)
     return K
+
+
+def _window_step(qh_w, K, kn, xn, v, g, mask, s0, L, V, tr, per_seq, cfg, idx_all, half_all, w_all,
+                 vhat, wi):
+    """One window of _windows by window_step (see there); returns the new keys, raising (as
+    _commit_check) when they are not finite."""
+    B, _, H, _, d2 = qh_w.shape
+    dots = search_dots(qh_w, K, per_seq)
+    idw = cfg.score == "idw"
+    new = torch.empty(K.numel() // d2, d2, dtype=K.dtype)
+    used = torch.tensor([tr.U], dtype=torch.long)
+    try:
+        bad = _native.window_step(
+            dots, xn.reshape(B * L, H, 2).contiguous() if idw else None,
+            kn.contiguous() if idw else None, K.contiguous(), qh_w.reshape(-1, d2), v, g, mask, s0, L,
+            cfg.lookahead, cfg.score, cfg.eps, cfg.lr, cfg.addr_loss_weight, ENTROPY_EPS, idx_all,
+            half_all, w_all, vhat, V, new, tr.slot, tr.rows, used, tr.C, tr.bad)
+    finally:
+        tr.U = int(used[0])  # rows logged so far, put back by forward if anything failed
+    new = new.view_as(K)
+    if bad:
+        _commit_check(new, V, wi, tr.bad)
+    return new
 
 
 def addr_mask(mask: Tensor) -> Optional[Tensor]:

@@ -240,24 +240,35 @@ def test_skip_streams_in_any_split():
 
 
 @pytest.mark.parametrize("inplace", [False, True])
-@pytest.mark.parametrize("where", ["value write", "key update"])
+@pytest.mark.parametrize("where", ["value write", "key update", "fused window"])
 def test_failure_inside_a_call_leaves_the_state(monkeypatch, inplace, where):
     """A failure in the third window (its value write, or its key update after its values were
     written), two windows in: the state is as before the call, in place or not, and a call on it
-    afterwards works. The in-place CPU value write is scatter_rows_logged (the undo log)."""
+    afterwards works. The in-place CPU value write is scatter_rows_logged (the undo log) on the
+    op-by-op path; "fused window": an in-place window run as one window_step call fails after it
+    returned (its rows written and logged)."""
+    if where == "fused window" and not inplace:
+        pytest.skip("window_step runs in-place calls only")
     q, v, g = _tokens(10, 2, 13)
     st = _state(11, 2, C=4)
     before = _tables(st)
+    after = False
     if where == "key update":
         owner, name = recurrence.Window, "updated_keys"
-    else:
+    elif where == "value write":
         owner, name = _native, ("scatter_rows_logged" if inplace else "scatter_rows")
+    else:
+        owner, name, after = _native, "window_step", True
+    if where != "fused window":
+        monkeypatch.setattr(recurrence, "FUSED_WINDOWS", False)
     real = getattr(owner, name)
     calls = {"n": 0}
 
     def failing(*a, **k):
         calls["n"] += 1
         if calls["n"] == 3:
+            if after:
+                real(*a, **k)
             raise RuntimeError("injected failure")
         return real(*a, **k)
 

@@ -30,10 +30,12 @@ std::atomic<int> g_isa{initial_isa()};
 
 }  // namespace
 
-void bad_row(const char* op, int64_t row, int64_t R) {
-  throw std::invalid_argument(std::string("fwpkm ") + op + ": rows holds " + std::to_string(row) +
-                              ", outside [0, " + std::to_string(R) + ")");
+void bad_index(const char* op, const char* name, int64_t value, int64_t R) {
+  throw std::invalid_argument(std::string("fwpkm ") + op + ": " + name + " holds " +
+                              std::to_string(value) + ", outside [0, " + std::to_string(R) + ")");
 }
+
+void bad_row(const char* op, int64_t row, int64_t R) { bad_index(op, "rows", row, R); }
 
 bool cpu_isa_available(int isa) { return isa == kIsaBase || (isa == kIsaAvx2 && avx2_runs()); }
 
@@ -106,6 +108,11 @@ template <typename T>
 void idw_pairs_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* x,
                    int64_t M, int64_t L, const T* xn, const T* kn, double eps, T* s, T* inv) {
   FWPKM_RUN(idw_pairs_cpu<T>, table, R, D, rows, x, M, L, xn, kn, eps, s, inv);
+}
+
+template <typename T>
+void read_weights_cpu(const T* s, const int64_t* pos, int64_t M, int64_t H, int64_t k, T* w) {
+  FWPKM_RUN(read_weights_cpu<T>, s, pos, M, H, k, w);
 }
 
 #undef FWPKM_RUN

@@ -42,7 +42,9 @@
   template <typename T>                                                                              \
   int64_t addr_step_cpu(const T* s, const T* inv, const int64_t* rows, int64_t M, int64_t L,        \
                         const T* x, const T* K, int64_t R, int64_t D, double rpg, double w,         \
-                        double lr, double eps, T* P, T* u, T* gamma, T* pbar, T* out);
+                        double lr, double eps, T* P, T* u, T* gamma, T* pbar, T* out);       \
+  template <typename T>                                                                              \
+  void read_weights_cpu(const T* s, const int64_t* pos, int64_t M, int64_t H, int64_t k, T* w);
 
 // The explicit instantiations (T = float, double) of those kernels, in whichever namespace the
 // macro is used: each variant's (kernels.cpp) and the dispatching ones (dispatch.cpp).
@@ -64,7 +66,8 @@
                                           int64_t, const int64_t*, const T*, const T*, int64_t); \
   template int64_t addr_step_cpu<T>(const T*, const T*, const int64_t*, int64_t, int64_t,      \
                                     const T*, const T*, int64_t, int64_t, double, double, double, \
-                                    double, T*, T*, T*, T*, T*);
+                                    double, T*, T*, T*, T*, T*);                  \
+  template void read_weights_cpu<T>(const T*, const int64_t*, int64_t, int64_t, int64_t, T*);
 
 namespace fwpkm {
 namespace isa_base {
@@ -80,6 +83,8 @@ enum CpuIsa : int { kIsaBase = 0, kIsaAvx2 = 1 };
 // dispatch.cpp, so that no variant builds strings itself (see kernels.cpp: no standard template
 // may be shared between the variants).
 [[noreturn]] void bad_row(const char* op, int64_t row, int64_t R);
+// The same for index array `name`: "fwpkm <op>: <name> holds <value>, outside [0, R)".
+[[noreturn]] void bad_index(const char* op, const char* name, int64_t value, int64_t R);
 
 // Whether this build holds the variant and this CPU runs it.
 bool cpu_isa_available(int isa);

@@ -420,16 +420,19 @@ inline void add_segment(T* row, int64_t D, const int64_t* pairs, int64_t count, 
   }
 }
 
-// Throws (bad_row, naming op) on the first of the Q row ids outside [0, R); called before a
-// kernel reads or writes anything through them. The ids are counted in parallel first: the
+// Throws (bad_index, naming op and the array) on the first of the Q ids outside [0, R); called
+// before a kernel reads or writes anything through them. The ids are counted in parallel first: the
 // common case, all in range, costs one vectorizable pass.
-inline void check_rows(const char* op, const int64_t* rows, int64_t Q, int64_t R) {
+inline void check_index(const char* op, const char* name, const int64_t* ids, int64_t Q, int64_t R) {
   int64_t bad = 0;
 #pragma omp parallel for schedule(static) reduction(+ : bad) if (Q > kSerialWork)
-  for (int64_t p = 0; p < Q; ++p) bad += rows[p] < 0 || rows[p] >= R;
+  for (int64_t p = 0; p < Q; ++p) bad += ids[p] < 0 || ids[p] >= R;
   if (bad == 0) return;
   for (int64_t p = 0; p < Q; ++p)
-    if (rows[p] < 0 || rows[p] >= R) bad_row(op, rows[p], R);
+    if (ids[p] < 0 || ids[p] >= R) bad_index(op, name, ids[p], R);
+}
+inline void check_rows(const char* op, const int64_t* rows, int64_t Q, int64_t R) {
+  check_index(op, "rows", rows, Q, R);
 }
 
 // Inside a parallel region: the rows [lo, hi) of [0, R) this thread owns (all of them outside
@@ -662,6 +665,29 @@ int64_t addr_step_cpu(const T* s, const T* inv, const int64_t* rows, int64_t M, 
     for (int64_t r = lo; r < hi; ++r) bad += !row_finite(out + r * D, D);
   }
   return bad;
+}
+
+template <typename T>
+void read_weights_cpu(const T* s, const int64_t* pos, int64_t M, int64_t H, int64_t k, T* w) {
+  const int64_t HK = H * k;
+  check_index("read_weights", "pos", pos, M * H * 2 * k, k);
+#pragma omp parallel for schedule(static) if (M * HK > kSerialWork)
+  for (int64_t m = 0; m < M; ++m) {
+    T* wm = w + m * HK;
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t g0 = (m * H + h) * 2;
+      const T* s0 = s + g0 * k;
+      const T* s1 = s0 + k;
+      const int64_t* p0 = pos + g0 * k;
+      const int64_t* p1 = p0 + k;
+      for (int64_t j = 0; j < k; ++j) wm[h * k + j] = s0[p0[j]] + s1[p1[j]];
+    }
+    T mx = wm[0];
+    for (int64_t j = 1; j < HK; ++j) mx = wm[j] > mx ? wm[j] : mx;
+    T sum = T(0);
+    for (int64_t j = 0; j < HK; ++j) sum += (wm[j] = std::exp(wm[j] - mx));
+    for (int64_t j = 0; j < HK; ++j) wm[j] /= sum;
+  }
 }
 
 template <typename T>

@@ -1,0 +1,173 @@
+// One whole window of an in-place streaming call on the CPU (contract in ../kernels.h,
+// WindowStep): recurrence._windows' op-by-op path for a window that writes, as one call. Every
+// number comes from the same kernel as there (the fwpkm::*_cpu entry points of dispatch.cpp,
+// so the instruction set picked at load applies), on the same inputs, in the same order; the
+// glue between them (row ids, residual, contributing pairs) is integer work or the same two
+// roundings as the torch expressions it replaces. Compiled once, for the default target: the
+// glue is a few passes over a window's few thousand pairs.
+#include "../kernels.h"
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+
+namespace fwpkm {
+namespace {
+
+// Byte offsets of the scratch arrays in `work` (each 64-byte aligned).
+struct WorkLayout {
+  int64_t score, half_score, idx, half, kid, s, inv, pos, w, rows, r, pid, order, urows, offsets,
+      seg, coef, ids, P, u, gamma, pbar, total;
+  WorkLayout(int64_t elem, int64_t B, int64_t L, int64_t H, int64_t k, int64_t S, int64_t n,
+             int64_t dv) {
+    const int64_t M = B * L, G = M * H, M2 = G * 2, Q = M * H * k, RV = S * n * n, R2 = S * H * 2 * n;
+    int64_t at = 0;
+    auto take = [&](int64_t bytes) {
+      const int64_t here = at;
+      at += (bytes + 63) / 64 * 64;
+      return here;
+    };
+    const int64_t i8 = int64_t(sizeof(int64_t));
+    score = take(G * k * elem);
+    half_score = take(M2 * k * elem);
+    idx = take(G * k * i8);
+    half = take(M2 * k * i8);
+    kid = take(M2 * k * i8);
+    s = take(M2 * k * elem);
+    inv = take(M2 * k * elem);
+    pos = take(M2 * k * i8);
+    w = take(Q * elem);
+    rows = take(Q * i8);
+    r = take(M * dv * elem);
+    pid = take(Q * i8);
+    order = take(Q * i8);
+    urows = take(Q * i8);
+    offsets = take((Q + 1) * i8);
+    const int64_t sw = segment_rows_work(Q, RV);
+    seg = take((sw > RV + 1 ? sw : RV + 1) * i8);  // enough for any Q' <= Q (see segment_rows_work)
+    coef = take(Q * elem);
+    ids = take(Q * i8);
+    P = take(M2 * k * elem);
+    u = take(M2 * k * elem);
+    gamma = take(M2 * k * elem);
+    pbar = take(R2 * elem);
+    total = at;
+  }
+};
+
+template <typename X>
+X* at(void* base, int64_t off) {
+  return reinterpret_cast<X*>(static_cast<char*>(base) + off);
+}
+
+}  // namespace
+
+int64_t window_step_work(int64_t elem, int64_t B, int64_t L, int64_t H, int64_t k, int64_t S,
+                         int64_t n, int64_t dv) {
+  return WorkLayout(elem, B, L, H, k, S, n, dv).total;
+}
+
+template <typename T>
+int64_t window_step_cpu(const WindowStep<T>& a) {
+  const int64_t B = a.B, L = a.L, H = a.H, n = a.n, k = a.k, S = a.S, d2 = a.d2, dv = a.dv;
+  const int64_t M = B * L, G = M * H, M2 = G * 2, HK = H * k, Q = M * HK;
+  const int64_t N = n * n, RV = S * N, R2 = S * H * 2 * n;
+  const bool per_seq = S > 1;
+  if (per_seq && S != B) throw std::invalid_argument("fwpkm window_step: S > 1 needs S == B");
+  const WorkLayout lay(int64_t(sizeof(T)), B, L, H, k, S, n, dv);
+  void* wk = a.work;
+  T* score = at<T>(wk, lay.score);
+  T* half_score = at<T>(wk, lay.half_score);
+  int64_t* idx = at<int64_t>(wk, lay.idx);
+  int64_t* half = at<int64_t>(wk, lay.half);
+  int64_t* kid = at<int64_t>(wk, lay.kid);
+  T* s = at<T>(wk, lay.s);
+  T* inv = a.kind == kIDW ? at<T>(wk, lay.inv) : nullptr;
+  int64_t* pos = at<int64_t>(wk, lay.pos);
+  T* w = at<T>(wk, lay.w);
+  int64_t* rows = at<int64_t>(wk, lay.rows);
+  T* r = at<T>(wk, lay.r);
+  int64_t* pid = at<int64_t>(wk, lay.pid);
+  int64_t* order = at<int64_t>(wk, lay.order);
+  int64_t* urows = at<int64_t>(wk, lay.urows);
+  int64_t* offsets = at<int64_t>(wk, lay.offsets);
+  int64_t* seg = at<int64_t>(wk, lay.seg);
+  T* coef = at<T>(wk, lay.coef);
+  int64_t* ids = at<int64_t>(wk, lay.ids);
+  auto grp = [&](int64_t m) { return per_seq ? m / L : int64_t(0); };
+
+  // the search's epilogue (search): per-half top-k and the slots
+  topk_select_cpu<T>(a.dots, a.qn, a.kn, M, H, n, k, per_seq ? L : M, a.kind, a.eps, idx, score,
+                     half, half_score);
+  // the read (Window): pair rows into the keys (key_rows), exact pair scores (Pairs), the
+  // slots' places in the half lists (read_positions) and the read weights
+  for (int64_t gc = 0; gc < M2; ++gc) {
+    const int64_t m = gc / (2 * H), h = (gc / 2) % H, c = gc % 2;
+    const int64_t base = ((grp(m) * H + h) * 2 + c) * n;
+    for (int64_t j = 0; j < k; ++j) kid[gc * k + j] = base + half[gc * k + j];
+  }
+  if (a.kind == kIDW)
+    idw_pairs_cpu<T>(a.K, R2, d2, kid, a.x, M2, k, a.qn, a.kn, a.eps, s, inv);
+  else
+    gather_dot_cpu<T>(a.K, R2, d2, kid, a.x, M2, k, s);
+  read_positions_cpu(idx, half, G, k, n, pos);
+  read_weights_cpu<T>(s, pos, M, H, k, w);
+  // value rows (idx + the memory's first row) and the read, one sequence at a time (its window
+  // is contiguous in vhat)
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < HK; ++j) rows[m * HK + j] = idx[m * HK + j] + grp(m) * N;
+  for (int64_t b = 0; b < B; ++b)
+    gather_rows_cpu<T>(a.V, RV, dv, rows + b * L * HK, w + b * L * HK, L, HK, a.vhat + b * a.Tt * dv,
+                       nullptr);
+  // the write (contributing, residual, value_coefs): token l of a sequence writes when its
+  // target v[l + la] is in the window and its mask is > 0; r = (vhat - y) * (g * mask * on),
+  // rounded as the torch expressions; the contributing tokens' pairs in increasing order
+  const int64_t keep = L - a.la > 0 ? L - a.la : 0;
+  auto on = [&](int64_t m) { return m % L < keep && a.mask[(m / L) * a.Tt + m % L] > T(0); };
+#pragma omp parallel for schedule(static) if (M * dv > (int64_t(1) << 15))
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t b = m / L, l = m % L;
+    T* rm = r + m * dv;
+    if (l >= keep) {
+      std::memset(rm, 0, sizeof(T) * size_t(dv));
+      continue;
+    }
+    const T mk = a.mask[b * a.Tt + l];
+    const T wt = (a.g[b * a.Tt + l] * mk) * (on(m) ? T(1) : T(0));
+    const T* o = a.vhat + (b * a.Tt + l) * dv;
+    const T* y = a.v + (b * a.Tt + l + a.la) * dv;
+    for (int64_t d = 0; d < dv; ++d) {
+      const T diff = o[d] - y[d];
+      rm[d] = diff * wt;
+    }
+  }
+  int64_t Qc = 0;
+  for (int64_t m = 0; m < M; ++m)
+    if (on(m))
+      for (int64_t j = 0; j < HK; ++j) pid[Qc++] = m * HK + j;
+  const int64_t U = segment_rows_cpu(rows, pid, Qc, RV, order, urows, offsets, seg);
+  segment_coefs_cpu<T>(offsets, U, order, w, -a.lr * double(HK), Q, coef);
+  // the logged scatter (scatter_rows_logged): new rows join the undo log, which the caller can
+  // read back at once (*used), then each row is copied to the log before its first write
+  const int64_t before = *a.used;
+  *a.used = map_rows_cpu<T>(a.slot, RV, urows, U, ids, a.touched, before, a.cap, nullptr, nullptr, dv);
+  for (int64_t q = 0; q < U; ++q) ids[q] = ids[q] >= before ? ids[q] : -1;
+  scatter_rows_cpu<T>(a.V, RV, dv, urows, offsets, U, order, coef, r, HK, a.nonfinite, a.log, ids);
+  // the key step (updated_keys / addr_step); every token row counts (rows per memory: L or B L)
+  const int64_t bad = addr_step_cpu<T>(s, inv, kid, M2, k, a.x, a.K, R2, d2,
+                                       double(per_seq ? L : M), a.addr_w, a.lr, a.ent_eps,
+                                       at<T>(wk, lay.P), at<T>(wk, lay.u), at<T>(wk, lay.gamma),
+                                       at<T>(wk, lay.pbar), a.new_keys);
+  // the selections and weights into the call's per-token outputs
+  for (int64_t b = 0; b < B; ++b) {
+    std::memcpy(a.idx + b * a.Tt * HK, idx + b * L * HK, sizeof(int64_t) * size_t(L * HK));
+    std::memcpy(a.half + b * a.Tt * 2 * HK, half + b * L * 2 * HK, sizeof(int64_t) * size_t(L * 2 * HK));
+    std::memcpy(a.w + b * a.Tt * HK, w + b * L * HK, sizeof(T) * size_t(L * HK));
+  }
+  return bad;
+}
+
+template int64_t window_step_cpu<float>(const WindowStep<float>&);
+template int64_t window_step_cpu<double>(const WindowStep<double>&);
+
+}  // namespace fwpkm
