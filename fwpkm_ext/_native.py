@@ -318,7 +318,8 @@ def window_step(dots: torch.Tensor, qn: Optional[torch.Tensor], kn: Optional[tor
         _check(name, t, dtype, cpu, shape)
     cap = touched.numel()
     _check("log", log, dt, cpu, (cap, dv))
-    _used_rows(int(used[0]), cap)
+    if not 0 <= int(used[0]) <= cap:
+        raise ValueError(f"used: expected a count in [0, {cap}], got {int(used[0])}")
     eps, lr, addr_w, ent_eps = (_real(nm, val) for nm, val in
                                 (("eps", eps), ("lr", lr), ("addr_w", addr_w), ("ent_eps", ent_eps)))
     from . import _alloc  # (a late import: _alloc is pure Python over torch)

@@ -973,6 +973,8 @@ def _every_kernel(g, dtype):
     s, inv = _native.idw_pairs(K, rows, x, xn, kn, 1e-3)
     d = ((x.double().unsqueeze(1) - K.double()[rows]) ** 2).sum(-1)
     out.append(("idw_pairs", s, (-torch.log(1e-3 + d)).to(dtype), False))
+    pos = randint(g, 0, L, Mr, L)
+    out.append(("read_weights", _native.read_weights(s, pos, Mr // 2, 1), _read_weights_oracle(s, pos, Mr // 2, 1).to(dtype), False))
     gk = torch.empty(Mr, L, dtype=dtype)
     _native.gather_dot(K, rows, x, gk)
     for score, sc, iv in (("idw", s, inv), ("dot", gk, None)):
@@ -1177,6 +1179,114 @@ def test_segment_coefs_equals_the_torch_expression(dtype, Q, R, keep):
             _native.segment_coefs(offsets, torch.full_like(order, Q), w, -0.75)
     with _raises(TypeError, "w"):
         _native.segment_coefs(offsets, order, rows, -0.75)
+
+
+def _read_weights_oracle(s, pos, M, H):
+    """float64: per token, softmax over its H * k slots of the two halves' sub-scores at pos."""
+    k = s.shape[1]
+    a = torch.gather(s.double(), 1, pos).view(M, H, 2, k).sum(2)
+    return torch.softmax(a.reshape(M, H * k), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,H,k", [(1, 1, 1), (7, 3, 5), (300, 2, 8)])
+def test_read_weights_vs_oracle(dtype, M, H, k):
+    """read_weights against the float64 gather + sum + softmax, from random scores (not zeros),
+    bit-identical at one and two threads; a position outside [0, k) is refused by name."""
+    g = gen(M * 7 + H + k)
+    s = randn(g, M * H * 2, k, dtype=dtype, scale=3.0)
+    pos = randint(g, 0, k, M * H * 2, k)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            outs.append(_native.read_weights(s, pos, M, H))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0].double(), _read_weights_oracle(s, pos, M, H), **TOL[dtype])
+    torch.testing.assert_close(outs[0].sum(1).double(), torch.ones(M, dtype=F64), **TOL[dtype])
+    bad = pos.clone()
+    bad[-1, -1] = k
+    with pytest.raises(ValueError, match=f"pos holds {k}"):
+        _native.read_weights(s, bad, M, H)
+    with _raises(ValueError, "pos"):
+        _native.read_weights(s, pos[:-2].contiguous(), M, H)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("score", ["idw", "dot"])
+@pytest.mark.parametrize("B,per_seq,H,la", [(1, False, 1, 1), (3, False, 2, 0), (3, True, 2, 2), (2, True, 1, 5)])
+def test_window_step_equals_the_op_by_op_path(monkeypatch, dtype, score, B, per_seq, H, la):
+    """An in-place call whose writing windows run as single window_step calls gives the bits of
+    the op-by-op window loop: outputs, keys, values and counters, over calls whose first window
+    has pending tokens (op by op), partial and flushed windows, several memories and heads, a
+    lookahead beyond the window (nothing written) and masked-out tokens (mask 0)."""
+    n, dk, dv, k, C = 9, 10, 7, 3, 5
+    calls = {"n": 0}
+    real = _native.window_step
+
+    def counting(*a, **kw):
+        calls["n"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(_native, "window_step", counting)
+
+    def run(fused):
+        monkeypatch.setattr(recurrence, "FUSED_WINDOWS", fused)
+        g = gen(B * 11 + H + la)
+        cfg = fwpkm_ext.MemoryConfig(n_subkeys=n, key_dim=dk, value_dim=dv, heads=H, topk=k, chunk_size=C,
+                                     lookahead=la, score=score, lr=0.7)
+        S = B if per_seq else 1
+        st = fwpkm_ext.MemoryState(config=cfg, keys=randn(g, S, H, 2, n, dk // 2, dtype=dtype, scale=0.5),
+                                   values=randn(g, S, n * n, dv, dtype=dtype), per_sequence=per_seq)
+        T = 23
+        q, v = randn(g, B, T, H, dk, dtype=dtype), randn(g, B, T, dv, dtype=dtype)
+        gt = rand(g, B, T, dtype=dtype, lo=0.1)
+        mask = (rand(g, B, T, dtype=dtype) > 0.2).to(dtype)
+        outs = []
+        with torch.no_grad():
+            for a, b, flush in ((0, 12, False), (12, 19, False), (19, 23, True)):
+                vh, st = F.memory_step(q[:, a:b], v[:, a:b], gt[:, a:b], st, mask=mask[:, a:b],
+                                       flush=flush, inplace=True)
+                outs.append(vh)
+        return torch.cat(outs, 1), st
+
+    want, st_want = run(False)
+    assert calls["n"] == 0
+    got, st_got = run(True)
+    assert calls["n"] > 0
+    assert torch.equal(got, want)
+    assert torch.equal(st_got.keys, st_want.keys)
+    assert torch.equal(st_got.values, st_want.values)
+    assert torch.equal(st_got.slot_reads, st_want.slot_reads)
+
+
+def test_window_step_refuses_bad_arguments():
+    """window_step's checks name the argument before anything is read or written."""
+    g = gen(5)
+    B, T, L, H, n, k, d2, dv = 2, 9, 4, 1, 6, 2, 3, 5
+    V = randn(g, n * n, dv)
+    t = dict(dots=randn(g, B * L, H, 2, n), qn=rand(g, B * L, H, 2), kn=rand(g, 1, H, 2, n),
+             K=randn(g, 1, H, 2, n, d2), x=randn(g, B * L * H * 2, d2), v=randn(g, B, T, dv),
+             g=rand(g, B, T), mask=torch.ones(B, T, dtype=F64), s0=0, L=L, la=1, kind="idw", eps=1e-3,
+             lr=0.5, addr_w=0.1, ent_eps=1e-8, idx=torch.empty(B, T, H, k, dtype=torch.long),
+             half=torch.empty(B, T, H, 2, k, dtype=torch.long), w=torch.empty(B, T, H * k, dtype=F64),
+             vhat=torch.empty(B, T, dv, dtype=F64), V=V, new_keys=torch.empty(H * 2 * n, d2, dtype=F64),
+             slot=torch.full((n * n,), -1, dtype=torch.long), touched=torch.empty(B * T * H * k, dtype=torch.long),
+             used=torch.zeros(1, dtype=torch.long), log=torch.empty(B * T * H * k, dv, dtype=F64),
+             nonfinite=torch.zeros(1, dtype=torch.long))
+    assert _native.window_step(**t) == 0  # the good call runs
+    before = V.clone()
+    for name, val in (("mask", torch.ones(B, T - 1, dtype=F64)), ("s0", 6), ("L", 0), ("kind", "cosine"),
+                      ("qn", None), ("x", randn(g, B * L * H * 2, d2 + 1)), ("used", torch.tensor([10 ** 6])),
+                      ("V", V[:-1]), ("slot", torch.zeros(n * n, dtype=torch.int32))):
+        bad = dict(t, **{name: val})
+        bad["V"] = V if name != "V" else val
+        with pytest.raises((ValueError, TypeError), match=name):
+            _native.window_step(**bad)
+    assert torch.equal(V, before)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
