@@ -400,7 +400,7 @@ def memory_step(q: Tensor, v: Tensor, g: Tensor, state, *, mask: Optional[Tensor
         # no window completes: read with the current tables, everything stays pending
         vhat, _, _, idx, half = memory_call(q, v, g, mask, keys5, values3, None, None, flush=False, **opts)
         new = _append_pending(state, q, v, g, mask, idx, half, P)
-        return vhat, (_count_reads(new, idx, g, keys5.shape[0]) if return_state else None)
+        return vhat, (_count_reads(new, idx, g, keys5.shape[0], inplace) if return_state else None)
     tail = 0 if flush else (P + T) % C
     opts["want_values"] = return_state or inplace
     if P:
@@ -420,7 +420,7 @@ def memory_step(q: Tensor, v: Tensor, g: Tensor, state, *, mask: Optional[Tensor
     if tail:
         new = _append_pending(new, qa[:, -tail:], va[:, -tail:], ga[:, -tail:], ma[:, -tail:],
                               idx[:, -tail:], half[:, -tail:], 0)
-    return vhat, _count_reads(new, idx_new, g, keys5.shape[0])
+    return vhat, _count_reads(new, idx_new, g, keys5.shape[0], inplace)
 
 
 def flush_state(state, inplace: bool = False):
@@ -449,22 +449,24 @@ def _append_pending(state, q, v, g, mask, idx, half, P):
                        pending_half_idx=half)
 
 
-def _count_reads(state, idx, g, S):
-    """Telemetry counters: slot reads per memory and the gate sum (no autograd)."""
+def _count_reads(state, idx, g, S, inplace: bool = False):
+    """Telemetry counters: slot reads per memory and the gate sum (no autograd). `inplace` (an
+    in-place call, whose given state is not used again): the state's counters are added to where
+    they are, instead of into a copy (a 2 MiB copy and a 2 MiB bincount per call at the paper
+    configuration: ~2-4 ms of a 4096-token call, against ~0.2 ms)."""
     with torch.no_grad():
         B, T = idx.shape[:2]
         N = state.values.shape[1]
         reads = state.slot_reads
         if reads is None:
             reads = torch.zeros(S, N, dtype=torch.long, device=idx.device)
-        else:
-            reads = reads.clone()
+        elif not inplace or (reads.is_inference() and not torch.is_inference_mode_enabled()):
+            reads = reads.clone()  # (an inference tensor cannot be written outside inference mode)
         flat = idx.reshape(B, -1)
-        if S == 1:
-            reads[0] += torch.bincount(flat.reshape(-1), minlength=N)
-        else:
-            reads.view(-1).index_add_(0, (flat + torch.arange(B, device=idx.device).view(B, 1) * N).reshape(-1),
-                                      torch.ones(flat.numel(), dtype=torch.long, device=idx.device))
+        if S > 1:
+            flat = flat + torch.arange(B, device=idx.device).view(B, 1) * N
+        reads.view(-1).index_add_(0, flat.reshape(-1), torch.ones(flat.numel(), dtype=torch.long,
+                                                                  device=idx.device))
         return state.with_(slot_reads=reads, gate_sum=state.gate_sum + float(g.detach().sum()),
                            tokens=state.tokens + B * T)
 

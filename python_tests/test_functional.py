@@ -535,3 +535,33 @@ def test_backward_window_cache_equals_recompute(monkeypatch, score):
     assert any(calls), "the backward did not use the window cache"
     for a, b in zip(cached, fresh):
         assert torch.equal(a, b)
+
+
+def test_inplace_calls_count_reads_like_copying_calls():
+    """The telemetry counters of in-place calls (added where they are) equal those of calls that
+    copy the state; an in-place call under no_grad after one under inference_mode (counters made
+    as an inference tensor) works."""
+    g0 = torch.Generator().manual_seed(3)
+    cfg = fwpkm_ext.MemoryConfig(n_subkeys=8, key_dim=8, value_dim=6, heads=2, topk=3, chunk_size=4)
+    q = torch.randn(2, 11, 2, 8, generator=g0)
+    v = torch.randn(2, 11, 6, generator=g0)
+    g = torch.rand(2, 11, generator=g0)
+
+    def fresh():
+        return fwpkm_ext.MemoryState(config=cfg, keys=torch.randn(2, 2, 2, 8, 4, generator=torch.Generator().manual_seed(1)),
+                                     values=torch.randn(2, 64, 6, generator=torch.Generator().manual_seed(2)),
+                                     per_sequence=True)
+
+    with torch.no_grad():
+        a, b = fresh(), fresh()
+        for s0, s1 in ((0, 5), (5, 11)):
+            _, a = fwpkm_ext.memory_step(q[:, s0:s1], v[:, s0:s1], g[:, s0:s1], a, flush=False)
+        c = b
+        with torch.inference_mode():
+            _, b = fwpkm_ext.memory_step(q[:, :5], v[:, :5], g[:, :5], b, flush=False, inplace=True)
+        _, b = fwpkm_ext.memory_step(q[:, 5:], v[:, 5:], g[:, 5:], b, flush=False, inplace=True)
+    assert int(a.slot_reads.sum()) == 2 * 11 * 2 * 3
+    assert torch.equal(a.slot_reads, b.slot_reads)
+    assert a.tokens == b.tokens == 22 and a.gate_sum == pytest.approx(b.gate_sum)
+    torch.testing.assert_close(b.values, a.values, rtol=0, atol=0)
+    assert c.values.data_ptr() == b.values.data_ptr()  # in place: the same table
