@@ -1043,23 +1043,24 @@ def test_cpu_isa_environment_variable_forces_base(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_scatter_rows_logged_writes_like_scatter_rows_and_logs_first_writes(dtype):
+@pytest.mark.parametrize("R,D,M,L,cap", [(400, 9, 30, 4, 300), (8000, 64, 700, 4, 6000)])
+def test_scatter_rows_logged_writes_like_scatter_rows_and_logs_first_writes(dtype, R, D, M, L, cap):
     """The in-place value write with its undo log: the table as scatter_rows leaves it, the
     non-finite count, and in the log each row written for the first time as it was before
-    (rows logged by an earlier call are not logged again); the map as map_rows would leave it."""
+    (rows logged by an earlier call are not logged again); the map as map_rows would leave it.
+    The second size runs the threaded path (the count is a reduction over threads)."""
     g = gen(5)
-    R, D, M, L, cap = 400, 9, 30, 4, 300
     table = randn(g, R, D, dtype=dtype)
     slot = torch.full((R,), -1, dtype=torch.long)
     touched = torch.full((cap,), -5, dtype=torch.long)
     log = torch.full((cap, D), float("nan"), dtype=dtype)
     bad = torch.zeros(1, dtype=torch.long)
-    U = 0
+    U, expect = 0, 0
     for call in range(3):
         rows = randint(g, 0, R, M, L)
         x = randn(g, M, D, dtype=dtype)
         if call == 2:
-            x[3, 0] = float("inf")
+            x[3: 3 + M // 10, 0] = float("inf")
         coef = randn(g, M * L, dtype=dtype)
         urows, offsets, order, _ = recurrence.segments(rows.reshape(-1), R=R)
         want = table.clone()
@@ -1069,6 +1070,7 @@ def test_scatter_rows_logged_writes_like_scatter_rows_and_logs_first_writes(dtyp
         before = table.clone()
         U2 = _native.scatter_rows_logged(table, urows, offsets, order, coef, x, L, bad, slot, touched, U, log)
         assert torch.equal(table.nan_to_num(0, 7, -7), want.nan_to_num(0, 7, -7))
+        expect += int((~torch.isfinite(table[urows])).any(1).sum())
         new = [int(r) for r in urows if old_slot[r] < 0]
         assert U2 == U + len(new)
         assert touched[U:U2].tolist() == new
@@ -1076,7 +1078,7 @@ def test_scatter_rows_logged_writes_like_scatter_rows_and_logs_first_writes(dtyp
             assert int(slot[touched[u]]) == u
             assert torch.equal(log[u], before[touched[u]])
         U = U2
-    assert int(bad) == int(want_bad) > 0
+    assert int(bad) == int(want_bad) == expect > 0
     # refusals: nothing written, the map as it was
     rows = torch.tensor([[3, R]])
     urows, offsets, order = torch.tensor([3, R]), torch.tensor([0, 1, 2]), torch.tensor([0, 1])

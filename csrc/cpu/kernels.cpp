@@ -404,6 +404,34 @@ inline void prefetch_row(const T* row, int64_t D) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
 }
 
+// dst = src for a row that is written now and read only if a call fails (the undo log):
+// non-temporal stores, which skip reading the destination's lines first (read-for-ownership)
+// and keep them out of the cache the rows being updated need. Measured on the 2-core VM
+// (standalone, 4,000 random 2 KB rows of a 512 MiB table per window, after a gather of them):
+// the log doubled the scatter's time (3.3 -> 6.7 ms for 8 windows), non-temporal stores took
+// back 1.4 ms of that. A plain copy where the row is not 32-byte aligned or AVX is absent. The
+// stores are ordered by stream_fence() before the thread's work is handed over.
+template <typename T>
+inline void copy_row_nt(T* dst, const T* src, int64_t D) {
+  const size_t bytes = sizeof(T) * size_t(D);
+#if defined(__AVX2__)
+  if ((reinterpret_cast<uintptr_t>(dst) & 31) == 0 && bytes % 32 == 0) {
+    const char* s = reinterpret_cast<const char*>(src);
+    char* d = reinterpret_cast<char*>(dst);
+    for (size_t b = 0; b < bytes; b += 32)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + b),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + b)));
+    return;
+  }
+#endif
+  std::memcpy(dst, src, bytes);
+}
+inline void stream_fence() {
+#if defined(__AVX2__)
+  _mm_sfence();
+#endif
+}
+
 // row += c * xm: one pair's term, the one rounding of every scatter here.
 template <typename T>
 inline void add_pair(T* row, int64_t D, T c, const T* xm) {
@@ -566,13 +594,27 @@ void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, cons
                       int64_t* nonfinite, T* log, const int64_t* log_id) {
   (void)R;
   int64_t bad = 0;
-#pragma omp parallel for schedule(dynamic, 16) reduction(+ : bad) if ((offsets[U] - offsets[0]) * D > kSerialWork)
-  for (int64_t u = 0; u < U; ++u) {
+  auto one = [&](int64_t u) -> int64_t {  // 1 when the row came out non-finite (and it counts)
     if (u + kAhead < U) prefetch_row(table + urows[u + kAhead] * D, D);
     T* row = table + urows[u] * D;
-    if (log && log_id[u] >= 0) std::memcpy(log + log_id[u] * D, row, sizeof(T) * size_t(D));
+    if (log && log_id[u] >= 0) copy_row_nt(log + log_id[u] * D, row, D);
     add_segment(row, D, order + offsets[u], offsets[u + 1] - offsets[u], coef, x, L);
-    if (nonfinite && !row_finite(row, D)) ++bad;
+    return nonfinite && !row_finite(row, D);
+  };
+  // Segments can be long (a training step's hot rows): chunks of 16 rows go to whichever thread
+  // is free. A logged write (a streaming window: one or two pairs per row) splits them evenly
+  // instead, each thread a contiguous run of rows (measured: 6.9 -> 5.3 ms for the windows
+  // above). Either way one thread writes a row, so the sums do not depend on the schedule.
+#pragma omp parallel reduction(+ : bad) if ((offsets[U] - offsets[0]) * D > kSerialWork)
+  {
+    if (log) {
+#pragma omp for schedule(static) nowait
+      for (int64_t u = 0; u < U; ++u) bad += one(u);
+      stream_fence();
+    } else {
+#pragma omp for schedule(dynamic, 16) nowait
+      for (int64_t u = 0; u < U; ++u) bad += one(u);
+    }
   }
   if (nonfinite) *nonfinite += bad;
 }
