@@ -242,6 +242,14 @@ void read_weights(int dtype, std::uintptr_t s, std::uintptr_t pos, int64_t M, in
   })
 }
 
+// CPU only: squared row norms (see kernels.h).
+void row_norms(int dtype, std::uintptr_t x, int64_t R, int64_t D, std::uintptr_t out) {
+  check_dtype(dtype, "row_norms");
+  if (R == 0) return;
+  py::gil_scoped_release nogil;
+  FWPKM_DISPATCH(dtype, "row_norms", { fwpkm::row_norms_cpu<T>(P<const T>(x), R, D, P<T>(out)); })
+}
+
 // CPU only: one whole window of an in-place streaming call (see kernels.h, WindowStep). The
 // arguments come by name in a dict (fwpkm_ext/_native.py window_step builds and checks it):
 // addresses, sizes and the window's scalars.
@@ -254,8 +262,6 @@ int64_t window_step(int dtype, const py::dict& d) {
   FWPKM_DISPATCH(dtype, "window_step", {
     fwpkm::WindowStep<T> a{};
     a.dots = P<const T>(addr("dots"));
-    a.qn = addr("qn") ? P<const T>(addr("qn")) : nullptr;
-    a.kn = addr("kn") ? P<const T>(addr("kn")) : nullptr;
     a.K = P<const T>(addr("K"));
     a.x = P<const T>(addr("x"));
     a.v = P<const T>(addr("v"));
@@ -396,6 +402,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("segment_coefs", &segment_coefs);
   m.def("idw_pairs", &idw_pairs);
   m.def("read_weights", &read_weights);
+  m.def("row_norms", &row_norms);
   m.def("window_step", &window_step);
   m.def("window_step_work", &fwpkm::window_step_work);
   m.def("segment_rows", &segment_rows);

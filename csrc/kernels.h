@@ -145,6 +145,11 @@ template <typename T>
 void segment_coefs_cpu(const int64_t* offsets, int64_t U, const int64_t* order, const T* w,
                        double scale, int64_t Q, T* coef);
 
+// Squared norms of R rows (CPU only): out[r] = x[r, :] . x[r, :], summed as gather_dot sums (in
+// lanes combined by a fixed tree): the IDW distance's ||q||^2 and ||K_r||^2.
+template <typename T>
+void row_norms_cpu(const T* x, int64_t R, int64_t D, T* out);
+
 // The read weights of M tokens (CPU only; CUDA uses torch.softmax): token m's selected slot
 // (h, j) scores a = s[g0, pos[g0, j]] + s[g0 + 1, pos[g0 + 1, j]] with g0 = (m * H + h) * 2 (its
 // two sub-scores: the per-half pair scores s [M * H * 2, k] at read_positions' pos), and
@@ -166,8 +171,8 @@ void read_weights_cpu(const T* s, const int64_t* pos, int64_t M, int64_t H, int6
 template <typename T>
 struct WindowStep {
   const T* dots;     // [B * L, H, 2, n] query half . sub-key, as topk_select takes them
-  const T* qn;       // [B * L, H, 2] squared norms of the query halves (IDW; null for dot)
-  const T* kn;       // [S, H, 2, n] squared norms of the sub-keys (IDW; null for dot)
+                     // (IDW: the squared norms of the query halves and the sub-keys come from
+                     // row_norms, as recurrence.key_norms computes them on the CPU)
   const T* K;        // [S * H * 2 * n, d2] the keys
   const T* x;        // [B * L * H * 2, d2] the query halves
   const T* v;        // [B, Tt, dv] values (targets v[t + la])

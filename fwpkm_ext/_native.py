@@ -269,8 +269,18 @@ def read_weights(s: torch.Tensor, pos: torch.Tensor, M: int, H: int) -> torch.Te
     return w
 
 
-def window_step(dots: torch.Tensor, qn: Optional[torch.Tensor], kn: Optional[torch.Tensor],
-                K: torch.Tensor, x: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """CPU: out[r] = x[r] . x[r] for a contiguous float (R, D) x (kernels.h)."""
+    code = _float_code("x", x)
+    if x.dim() != 2:
+        raise ValueError(f"x: expected shape (R, D), got {tuple(x.shape)}")
+    _check("x", x, x.dtype, torch.device("cpu"))
+    out = torch.empty(x.shape[0], dtype=x.dtype)
+    _C.row_norms(code, x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+    return out
+
+
+def window_step(dots: torch.Tensor, K: torch.Tensor, x: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                 mask: torch.Tensor, s0: int, L: int, la: int, kind: str, eps: float, lr: float,
                 addr_w: float, ent_eps: float, idx: torch.Tensor, half: torch.Tensor,
                 w: torch.Tensor, vhat: torch.Tensor, V: torch.Tensor, new_keys: torch.Tensor,
@@ -280,10 +290,12 @@ def window_step(dots: torch.Tensor, qn: Optional[torch.Tensor], kn: Optional[tor
     the read into vhat/idx/half/w, the value write into V behind the undo log (slot, touched,
     used [1]: the rows in use, updated as soon as rows join, log), new_keys. Returns how many
     rows of new_keys hold a NaN or an infinity.
-    dots (B L, H, 2, n); qn (B L, H, 2) and kn (S, H, 2, n) for IDW, None for dot;
-    K (S, H, 2, n, d2); x (B L H 2, d2); v (B, T, dv); g, mask (B, T); idx (B, T, H, k);
+    dots (B L, H, 2, n); K (S, H, 2, n, d2); x (B L H 2, d2); v (B, T, dv); g, mask (B, T); idx (B, T, H, k);
     half (B, T, H, 2, k); w (B, T, H k); vhat (B, T, dv); V (S n n, dv)."""
     cpu = torch.device("cpu")
+    for name, t in (("V", V), ("dots", dots), ("K", K), ("v", v), ("idx", idx)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     code = _float_code("V", V)
     dt = V.dtype
     if K.dim() != 5 or dots.dim() != 4 or v.dim() != 3:
@@ -312,8 +324,6 @@ def window_step(dots: torch.Tensor, qn: Optional[torch.Tensor], kn: Optional[tor
               ("new_keys", new_keys, dt, (S * H * 2 * n, d2)), ("slot", slot, torch.int64, (S * n * n,)),
               ("touched", touched, torch.int64, None), ("used", used, torch.int64, (1,)),
               ("nonfinite", nonfinite, torch.int64, (1,))]
-    if idw:
-        checks += [("qn", qn, dt, (M, H, 2)), ("kn", kn, dt, (S, H, 2, n))]
     for name, t, dtype, shape in checks:
         _check(name, t, dtype, cpu, shape)
     cap = touched.numel()
@@ -325,8 +335,7 @@ def window_step(dots: torch.Tensor, qn: Optional[torch.Tensor], kn: Optional[tor
     from . import _alloc  # (a late import: _alloc is pure Python over torch)
     work = _alloc.reusable((_C.window_step_work(V.element_size(), B, L, H, k, S, n, dv),), torch.uint8, cpu)
     tok = lambda t, width: t.data_ptr() + s0 * width * t.element_size()  # the window's first token
-    args = dict(dots=dots.data_ptr(), qn=qn.data_ptr() if idw else 0, kn=kn.data_ptr() if idw else 0,
-                K=K.data_ptr(), x=x.data_ptr(), v=tok(v, dv), g=tok(g, 1), mask=tok(mask, 1),
+    args = dict(dots=dots.data_ptr(), K=K.data_ptr(), x=x.data_ptr(), v=tok(v, dv), g=tok(g, 1), mask=tok(mask, 1),
                 B=B, L=L, Tt=T, H=H, n=n, k=k, S=S, d2=d2, dv=dv, la=la, kind=_KIND_CODE[kind],
                 eps=eps, lr=lr, addr_w=addr_w, ent_eps=ent_eps,
                 idx=tok(idx, H * k), half=tok(half, H * 2 * k), w=tok(w, H * k), vhat=tok(vhat, dv),

@@ -281,8 +281,8 @@ def pair_scores(x: Tensor, kflat: Tensor, rows: Tensor, score: str, eps: float) 
 
 def _pairs(x, kflat, rows, score, eps):
     x, kflat, rows = x.contiguous(), kflat.contiguous(), rows.contiguous()
-    kn = (kflat * kflat).sum(-1) if score == "idw" else None
-    xn = (x * x).sum(-1) if score == "idw" else None
+    kn = recurrence.key_norms(kflat) if score == "idw" else None
+    xn = recurrence.key_norms(x) if score == "idw" else None
     return recurrence.Pairs(kflat, kn, x, xn, rows, score, eps)
 
 

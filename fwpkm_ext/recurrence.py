@@ -480,7 +480,10 @@ def value_coefs(rows: Tensor, contrib: Tensor, w: Tensor, scale: float, R: int):
 
 
 def key_norms(K: Tensor) -> Tensor:
-    """||K_r||^2 per sub-key (or query half), shaped like K without its last dimension."""
+    """||K_r||^2 per sub-key (or query half), shaped like K without its last dimension. On CPU
+    one native pass (row_norms, which window_step uses too), no (K * K) temporary."""
+    if K.device.type == "cpu" and K.dtype in (torch.float32, torch.float64) and K.dim() >= 1:
+        return _native.row_norms(K.detach().reshape(-1, K.shape[-1]).contiguous()).view(K.shape[:-1])
     return (K * K).sum(-1)
 
 
@@ -763,15 +766,15 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
         L = s1 - s0
         if keep:
             hist[wi] = K
-        # key and query-half norms once, for the search and the window
         qh_w = qh[:, s0:s1].contiguous()
-        kn = key_norms(K) if cfg.score == "idw" else None
-        xn = key_norms(qh_w) if cfg.score == "idw" else None
         a0 = max(s0, P)
         if fused and a0 == s0 and (L == cfg.chunk_size or cfg.flush):
-            K = _window_step(qh_w, K, kn, xn, v, g, mask, s0, L, V, tr, per_seq, cfg, idx_all,
-                             half_all, w_all, vhat, wi)
+            K = _window_step(qh_w, K, v, g, mask, s0, L, V, tr, per_seq, cfg, idx_all, half_all,
+                             w_all, vhat, wi)
             continue
+        # key and query-half norms once, for the search and the window
+        kn = key_norms(K) if cfg.score == "idw" else None
+        xn = key_norms(qh_w) if cfg.score == "idw" else None
         if a0 < s1:
             i, hi = search(qh_w[:, a0 - s0:].contiguous(), K, per_seq, cfg, kn,
                            None if xn is None else xn[:, a0 - s0:])
@@ -823,21 +826,18 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
     return K
 
 
-def _window_step(qh_w, K, kn, xn, v, g, mask, s0, L, V, tr, per_seq, cfg, idx_all, half_all, w_all,
-                 vhat, wi):
+def _window_step(qh_w, K, v, g, mask, s0, L, V, tr, per_seq, cfg, idx_all, half_all, w_all, vhat, wi):
     """One window of _windows by window_step (see there); returns the new keys, raising (as
     _commit_check) when they are not finite."""
-    B, _, H, _, d2 = qh_w.shape
+    d2 = qh_w.shape[-1]
     dots = search_dots(qh_w, K, per_seq)
-    idw = cfg.score == "idw"
     new = torch.empty(K.numel() // d2, d2, dtype=K.dtype)
     used = torch.tensor([tr.U], dtype=torch.long)
     try:
         bad = _native.window_step(
-            dots, xn.reshape(B * L, H, 2).contiguous() if idw else None,
-            kn.contiguous() if idw else None, K.contiguous(), qh_w.reshape(-1, d2), v, g, mask, s0, L,
-            cfg.lookahead, cfg.score, cfg.eps, cfg.lr, cfg.addr_loss_weight, ENTROPY_EPS, idx_all,
-            half_all, w_all, vhat, V, new, tr.slot, tr.rows, used, tr.C, tr.bad)
+            dots, K.contiguous(), qh_w.reshape(-1, d2), v, g, mask, s0, L, cfg.lookahead, cfg.score,
+            cfg.eps, cfg.lr, cfg.addr_loss_weight, ENTROPY_EPS, idx_all, half_all, w_all, vhat, V, new,
+            tr.slot, tr.rows, used, tr.C, tr.bad)
     finally:
         tr.U = int(used[0])  # rows logged so far, put back by forward if anything failed
     new = new.view_as(K)

@@ -973,6 +973,7 @@ def _every_kernel(g, dtype):
     s, inv = _native.idw_pairs(K, rows, x, xn, kn, 1e-3)
     d = ((x.double().unsqueeze(1) - K.double()[rows]) ** 2).sum(-1)
     out.append(("idw_pairs", s, (-torch.log(1e-3 + d)).to(dtype), False))
+    out.append(("row_norms", _native.row_norms(x), (x.double() ** 2).sum(-1).to(dtype), False))
     pos = randint(g, 0, L, Mr, L)
     out.append(("read_weights", _native.read_weights(s, pos, Mr // 2, 1), _read_weights_oracle(s, pos, Mr // 2, 1).to(dtype), False))
     gk = torch.empty(Mr, L, dtype=dtype)
@@ -1183,6 +1184,27 @@ def test_segment_coefs_equals_the_torch_expression(dtype, Q, R, keep):
         _native.segment_coefs(offsets, order, rows, -0.75)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("R,D", [(1, 1), (7, 5), (300, 256), (2000, 37)])
+def test_row_norms_vs_oracle(dtype, R, D):
+    """Squared row norms (key_norms on the CPU) against float64, bit-identical at one and two
+    threads; a 1-D tensor is refused by name."""
+    x = randn(gen(R + D), R, D, dtype=dtype)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            outs.append(_native.row_norms(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0].double(), (x.double() ** 2).sum(-1), **TOL[dtype])
+    assert torch.equal(recurrence.key_norms(x.view(R, 1, D)), outs[0].view(R, 1))
+    with _raises(ValueError, "x"):
+        _native.row_norms(x.reshape(-1))
+
+
 def _read_weights_oracle(s, pos, M, H):
     """float64: per token, softmax over its H * k slots of the two halves' sub-scores at pos."""
     k = s.shape[1]
@@ -1270,8 +1292,7 @@ def test_window_step_refuses_bad_arguments():
     g = gen(5)
     B, T, L, H, n, k, d2, dv = 2, 9, 4, 1, 6, 2, 3, 5
     V = randn(g, n * n, dv)
-    t = dict(dots=randn(g, B * L, H, 2, n), qn=rand(g, B * L, H, 2), kn=rand(g, 1, H, 2, n),
-             K=randn(g, 1, H, 2, n, d2), x=randn(g, B * L * H * 2, d2), v=randn(g, B, T, dv),
+    t = dict(dots=randn(g, B * L, H, 2, n), K=randn(g, 1, H, 2, n, d2), x=randn(g, B * L * H * 2, d2), v=randn(g, B, T, dv),
              g=rand(g, B, T), mask=torch.ones(B, T, dtype=F64), s0=0, L=L, la=1, kind="idw", eps=1e-3,
              lr=0.5, addr_w=0.1, ent_eps=1e-8, idx=torch.empty(B, T, H, k, dtype=torch.long),
              half=torch.empty(B, T, H, 2, k, dtype=torch.long), w=torch.empty(B, T, H * k, dtype=F64),
@@ -1282,7 +1303,7 @@ def test_window_step_refuses_bad_arguments():
     assert _native.window_step(**t) == 0  # the good call runs
     before = V.clone()
     for name, val in (("mask", torch.ones(B, T - 1, dtype=F64)), ("s0", 6), ("L", 0), ("kind", "cosine"),
-                      ("qn", None), ("x", randn(g, B * L * H * 2, d2 + 1)), ("used", torch.tensor([10 ** 6])),
+                      ("K", None), ("x", randn(g, B * L * H * 2, d2 + 1)), ("used", torch.tensor([10 ** 6])),
                       ("V", V[:-1]), ("slot", torch.zeros(n * n, dtype=torch.int32))):
         bad = dict(t, **{name: val})
         bad["V"] = V if name != "V" else val

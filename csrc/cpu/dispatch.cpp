@@ -115,6 +115,11 @@ void read_weights_cpu(const T* s, const int64_t* pos, int64_t M, int64_t H, int6
   FWPKM_RUN(read_weights_cpu<T>, s, pos, M, H, k, w);
 }
 
+template <typename T>
+void row_norms_cpu(const T* x, int64_t R, int64_t D, T* out) {
+  FWPKM_RUN(row_norms_cpu<T>, x, R, D, out);
+}
+
 #undef FWPKM_RUN
 
 #define FWPKM_INSTANTIATE(T) FWPKM_CPU_KERNEL_INSTANTIATIONS(T)

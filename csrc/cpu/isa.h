@@ -44,7 +44,9 @@
                         const T* x, const T* K, int64_t R, int64_t D, double rpg, double w,         \
                         double lr, double eps, T* P, T* u, T* gamma, T* pbar, T* out);       \
   template <typename T>                                                                              \
-  void read_weights_cpu(const T* s, const int64_t* pos, int64_t M, int64_t H, int64_t k, T* w);
+  void read_weights_cpu(const T* s, const int64_t* pos, int64_t M, int64_t H, int64_t k, T* w);     \
+  template <typename T>                                                                              \
+  void row_norms_cpu(const T* x, int64_t R, int64_t D, T* out);
 
 // The explicit instantiations (T = float, double) of those kernels, in whichever namespace the
 // macro is used: each variant's (kernels.cpp) and the dispatching ones (dispatch.cpp).
@@ -67,7 +69,8 @@
   template int64_t addr_step_cpu<T>(const T*, const T*, const int64_t*, int64_t, int64_t,      \
                                     const T*, const T*, int64_t, int64_t, double, double, double, \
                                     double, T*, T*, T*, T*, T*);                  \
-  template void read_weights_cpu<T>(const T*, const int64_t*, int64_t, int64_t, int64_t, T*);
+  template void read_weights_cpu<T>(const T*, const int64_t*, int64_t, int64_t, int64_t, T*);     \
+  template void row_norms_cpu<T>(const T*, int64_t, int64_t, T*);
 
 namespace fwpkm {
 namespace isa_base {

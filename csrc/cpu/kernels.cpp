@@ -710,6 +710,12 @@ int64_t addr_step_cpu(const T* s, const T* inv, const int64_t* rows, int64_t M, 
 }
 
 template <typename T>
+void row_norms_cpu(const T* x, int64_t R, int64_t D, T* out) {
+#pragma omp parallel for schedule(static) if (R * D > kSerialWork)
+  for (int64_t r = 0; r < R; ++r) out[r] = dot_lanes(x + r * D, x + r * D, D);
+}
+
+template <typename T>
 void read_weights_cpu(const T* s, const int64_t* pos, int64_t M, int64_t H, int64_t k, T* w) {
   const int64_t HK = H * k;
   check_index("read_weights", "pos", pos, M * H * 2 * k, k);

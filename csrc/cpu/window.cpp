@@ -16,7 +16,7 @@ namespace {
 
 // Byte offsets of the scratch arrays in `work` (each 64-byte aligned).
 struct WorkLayout {
-  int64_t score, half_score, idx, half, kid, s, inv, pos, w, rows, r, pid, order, urows, offsets,
+  int64_t qn, kn, score, half_score, idx, half, kid, s, inv, pos, w, rows, r, pid, order, urows, offsets,
       seg, coef, ids, P, u, gamma, pbar, total;
   WorkLayout(int64_t elem, int64_t B, int64_t L, int64_t H, int64_t k, int64_t S, int64_t n,
              int64_t dv) {
@@ -28,6 +28,8 @@ struct WorkLayout {
       return here;
     };
     const int64_t i8 = int64_t(sizeof(int64_t));
+    qn = take(M2 * elem);
+    kn = take(R2 * elem);
     score = take(G * k * elem);
     half_score = take(M2 * k * elem);
     idx = take(G * k * i8);
@@ -76,13 +78,14 @@ int64_t window_step_cpu(const WindowStep<T>& a) {
   if (per_seq && S != B) throw std::invalid_argument("fwpkm window_step: S > 1 needs S == B");
   const WorkLayout lay(int64_t(sizeof(T)), B, L, H, k, S, n, dv);
   void* wk = a.work;
+  const bool idw = a.kind == kIDW;
   T* score = at<T>(wk, lay.score);
   T* half_score = at<T>(wk, lay.half_score);
   int64_t* idx = at<int64_t>(wk, lay.idx);
   int64_t* half = at<int64_t>(wk, lay.half);
   int64_t* kid = at<int64_t>(wk, lay.kid);
   T* s = at<T>(wk, lay.s);
-  T* inv = a.kind == kIDW ? at<T>(wk, lay.inv) : nullptr;
+  T* inv = idw ? at<T>(wk, lay.inv) : nullptr;
   int64_t* pos = at<int64_t>(wk, lay.pos);
   T* w = at<T>(wk, lay.w);
   int64_t* rows = at<int64_t>(wk, lay.rows);
@@ -95,9 +98,15 @@ int64_t window_step_cpu(const WindowStep<T>& a) {
   T* coef = at<T>(wk, lay.coef);
   int64_t* ids = at<int64_t>(wk, lay.ids);
   auto grp = [&](int64_t m) { return per_seq ? m / L : int64_t(0); };
+  T* qn = idw ? at<T>(wk, lay.qn) : nullptr;
+  T* kn = idw ? at<T>(wk, lay.kn) : nullptr;
+  if (idw) {  // recurrence.key_norms of the query halves and of the keys
+    row_norms_cpu<T>(a.x, M2, d2, qn);
+    row_norms_cpu<T>(a.K, R2, d2, kn);
+  }
 
   // the search's epilogue (search): per-half top-k and the slots
-  topk_select_cpu<T>(a.dots, a.qn, a.kn, M, H, n, k, per_seq ? L : M, a.kind, a.eps, idx, score,
+  topk_select_cpu<T>(a.dots, qn, kn, M, H, n, k, per_seq ? L : M, a.kind, a.eps, idx, score,
                      half, half_score);
   // the read (Window): pair rows into the keys (key_rows), exact pair scores (Pairs), the
   // slots' places in the half lists (read_positions) and the read weights
@@ -106,8 +115,8 @@ int64_t window_step_cpu(const WindowStep<T>& a) {
     const int64_t base = ((grp(m) * H + h) * 2 + c) * n;
     for (int64_t j = 0; j < k; ++j) kid[gc * k + j] = base + half[gc * k + j];
   }
-  if (a.kind == kIDW)
-    idw_pairs_cpu<T>(a.K, R2, d2, kid, a.x, M2, k, a.qn, a.kn, a.eps, s, inv);
+  if (idw)
+    idw_pairs_cpu<T>(a.K, R2, d2, kid, a.x, M2, k, qn, kn, a.eps, s, inv);
   else
     gather_dot_cpu<T>(a.K, R2, d2, kid, a.x, M2, k, s);
   read_positions_cpu(idx, half, G, k, n, pos);
