@@ -487,14 +487,18 @@ def key_norms(K: Tensor) -> Tensor:
     return (K * K).sum(-1)
 
 
-def search_dots(qh_w: Tensor, K: Tensor, per_seq: bool) -> Tensor:
-    """(B*L, H, 2, n) query half . sub-key for the tokens of qh_w (B, L, H, 2, d2)."""
+def search_dots(qh_w: Tensor, K: Tensor, per_seq: bool, buf: Optional[Tensor] = None) -> Tensor:
+    """(B*L, H, 2, n) query half . sub-key for the tokens of qh_w (B, L, H, 2, d2), written into
+    the start of `buf` when given (a flat buffer of at least that size)."""
     B, L, H, _, d2 = qh_w.shape
     M, n = B * L, K.shape[3]
     # one GEMM per (memory, head, half), each written straight into its strided slice of the
     # (M, H, 2, n) scores (BLAS takes the row stride): no permuted copy of the scores, which an
     # einsum over the heads needs (64 MiB for the static PKM's 4 heads at 4096 tokens)
-    dots = _alloc.reusable((B, L, H, 2, n), qh_w.dtype, qh_w.device)  # mapped pages: no faults
+    if buf is None:
+        dots = _alloc.reusable((B, L, H, 2, n), qh_w.dtype, qh_w.device)  # mapped pages: no faults
+    else:
+        dots = buf[: B * L * H * 2 * n].view(B, L, H, 2, n)
     for b in range(B if per_seq else 1):
         qs, ds = (qh_w[b], dots[b]) if per_seq else (qh_w.view(M, H, 2, d2), dots.view(M, H, 2, n))
         for h in range(H):
@@ -697,7 +701,10 @@ def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: RecurrenceCon
     qh = q.reshape(B, T, H, 2, d2)
     amask = addr_mask(mask)
     wins = windows(T, cfg.chunk_size)
-    vhat = torch.empty(B, T, dv, dtype=dt, device=dev)
+    # the read: the caller's output, from a buffer an earlier call's caller dropped when there is
+    # one (8 MiB at 4096 tokens of the paper configuration: 2,048 page faults otherwise)
+    vhat = (_alloc.reusable((B, T, dv), dt, dev) if not keep else
+            torch.empty(B, T, dv, dtype=dt, device=dev))
     idx_all = torch.empty(B, T, H, k, dtype=torch.long, device=dev)
     half_all = torch.empty(B, T, H, 2, k, dtype=torch.long, device=dev)
     w_all = torch.empty(B, T, HK, dtype=dt, device=dev)
@@ -762,6 +769,7 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
     fused = FUSED_WINDOWS and undo and not keep and amask is None and dev.type == "cpu"
     if fused:
         v, g, mask = v.contiguous(), g.contiguous(), mask.contiguous()
+        dots = _alloc.reusable((B * cfg.chunk_size * H * 2 * K.shape[3],), dt, dev)  # every window's
     for wi, (s0, s1) in enumerate(wins):
         L = s1 - s0
         if keep:
@@ -770,7 +778,7 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
         a0 = max(s0, P)
         if fused and a0 == s0 and (L == cfg.chunk_size or cfg.flush):
             K = _window_step(qh_w, K, v, g, mask, s0, L, V, tr, per_seq, cfg, idx_all, half_all,
-                             w_all, vhat, wi)
+                             w_all, vhat, wi, dots)
             continue
         # key and query-half norms once, for the search and the window
         kn = key_norms(K) if cfg.score == "idw" else None
@@ -826,12 +834,13 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
     return K
 
 
-def _window_step(qh_w, K, v, g, mask, s0, L, V, tr, per_seq, cfg, idx_all, half_all, w_all, vhat, wi):
+def _window_step(qh_w, K, v, g, mask, s0, L, V, tr, per_seq, cfg, idx_all, half_all, w_all, vhat, wi,
+                 dots_buf):
     """One window of _windows by window_step (see there); returns the new keys, raising (as
     _commit_check) when they are not finite."""
     d2 = qh_w.shape[-1]
-    dots = search_dots(qh_w, K, per_seq)
-    new = torch.empty(K.numel() // d2, d2, dtype=K.dtype)
+    dots = search_dots(qh_w, K, per_seq, dots_buf)
+    new = _alloc.reusable((K.numel() // d2, d2), K.dtype, K.device)  # (the keys of 2 windows ago)
     used = torch.tensor([tr.U], dtype=torch.long)
     try:
         bad = _native.window_step(

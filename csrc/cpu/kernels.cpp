@@ -344,6 +344,9 @@ inline int64_t idw_topk(const T* d, T q2, const T* k2, int64_t n, int64_t k, T t
 // slice when another process holds a core, and the FwPKM windows of a small model call the
 // kernels hundreds of times per step on a few thousand rows each.
 constexpr int64_t kSerialWork = int64_t(1) << 15;
+// An exp or log costs ~10-20 multiply-adds: loops that take one per element split at a
+// sixteenth of the elements (a window's 8,192 pair scores: ~80 us of exp on one thread).
+constexpr int64_t kExpWork = 16;
 
 // row . x with kLanes independent partial sums (a single SIMD accumulator is a chain of
 // dependent adds: the dot of a 512-float row then waits on add latency, not on memory), combined
@@ -644,7 +647,7 @@ int64_t addr_step_cpu(const T* s, const T* inv, const int64_t* rows, int64_t M, 
   check_rows("addr_step", rows, Q, R);
   const T trpg = static_cast<T>(rpg), tw = static_cast<T>(w), teps = static_cast<T>(eps);
   // P: the softmax of each pair row (max subtracted, exp, divided by the sum)
-#pragma omp parallel for schedule(static) if (Q > kSerialWork)
+#pragma omp parallel for schedule(static) if (Q * kExpWork > kSerialWork)
   for (int64_t m = 0; m < M; ++m) {
     const T* sm = s + m * L;
     T* pm = P + m * L;
@@ -719,7 +722,7 @@ template <typename T>
 void read_weights_cpu(const T* s, const int64_t* pos, int64_t M, int64_t H, int64_t k, T* w) {
   const int64_t HK = H * k;
   check_index("read_weights", "pos", pos, M * H * 2 * k, k);
-#pragma omp parallel for schedule(static) if (M * HK > kSerialWork)
+#pragma omp parallel for schedule(static) if (M * HK * kExpWork > kSerialWork)
   for (int64_t m = 0; m < M; ++m) {
     T* wm = w + m * HK;
     for (int64_t h = 0; h < H; ++h) {
