@@ -937,15 +937,16 @@ def test_scatter_pairs_refuses_bad_arguments_writing_nothing():
 def _every_kernel(g, dtype):
     """Each CPU kernel once on random data, with its torch oracle: [(name, got, want, exact)]."""
     out = []
-    M, H, n, k = 37, 2, 70, 5
-    dots = randn(g, M, H, 2, n, dtype=dtype)
-    qn = rand(g, M, H, 2, dtype=dtype, lo=2.0, hi=4.0)
-    kn = rand(g, 3, H, 2, n, dtype=dtype, lo=0.5, hi=2.0)
-    for kind in ("idw", "dot"):
-        got = run_topk_select(dots, qn, kn, k, 13, kind)
-        want = topk_oracle(dots.double(), qn.double(), kn.double(), k, 13, kind, 1e-3)
-        out += [(f"topk_select {kind} idx", got[0], want[0], True),
-                (f"topk_select {kind} score", got[1], want[1].to(dtype), False)]
+    # short lists (a plain scan) and long ones (block maxima: k <= 8, k <= 16, k = 32)
+    for M, H, n, k in ((37, 2, 70, 5), (40, 1, 512, 8), (20, 2, 512, 13), (12, 2, 512, 32)):
+        dots = randn(g, M, H, 2, n, dtype=dtype)
+        qn = rand(g, M, H, 2, dtype=dtype, lo=2.0, hi=4.0)
+        kn = rand(g, -(-M // 13), H, 2, n, dtype=dtype, lo=0.5, hi=2.0)
+        for kind in ("idw", "dot"):
+            got = run_topk_select(dots, qn, kn, k, 13, kind)
+            want = topk_oracle(dots.double(), qn.double(), kn.double(), k, 13, kind, 1e-3)
+            out += [(f"topk_select {kind} n{n} k{k} idx", got[0], want[0], True),
+                    (f"topk_select {kind} n{n} k{k} score", got[1], want[1].to(dtype), False)]
     R, D, Mr, L = 300, 37, 90, 6
     table, rows, w = gather_case(g, R, D, Mr, L, dtype)
     x = randn(g, Mr, D, dtype=dtype)

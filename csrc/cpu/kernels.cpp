@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -191,6 +192,37 @@ inline int64_t collect_candidates(const float* v, int64_t n, float t0, const flo
 }
 #endif
 
+// The k-th largest (k <= 8) of nb >= 8 numbers (no NaN) into *t: the generic build has no fast
+// way (returns false: the caller's insertion runs); AVX2 (float) keeps the 8 largest sorted in
+// one register and inserts each number without a branch (the insertion's branches were a
+// quarter of FwPKM's k = 8 selection: most numbers are dropped, but unpredictably).
+template <typename T>
+inline bool kth_largest8(const T*, int64_t, int64_t, T*) {
+  return false;
+}
+#if defined(__AVX2__)
+inline bool kth_largest8(const float* v, int64_t nb, int64_t k, float* t) {
+  if (nb < 8) return false;
+  // lanes 0..7: the largest so far, descending; an insertion at lane p moves lanes p..6 one up
+  const __m256i up = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);
+  const __m256 not_first = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, -1, -1, -1, -1, -1, -1));
+  __m256 best = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256 x = _mm256_set1_ps(v[b]);
+    const __m256 below = _mm256_cmp_ps(best, x, _CMP_LT_OQ);  // lanes p..7
+    const __m256 shifted = _mm256_permutevar8x32_ps(best, up);
+    const __m256 prev = _mm256_and_ps(_mm256_permutevar8x32_ps(below, up), not_first);
+    const __m256 at = _mm256_andnot_ps(prev, below);          // lane p only
+    best = _mm256_blendv_ps(best, shifted, below);
+    best = _mm256_blendv_ps(best, x, at);
+  }
+  alignas(32) float out[8];
+  _mm256_store_ps(out, best);
+  *t = out[k - 1];
+  return true;
+}
+#endif
+
 // How many blocks: more blocks give a tighter threshold (fewer candidates), but ranking their
 // maxima costs more (branchy, ~40 % of the selection). Measured per (token, head) on one core of
 // the development VM: k = 32, n = 512: 2k blocks 6.9 us, 4k 7.8 us; k = 8: 32 blocks (4k) 3.4 us,
@@ -230,7 +262,8 @@ inline int64_t select_topk(const T* v, int64_t n, int64_t k, T* bs, int64_t* bi,
   bool any_nan = false;
   for (int64_t b = 0; b < nb; ++b) any_nan |= mx[b] != mx[b];
   T t0;
-  if (!any_nan && k <= kSmallK) {
+  if (!any_nan && k <= 8 && kth_largest8(mx, nb, k, &t0)) {
+  } else if (!any_nan && k <= kSmallK) {
     // small k: the k best maxima kept sorted while they stream by; most fail the first test.
     // A fifth of FwPKM's k = 8 selection went to nth_element's setup on 32 maxima.
     T best[kSmallK];
