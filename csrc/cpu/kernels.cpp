@@ -724,13 +724,14 @@ int64_t addr_step_cpu(const T* s, const T* inv, const int64_t* rows, int64_t M, 
   if (inv)
     for (int64_t p = 0; p < Q; ++p) acc[size_t(rows[p])] += double(c[size_t(p)]);
   // out = K + sum_p c_p x_m (one writer per row: threads own row ranges and walk the pairs in
-  // order, as scatter_pairs), then (IDW) out -= (sum_p c_p) K
-  std::memcpy(out, K, sizeof(T) * size_t(R * D));
+  // order, as scatter_pairs), then (IDW) out -= (sum_p c_p) K. Each thread copies its own rows
+  // first: in parallel, and into the cache of the thread that updates them.
   int64_t bad = 0;
 #pragma omp parallel reduction(+ : bad) if (Q * D > kSerialWork)
   {
     int64_t lo, hi;
     owned_rows(R, &lo, &hi);
+    std::memcpy(out + lo * D, K + lo * D, sizeof(T) * size_t((hi - lo) * D));
     add_owned_pairs(out, D, rows, Q, L, c.data(), x, lo, hi);
     if (inv) {
       for (int64_t r = lo; r < hi; ++r) {
