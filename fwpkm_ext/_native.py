@@ -7,11 +7,14 @@ topk_select are in range by construction).
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
 
 from . import _C
+
+_SCRATCH = threading.local()  # per-thread scratch buffers of the composite kernels (window_step)
 
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
 _KIND_CODE = {"idw": 0, "dot": 1}
@@ -332,8 +335,11 @@ def window_step(dots: torch.Tensor, K: torch.Tensor, x: torch.Tensor, v: torch.T
         raise ValueError(f"used: expected a count in [0, {cap}], got {int(used[0])}")
     eps, lr, addr_w, ent_eps = (_real(nm, val) for nm, val in
                                 (("eps", eps), ("lr", lr), ("addr_w", addr_w), ("ent_eps", ent_eps)))
-    from . import _alloc  # (a late import: _alloc is pure Python over torch)
-    work = _alloc.reusable((_C.window_step_work(V.element_size(), B, L, H, k, S, n, dv),), torch.uint8, cpu)
+    nbytes = _C.window_step_work(V.element_size(), B, L, H, k, S, n, dv)
+    work = getattr(_SCRATCH, "window_step", None)  # scratch that never leaves the call: kept per thread
+    if work is None or work.numel() < nbytes:
+        with torch.inference_mode(False):
+            work = _SCRATCH.window_step = torch.empty(nbytes, dtype=torch.uint8)
     tok = lambda t, width: t.data_ptr() + s0 * width * t.element_size()  # the window's first token
     args = dict(dots=dots.data_ptr(), K=K.data_ptr(), x=x.data_ptr(), v=tok(v, dv), g=tok(g, 1), mask=tok(mask, 1),
                 B=B, L=L, Tt=T, H=H, n=n, k=k, S=S, d2=d2, dv=dv, la=la, kind=_KIND_CODE[kind],

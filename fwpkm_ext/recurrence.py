@@ -770,6 +770,8 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
     if fused:
         v, g, mask = v.contiguous(), g.contiguous(), mask.contiguous()
         dots = _alloc.reusable((B * cfg.chunk_size * H * 2 * K.shape[3],), dt, dev)  # every window's
+        # the new keys of each window, alternately in two buffers (a window reads the other one)
+        key_bufs = [_alloc.reusable(K.shape, dt, dev) for _ in range(2)]
     for wi, (s0, s1) in enumerate(wins):
         L = s1 - s0
         if keep:
@@ -778,7 +780,7 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
         a0 = max(s0, P)
         if fused and a0 == s0 and (L == cfg.chunk_size or cfg.flush):
             K = _window_step(qh_w, K, v, g, mask, s0, L, V, tr, per_seq, cfg, idx_all, half_all,
-                             w_all, vhat, wi, dots)
+                             w_all, vhat, wi, dots, key_bufs[wi % 2])
             continue
         # key and query-half norms once, for the search and the window
         kn = key_norms(K) if cfg.score == "idw" else None
@@ -835,12 +837,12 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
 
 
 def _window_step(qh_w, K, v, g, mask, s0, L, V, tr, per_seq, cfg, idx_all, half_all, w_all, vhat, wi,
-                 dots_buf):
+                 dots_buf, new):
     """One window of _windows by window_step (see there); returns the new keys, raising (as
     _commit_check) when they are not finite."""
     d2 = qh_w.shape[-1]
     dots = search_dots(qh_w, K, per_seq, dots_buf)
-    new = _alloc.reusable((K.numel() // d2, d2), K.dtype, K.device)  # (the keys of 2 windows ago)
+    new = new.view(-1, d2)
     used = torch.tensor([tr.U], dtype=torch.long)
     try:
         bad = _native.window_step(
