@@ -553,6 +553,8 @@ _PHASES = [
     ("recurrence", "contributing", "write: targets/residual weights"),
     ("recurrence", "value_pairs", "write: bucket value pairs (sort)"),
     ("recurrence", "value_coefs", "write: bucket value pairs and coefficients"),
+    ("recurrence", "search_dots", "search: q.K GEMMs"),
+    ("recurrence", "_window_step", "fused window (window_step, CPU in place)"),
     ("recurrence.Window", "updated_keys", "key update: addressing gradient"),
     ("recurrence.Window", "addr_vjp", "backward: addressing 2nd order"),
     ("recurrence.Pairs", "vjp", "pair vjp (score -> q, K)"),
@@ -564,7 +566,8 @@ _PHASES = [
     ("functional", "_count_reads", "state telemetry counters"),
 ]
 _KERNELS = ("topk_select", "gather_rows", "gather_dot", "scatter_rows", "scatter_rows_logged",
-            "scatter_pairs", "idw_pairs", "addr_step", "segment_coefs")
+            "scatter_pairs", "idw_pairs", "addr_step", "segment_coefs", "read_weights", "row_norms",
+            "window_step")
 
 
 def _install_profile_hooks():
