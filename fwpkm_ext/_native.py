@@ -316,8 +316,8 @@ def window_step(dots: torch.Tensor, K: torch.Tensor, x: torch.Tensor, v: torch.T
         raise ValueError(f"K: one memory or one per sequence (S = 1 or {B}), got S = {S}")
     if kind not in _KIND_CODE:
         raise ValueError(f"kind: expected 'idw' or 'dot', got {kind!r}")
-    if k < 1:
-        raise ValueError(f"idx: expected shape (B, T, H, k), got {tuple(idx.shape)}")
+    if not 1 <= k <= n:
+        raise ValueError(f"idx: expected shape (B, T, H, k) with 1 <= k <= n = {n}, got {tuple(idx.shape)}")
     M = B * L
     idw = kind == "idw"
     checks = [("dots", dots, dt, (M, H, 2, n)), ("K", K, dt, (S, H, 2, n, d2)), ("x", x, dt, (M * H * 2, d2)),
@@ -331,6 +331,11 @@ def window_step(dots: torch.Tensor, K: torch.Tensor, x: torch.Tensor, v: torch.T
         _check(name, t, dtype, cpu, shape)
     cap = touched.numel()
     _check("log", log, dt, cpu, (cap, dv))
+    if bool((mask[:, s0:s0 + L] < 0).any()):
+        raise ValueError("mask: window_step takes windows whose tokens all enter the addressing loss "
+                         "(mask >= 0)")
+    if new_keys.data_ptr() == K.data_ptr():
+        raise ValueError("new_keys: must not be K's memory (the step reads K while writing new_keys)")
     if not 0 <= int(used[0]) <= cap:
         raise ValueError(f"used: expected a count in [0, {cap}], got {int(used[0])}")
     eps, lr, addr_w, ent_eps = (_real(nm, val) for nm, val in

@@ -460,8 +460,11 @@ def _count_reads(state, idx, g, S, inplace: bool = False):
         reads = state.slot_reads
         if reads is None:
             reads = torch.zeros(S, N, dtype=torch.long, device=idx.device)
-        elif not inplace or (reads.is_inference() and not torch.is_inference_mode_enabled()):
-            reads = reads.clone()  # (an inference tensor cannot be written outside inference mode)
+        elif (not inplace or not reads.is_contiguous()
+              or (reads.is_inference() and not torch.is_inference_mode_enabled())):
+            # (an inference tensor cannot be written outside inference mode; a strided one is
+            # copied too: the tables are written already, nothing may raise from here on)
+            reads = reads.clone(memory_format=torch.contiguous_format)
         flat = idx.reshape(B, -1)
         if S > 1:
             flat = flat + torch.arange(B, device=idx.device).view(B, 1) * N

@@ -482,8 +482,9 @@ def value_coefs(rows: Tensor, contrib: Tensor, w: Tensor, scale: float, R: int):
 def key_norms(K: Tensor) -> Tensor:
     """||K_r||^2 per sub-key (or query half), shaped like K without its last dimension. On CPU
     one native pass (row_norms, which window_step uses too), no (K * K) temporary."""
-    if K.device.type == "cpu" and K.dtype in (torch.float32, torch.float64) and K.dim() >= 1:
-        return _native.row_norms(K.detach().reshape(-1, K.shape[-1]).contiguous()).view(K.shape[:-1])
+    if (K.device.type == "cpu" and K.dtype in (torch.float32, torch.float64) and K.dim() >= 1
+            and not (K.requires_grad and torch.is_grad_enabled())):  # (the native pass has no gradient)
+        return _native.row_norms(K.reshape(-1, K.shape[-1]).contiguous()).view(K.shape[:-1])
     return (K * K).sum(-1)
 
 

@@ -1242,13 +1242,17 @@ def test_read_weights_vs_oracle(dtype, M, H, k):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("score", ["idw", "dot"])
-@pytest.mark.parametrize("B,per_seq,H,la", [(1, False, 1, 1), (3, False, 2, 0), (3, True, 2, 2), (2, True, 1, 5)])
-def test_window_step_equals_the_op_by_op_path(monkeypatch, dtype, score, B, per_seq, H, la):
+@pytest.mark.parametrize("B,per_seq,H,la,big", [(1, False, 1, 1, False), (3, False, 2, 0, False),
+                                              (3, True, 2, 2, False), (2, True, 1, 5, False),
+                                              (2, False, 2, 1, True)])
+def test_window_step_equals_the_op_by_op_path(monkeypatch, dtype, score, B, per_seq, H, la, big):
     """An in-place call whose writing windows run as single window_step calls gives the bits of
     the op-by-op window loop: outputs, keys, values and counters, over calls whose first window
     has pending tokens (op by op), partial and flushed windows, several memories and heads, a
-    lookahead beyond the window (nothing written) and masked-out tokens (mask 0)."""
-    n, dk, dv, k, C = 9, 10, 7, 3, 5
+    lookahead beyond the window (nothing written) and masked-out tokens (mask 0). `big`: sizes
+    at which every kernel of the window runs threaded (the residual, the logged write, the key
+    step)."""
+    n, dk, dv, k, C = (24, 32, 160, 4, 96) if big else (9, 10, 7, 3, 5)
     calls = {"n": 0}
     real = _native.window_step
 
@@ -1266,13 +1270,13 @@ def test_window_step_equals_the_op_by_op_path(monkeypatch, dtype, score, B, per_
         S = B if per_seq else 1
         st = fwpkm_ext.MemoryState(config=cfg, keys=randn(g, S, H, 2, n, dk // 2, dtype=dtype, scale=0.5),
                                    values=randn(g, S, n * n, dv, dtype=dtype), per_sequence=per_seq)
-        T = 23
+        T = 4 * C + 3
         q, v = randn(g, B, T, H, dk, dtype=dtype), randn(g, B, T, dv, dtype=dtype)
         gt = rand(g, B, T, dtype=dtype, lo=0.1)
         mask = (rand(g, B, T, dtype=dtype) > 0.2).to(dtype)
         outs = []
         with torch.no_grad():
-            for a, b, flush in ((0, 12, False), (12, 19, False), (19, 23, True)):
+            for a, b, flush in ((0, 2 * C + 2, False), (2 * C + 2, 3 * C + 4, False), (3 * C + 4, T, True)):
                 vh, st = F.memory_step(q[:, a:b], v[:, a:b], gt[:, a:b], st, mask=mask[:, a:b],
                                        flush=flush, inplace=True)
                 outs.append(vh)
@@ -1308,8 +1312,15 @@ def test_window_step_refuses_bad_arguments():
                       ("V", V[:-1]), ("slot", torch.zeros(n * n, dtype=torch.int32))):
         bad = dict(t, **{name: val})
         bad["V"] = V if name != "V" else val
-        with pytest.raises((ValueError, TypeError), match=name):
+        with _raises((ValueError, TypeError), name):
             _native.window_step(**bad)
+    skipped = dict(t, mask=torch.where(torch.arange(T) == 2, -1.0, 1.0).to(F64).expand(B, T).contiguous())
+    with _raises(ValueError, "mask"):
+        _native.window_step(**skipped)
+    with _raises(ValueError, "new_keys"):
+        _native.window_step(**dict(t, new_keys=t["K"].view(H * 2 * n, d2)))
+    with _raises(ValueError, "idx"):
+        _native.window_step(**dict(t, idx=torch.empty(B, T, H, n + 1, dtype=torch.long)))
     assert torch.equal(V, before)
 
 

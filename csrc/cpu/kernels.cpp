@@ -11,7 +11,6 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <utility>
 #include <vector>
 
@@ -206,7 +205,7 @@ inline bool kth_largest8(const float* v, int64_t nb, int64_t k, float* t) {
   // lanes 0..7: the largest so far, descending; an insertion at lane p moves lanes p..6 one up
   const __m256i up = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);
   const __m256 not_first = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, -1, -1, -1, -1, -1, -1));
-  __m256 best = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 best = _mm256_set1_ps(-__builtin_huge_valf());  // (no std:: template: see the top)
   for (int64_t b = 0; b < nb; ++b) {
     const __m256 x = _mm256_set1_ps(v[b]);
     const __m256 below = _mm256_cmp_ps(best, x, _CMP_LT_OQ);  // lanes p..7
