@@ -93,7 +93,7 @@ def _free(buf: torch.Tensor) -> bool:
     return _USE is not None and _USE[0](buf) == _USE[1]
 
 
-def reusable(shape, dtype, device) -> torch.Tensor:
+def reusable(shape, dtype, device, exact: bool = False) -> torch.Tensor:
     """An uninitialised CPU tensor, from a buffer of an earlier call that nothing holds any more
     (e.g. rows the previous training step saved for its backward, freed by that backward; the
     PKM value gradient of the previous step, freed by zero_grad(set_to_none=True)).
@@ -104,7 +104,8 @@ def reusable(shape, dtype, device) -> torch.Tensor:
     handed out; then a fresh one is allocated and kept for later calls. Of the free buffers
     that fit, the smallest is taken. Buffers are ordinary tensors even when the call runs under
     torch.inference_mode (an inference tensor could not be written or saved by a later
-    training call)."""
+    training call). `exact`: only a buffer of exactly this size (an output the caller keeps: a
+    small result must not hold a large buffer's memory, nor save it with torch.save)."""
     need = 1
     for s in shape:
         need *= int(s)
@@ -115,7 +116,8 @@ def reusable(shape, dtype, device) -> torch.Tensor:
         pool = _POOL.bufs = []
     with torch.inference_mode(False):
         free = [_free(b) for b in pool]
-        fits = [b for b, f in zip(pool, free) if f and b.dtype == dtype and b.numel() >= need]
+        fits = [b for b, f in zip(pool, free) if f and b.dtype == dtype and b.numel() >= need
+                and (not exact or b.numel() == need)]
         if fits:
             return min(fits, key=lambda b: b.numel())[:need].view(shape)
         buf = torch.empty(need, dtype=dtype)

@@ -704,7 +704,7 @@ def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: RecurrenceCon
     wins = windows(T, cfg.chunk_size)
     # the read: the caller's output, from a buffer an earlier call's caller dropped when there is
     # one (8 MiB at 4096 tokens of the paper configuration: 2,048 page faults otherwise)
-    vhat = (_alloc.reusable((B, T, dv), dt, dev) if not keep else
+    vhat = (_alloc.reusable((B, T, dv), dt, dev, exact=True) if not keep else
             torch.empty(B, T, dv, dtype=dt, device=dev))
     idx_all = torch.empty(B, T, H, k, dtype=torch.long, device=dev)
     half_all = torch.empty(B, T, H, 2, k, dtype=torch.long, device=dev)

@@ -45,6 +45,30 @@ def test_reusable_reuses_a_free_buffer_and_takes_the_smallest_fit():
     assert other.data_ptr() == big_ptr
 
 
+def test_reusable_exact_takes_only_a_buffer_of_the_same_size():
+    """`exact` (an output the caller keeps): never a slice of a larger free buffer; a free buffer of
+    the same size is reused. The streaming read is such an output."""
+    if _alloc._USE is None:
+        return
+    _alloc._POOL.bufs = []
+    big = _alloc.reusable((1000,), torch.float32, "cpu")
+    big_ptr = big.data_ptr()
+    del big
+    out = _alloc.reusable((10, 10), torch.float32, "cpu", exact=True)
+    assert out.data_ptr() != big_ptr and out.untyped_storage().nbytes() == 400
+    ptr = out.data_ptr()
+    del out
+    again = _alloc.reusable((100,), torch.float32, "cpu", exact=True)
+    assert again.data_ptr() == ptr
+    cfg = fwpkm_ext.MemoryConfig(n_subkeys=8, key_dim=8, value_dim=6, heads=1, topk=2, chunk_size=4)
+    st = fwpkm_ext.MemoryState(config=cfg, keys=torch.randn(1, 1, 2, 8, 4), values=torch.randn(1, 64, 6),
+                                 per_sequence=False)
+    with torch.no_grad():
+        vh, _ = fwpkm_ext.memory_step(torch.randn(1, 9, 1, 8), torch.randn(1, 9, 6), torch.rand(1, 9), st,
+                                      inplace=True)
+    assert vh.untyped_storage().nbytes() == vh.numel() * vh.element_size()
+
+
 def test_reusable_buffers_are_per_thread():
     got = {}
 
