@@ -204,13 +204,11 @@ int64_t scatter_rows_logged(int dtype, std::uintptr_t table, int64_t R, int64_t 
   py::gil_scoped_release nogil;
   int64_t out = used;
   FWPKM_DISPATCH(dtype, "scatter_rows_logged", {
-    int64_t* id = P<int64_t>(ids);
-    out = fwpkm::map_rows_cpu<T>(P<int64_t>(slot), R, P<const int64_t>(urows), U, id,
-                                 P<int64_t>(touched), used, cap, nullptr, nullptr, D);
-    for (int64_t u = 0; u < U; ++u) id[u] = id[u] >= used ? id[u] : -1;  // logged already
-    fwpkm::scatter_rows_cpu<T>(P<T>(table), R, D, P<const int64_t>(urows), P<const int64_t>(offsets),
-                               U, P<const int64_t>(order), P<const T>(coef), P<const T>(x), L,
-                               P<int64_t>(nonfinite), P<T>(log), id);
+    fwpkm::scatter_rows_logged_cpu<T>(P<T>(table), R, D, P<const int64_t>(urows),
+                                      P<const int64_t>(offsets), U, P<const int64_t>(order),
+                                      P<const T>(coef), P<const T>(x), L, P<int64_t>(nonfinite),
+                                      P<int64_t>(slot), P<int64_t>(touched), &out, cap, P<T>(log),
+                                      P<int64_t>(ids));
   })
   return out;
 }

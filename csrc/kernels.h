@@ -68,6 +68,18 @@ void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, cons
                       int64_t* nonfinite = nullptr, T* log = nullptr,
                       const int64_t* log_id = nullptr);
 
+// The in-place value write of a streaming call with its undo log (CPU only; window.cpp): the
+// rows of urows not in the log yet join it as map_rows adds them (slot [R], touched [cap], ids
+// *used, *used + 1, ...; *used is updated before any row is written, so a caller that fails
+// later can put every logged row back), then scatter_rows writes each row, copying a row that
+// joined just now to log[its id] [cap, D] first. ids [U]: scratch (the compact ids). More rows
+// than cap throws std::length_error with nothing changed.
+template <typename T>
+void scatter_rows_logged_cpu(T* table, int64_t R, int64_t D, const int64_t* urows,
+                             const int64_t* offsets, int64_t U, const int64_t* order, const T* coef,
+                             const T* x, int64_t L, int64_t* nonfinite, int64_t* slot,
+                             int64_t* touched, int64_t* used, int64_t cap, T* log, int64_t* ids);
+
 // Unsorted pair update of a small table, in place (CPU only): for p = 0, 1, ..., M * L - 1 in
 // that order, table[rows[p], :] += coef[p] * x[p / L, :]. rows [M, L], coef [M, L], x [M, D].
 // Every row gets its terms in increasing p: the sums, and their rounding, of scatter_rows over

@@ -467,6 +467,18 @@ inline void stream_fence() {
 #endif
 }
 
+// out[0, n) = the softmax of in[0, n) (n >= 1; in may be out): the maximum subtracted, exp,
+// divided by the sum accumulated in index order, each rounded in T. The one softmax of these
+// kernels (addr_step's pair rows, read_weights' slots).
+template <typename T>
+inline void softmax_into(const T* in, T* out, int64_t n) {
+  T mx = in[0];
+  for (int64_t j = 1; j < n; ++j) mx = in[j] > mx ? in[j] : mx;
+  T sum = T(0);
+  for (int64_t j = 0; j < n; ++j) sum += (out[j] = std::exp(in[j] - mx));
+  for (int64_t j = 0; j < n; ++j) out[j] /= sum;
+}
+
 // row += c * xm: one pair's term, the one rounding of every scatter here.
 template <typename T>
 inline void add_pair(T* row, int64_t D, T c, const T* xm) {
@@ -680,15 +692,7 @@ int64_t addr_step_cpu(const T* s, const T* inv, const int64_t* rows, int64_t M, 
   const T trpg = static_cast<T>(rpg), tw = static_cast<T>(w), teps = static_cast<T>(eps);
   // P: the softmax of each pair row (max subtracted, exp, divided by the sum)
 #pragma omp parallel for schedule(static) if (Q * kExpWork > kSerialWork)
-  for (int64_t m = 0; m < M; ++m) {
-    const T* sm = s + m * L;
-    T* pm = P + m * L;
-    T mx = sm[0];
-    for (int64_t j = 1; j < L; ++j) mx = sm[j] > mx ? sm[j] : mx;
-    T sum = T(0);
-    for (int64_t j = 0; j < L; ++j) sum += (pm[j] = std::exp(sm[j] - mx));
-    for (int64_t j = 0; j < L; ++j) pm[j] /= sum;
-  }
+  for (int64_t m = 0; m < M; ++m) softmax_into(s + m * L, P + m * L, L);
   // pbar: per key row, the sum of its pairs' P in pair order (in double), over the rows sharing
   // the memory; then dL/dpbar = w (log(pbar + eps) + pbar / (pbar + eps)) in place of phi
   Vec<double> acc(static_cast<size_t>(R), 0.0);
@@ -766,11 +770,7 @@ void read_weights_cpu(const T* s, const int64_t* pos, int64_t M, int64_t H, int6
       const int64_t* p1 = p0 + k;
       for (int64_t j = 0; j < k; ++j) wm[h * k + j] = s0[p0[j]] + s1[p1[j]];
     }
-    T mx = wm[0];
-    for (int64_t j = 1; j < HK; ++j) mx = wm[j] > mx ? wm[j] : mx;
-    T sum = T(0);
-    for (int64_t j = 0; j < HK; ++j) sum += (wm[j] = std::exp(wm[j] - mx));
-    for (int64_t j = 0; j < HK; ++j) wm[j] /= sum;
+    softmax_into(wm, wm, HK);
   }
 }
 

@@ -4,7 +4,9 @@
 // so the instruction set picked at load applies), on the same inputs, in the same order; the
 // glue between them (row ids, residual, contributing pairs) is integer work or the same two
 // roundings as the torch expressions it replaces. Compiled once, for the default target: the
-// glue is a few passes over a window's few thousand pairs.
+// glue is a few passes over a window's few thousand pairs. The logged value write
+// (scatter_rows_logged_cpu, map_rows then scatter_rows) is here too: the op-by-op path's
+// _native.scatter_rows_logged calls the same function.
 #include "../kernels.h"
 
 #include <cstdint>
@@ -67,6 +69,19 @@ X* at(void* base, int64_t off) {
 int64_t window_step_work(int64_t elem, int64_t B, int64_t L, int64_t H, int64_t k, int64_t S,
                          int64_t n, int64_t dv) {
   return WorkLayout(elem, B, L, H, k, S, n, dv).total;
+}
+
+template <typename T>
+void scatter_rows_logged_cpu(T* table, int64_t R, int64_t D, const int64_t* urows,
+                             const int64_t* offsets, int64_t U, const int64_t* order, const T* coef,
+                             const T* x, int64_t L, int64_t* nonfinite, int64_t* slot,
+                             int64_t* touched, int64_t* used, int64_t cap, T* log, int64_t* ids) {
+  // new rows join the log first (ids from *used on; map_rows throws before changing anything
+  // when they do not fit), and *used says so before any row is written
+  const int64_t before = *used;
+  *used = map_rows_cpu<T>(slot, R, urows, U, ids, touched, before, cap, nullptr, nullptr, D);
+  for (int64_t q = 0; q < U; ++q) ids[q] = ids[q] >= before ? ids[q] : -1;  // logged already
+  scatter_rows_cpu<T>(table, R, D, urows, offsets, U, order, coef, x, L, nonfinite, log, ids);
 }
 
 template <typename T>
@@ -156,12 +171,9 @@ int64_t window_step_cpu(const WindowStep<T>& a) {
       for (int64_t j = 0; j < HK; ++j) pid[Qc++] = m * HK + j;
   const int64_t U = segment_rows_cpu(rows, pid, Qc, RV, order, urows, offsets, seg);
   segment_coefs_cpu<T>(offsets, U, order, w, -a.lr * double(HK), Q, coef);
-  // the logged scatter (scatter_rows_logged): new rows join the undo log, which the caller can
-  // read back at once (*used), then each row is copied to the log before its first write
-  const int64_t before = *a.used;
-  *a.used = map_rows_cpu<T>(a.slot, RV, urows, U, ids, a.touched, before, a.cap, nullptr, nullptr, dv);
-  for (int64_t q = 0; q < U; ++q) ids[q] = ids[q] >= before ? ids[q] : -1;
-  scatter_rows_cpu<T>(a.V, RV, dv, urows, offsets, U, order, coef, r, HK, a.nonfinite, a.log, ids);
+  // the logged scatter (scatter_rows_logged; the caller reads *used back at once)
+  scatter_rows_logged_cpu<T>(a.V, RV, dv, urows, offsets, U, order, coef, r, HK, a.nonfinite, a.slot,
+                             a.touched, a.used, a.cap, a.log, ids);
   // the key step (updated_keys / addr_step); every token row counts (rows per memory: L or B L)
   const int64_t bad = addr_step_cpu<T>(s, inv, kid, M2, k, a.x, a.K, R2, d2,
                                        double(per_seq ? L : M), a.addr_w, a.lr, a.ent_eps,
@@ -176,6 +188,14 @@ int64_t window_step_cpu(const WindowStep<T>& a) {
   return bad;
 }
 
+#define FWPKM_INSTANTIATE(T)                                                                  \
+  template void scatter_rows_logged_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,  \
+                                           int64_t, const int64_t*, const T*, const T*, int64_t,  \
+                                           int64_t*, int64_t*, int64_t*, int64_t*, int64_t, T*,   \
+                                           int64_t*);
+FWPKM_INSTANTIATE(float)
+FWPKM_INSTANTIATE(double)
+#undef FWPKM_INSTANTIATE
 template int64_t window_step_cpu<float>(const WindowStep<float>&);
 template int64_t window_step_cpu<double>(const WindowStep<double>&);
 
