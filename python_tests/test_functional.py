@@ -565,3 +565,43 @@ def test_inplace_calls_count_reads_like_copying_calls():
     assert a.tokens == b.tokens == 22 and a.gate_sum == pytest.approx(b.gate_sum)
     torch.testing.assert_close(b.values, a.values, rtol=0, atol=0)
     assert c.values.data_ptr() == b.values.data_ptr()  # in place: the same table
+
+
+@pytest.mark.parametrize("score", ["idw", "dot"])
+@pytest.mark.parametrize("per_seq", [False, True])
+def test_inplace_fused_windows_match_the_reference_float64(monkeypatch, score, per_seq):
+    """In-place streaming on CPU runs its writing windows as single window_step calls: in float64
+    against fwpkm_ext.reference (the literal SPEC), the read, the final keys and the final values,
+    from random tables and tokens (several heads, a lookahead, a mask with zeros, a flushed
+    partial window); the fused path was taken."""
+    from fwpkm_ext import _native, recurrence
+    from fwpkm_ext.reference import fwpkm_memory_reference
+    calls = {"n": 0}
+    real = _native.window_step
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(_native, "window_step", counting)
+    gen = torch.Generator().manual_seed(17)
+    B, T, H, n, dk, dv, k, C, la = 2, 23, 2, 8, 8, 6, 3, 5, 1
+    cfg = fwpkm_ext.MemoryConfig(n_subkeys=n, key_dim=dk, value_dim=dv, heads=H, topk=k, chunk_size=C,
+                                 lookahead=la, lr=0.7, score=score)
+    S = B if per_seq else 1
+    keys = torch.rand(S, H, 2, n, dk // 2, generator=gen, dtype=torch.float64) * 2 - 1
+    values = torch.randn(S, n * n, dv, generator=gen, dtype=torch.float64)
+    q = torch.randn(B, T, H, dk, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, T, dv, generator=gen, dtype=torch.float64)
+    g = torch.rand(B, T, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(B, T, generator=gen) > 0.2).to(torch.float64)
+    want, nk, nv = fwpkm_memory_reference(q, v, g, keys if per_seq else keys[0],
+                                          values if per_seq else values[0], topk=k, chunk_size=C,
+                                          lookahead=la, lr=0.7, mask=mask, score=score)
+    st = fwpkm_ext.MemoryState(config=cfg, keys=keys.clone(), values=values.clone(), per_sequence=per_seq)
+    with torch.no_grad():
+        got, st = fwpkm_ext.memory_step(q, v, g, st, mask=mask, flush=True, inplace=True)
+    assert calls["n"] > 0 and recurrence.FUSED_WINDOWS
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(st.keys, nk.reshape(st.keys.shape), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(st.values, nv.reshape(st.values.shape), rtol=1e-9, atol=1e-10)
