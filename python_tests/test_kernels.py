@@ -126,6 +126,47 @@ def test_topk_select_long_lists_vs_oracle(dtype, kind, values, n, k):
     torch.testing.assert_close(got[1], want[1].to(dtype), equal_nan=True, **TOL[dtype])
 
 
+@pytest.mark.parametrize("values", ["random", "grid", "huge", "inf", "zeros", "close"])
+@pytest.mark.parametrize("n,k", [(64, 8), (256, 16), (300, 24), (512, 32), (640, 40), (1024, 64),
+                                 (512, 20)])
+def test_topk_select_counting_paths_vs_oracle(values, n, k):
+    """The AVX2 float selection ranks block maxima, candidates and the k x k merge's sums by
+    counting, and hands ties, NaN, infinities and long candidate lists to the general path. Each
+    case here steers into one of those: distinct values (counted), a coarse grid (half lists
+    distinct but tied sums, and tied candidates), sums that overflow to inf, infinite entries,
+    +0 next to -0 (equal, so a tie), and near-equal values (long candidate lists). The oracle
+    runs in the kernel's own dtype, so a dot sum rounds (or overflows) the same way in both."""
+    M, H, tpg = 6, 2, 4
+    g = gen(n * 13 + k * 3 + len(values))
+    G = -(-M // tpg)
+    dots = randn(g, M, H, 2, n, dtype=F32)
+    if values == "grid":  # distinct per list mostly, but x + y = x' + y' often
+        dots = randint(g, -400, 400, M, H, 2, n).to(F32) / 8
+    elif values == "huge":
+        dots = dots * 2e38
+    elif values == "inf":
+        dots[torch.rand(dots.shape, generator=g) < 0.02] = float("inf")
+        dots[torch.rand(dots.shape, generator=g) < 0.02] = -float("inf")
+    elif values == "zeros":
+        dots = dots.clamp_max(0.0)  # half of each list zero; the sign of zero varies
+        dots[torch.rand(dots.shape, generator=g) < 0.5] *= -1
+        dots = dots.clamp_max(0.0)
+        dots[dots == 0] = torch.where(torch.rand((int((dots == 0).sum()),), generator=g) < 0.5,
+                                      torch.tensor(-0.0), torch.tensor(0.0))
+    elif values == "close":
+        dots = 1.0 + randn(g, M, H, 2, n, dtype=F32) * 1e-7
+    for kind in ("dot", "idw"):
+        qn = rand(g, M, H, 2, dtype=F32, lo=4.0, hi=8.0) if kind == "idw" else None
+        kn = rand(g, G, H, 2, n, dtype=F32, hi=4.0) if kind == "idw" else None
+        got = run_topk_select(dots, qn, kn, k, tpg, kind, 1e-3)
+        want = topk_oracle(dots, qn, kn, k, tpg, kind, 1e-3)
+        assert torch.equal(got[2], want[2]), f"{kind}: per-half indices"
+        assert torch.equal(got[0], want[0]), f"{kind}: slots"
+        tol = dict(rtol=0, atol=0) if kind == "dot" else TOL[F32]  # IDW: torch's log vs libm's
+        torch.testing.assert_close(got[3], want[3], equal_nan=True, **tol)
+        torch.testing.assert_close(got[1], want[1], equal_nan=True, **tol)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_topk_select_idw_clamps_negative_distance_and_breaks_ties(dtype):
     """qn + kn - 2 dot < 0 (cancellation) is clamped to 0: those sub-keys all score -log(eps),

@@ -100,6 +100,8 @@ struct TopkScratch {
   Vec<std::pair<T, int64_t>> cand;     // candidates at or above the threshold
   Vec<T> nd;                           // IDW: the negated distances
   Vec<uint64_t> keys;                  // float candidates as packed rank keys
+  Vec<T> cv;                           // AVX2 float: candidate values, then their indices
+  Vec<int32_t> ci;
   int64_t blocks = 0;                          // the last select_topk's blocks (0: plain scan)
 };
 
@@ -222,6 +224,201 @@ inline bool kth_largest8(const float* v, int64_t nb, int64_t k, float* t) {
 }
 #endif
 
+// Selection by counting (AVX2, float). Among distinct numbers, x is the r-th largest (from 0)
+// when exactly r numbers are greater than it: one broadcast compare per pair, no branches, where
+// nth_element and partial sorts on a few dozen numbers branch unpredictably at every step (they
+// were two thirds of PKM's k = 32 selection). Ties are found, not ranked: the callers then take
+// the general path.
+template <typename T>
+inline bool kth_largest_count(const T*, int64_t, int64_t, T*) {
+  return false;
+}
+template <typename T>
+inline int64_t rank_by_count(T*, const int32_t*, int64_t, int64_t, T*, int64_t*) {
+  return -1;
+}
+template <typename T>
+inline bool merge_by_count(const T*, const int64_t*, int64_t, int64_t, T*, int64_t*, TopkScratch<T>&) {
+  return false;
+}
+template <typename T>
+inline int64_t collect_rank(const T*, int64_t, T, int64_t, T*, int64_t*, TopkScratch<T>&) {
+  return -1;
+}
+#if defined(__AVX2__)
+constexpr int64_t kCountMax = 128;  // rank_by_count's most candidates (the work grows as c^2)
+
+// The k-th largest of nb numbers (no NaN; nb a multiple of 8, at most kCountMax) into *t: the
+// least number with fewer than k numbers above it. Equal numbers need no care here.
+inline bool kth_largest_count(const float* v, int64_t nb, int64_t k, float* t) {
+  if (nb % 8 || nb > kCountMax || k > nb) return false;
+  const __m256 inf = _mm256_set1_ps(__builtin_huge_valf());
+  const __m256i kk = _mm256_set1_epi32(int(k));
+  __m256 low = inf;
+  for (int64_t i = 0; i < nb; i += 16) {  // two blocks of 8 per pass over the numbers
+    const bool two = i + 8 < nb;
+    const __m256 x0 = _mm256_loadu_ps(v + i), x1 = two ? _mm256_loadu_ps(v + i + 8) : inf;
+    __m256i c0 = _mm256_setzero_si256(), c1 = _mm256_setzero_si256();
+    for (int64_t j = 0; j < nb; ++j) {
+      const __m256 y = _mm256_set1_ps(v[j]);
+      c0 = _mm256_sub_epi32(c0, _mm256_castps_si256(_mm256_cmp_ps(y, x0, _CMP_GT_OQ)));
+      c1 = _mm256_sub_epi32(c1, _mm256_castps_si256(_mm256_cmp_ps(y, x1, _CMP_GT_OQ)));
+    }
+    low = _mm256_min_ps(low, _mm256_blendv_ps(inf, x0, _mm256_castsi256_ps(_mm256_cmpgt_epi32(kk, c0))));
+    if (two)
+      low = _mm256_min_ps(low, _mm256_blendv_ps(inf, x1, _mm256_castsi256_ps(_mm256_cmpgt_epi32(kk, c1))));
+  }
+  alignas(32) float out[8];
+  _mm256_store_ps(out, low);
+  float m = out[0];
+  for (int j = 1; j < 8; ++j) m = out[j] < m ? out[j] : m;
+  *t = m;
+  return true;
+}
+
+// The k best of c candidates, sorted, into (bs, bi): values cv (numbers, no NaN; cv must have
+// room for 16 more, which are overwritten), their indices ci. Candidate i goes to place r_i, the
+// number of candidates above it. Returns min(c, k), or -1 when c > kCountMax or two candidates
+// are equal (their order would need the indices: the caller ranks them in general).
+inline int64_t rank_by_count(float* cv, const int32_t* ci, int64_t c, int64_t k, float* bs,
+                             int64_t* bi) {
+  if (c > kCountMax) return -1;
+  const float ninf = -__builtin_huge_valf();
+  for (int64_t j = c; j < c + 16; ++j) cv[j] = ninf;  // padding: above no candidate
+  alignas(32) int32_t r[kCountMax + 16];
+  for (int64_t i = 0; i < c; i += 16) {
+    const __m256 x0 = _mm256_loadu_ps(cv + i), x1 = _mm256_loadu_ps(cv + i + 8);
+    __m256i c0 = _mm256_setzero_si256(), c1 = _mm256_setzero_si256();
+    for (int64_t j = 0; j < c; ++j) {
+      const __m256 y = _mm256_set1_ps(cv[j]);
+      c0 = _mm256_sub_epi32(c0, _mm256_castps_si256(_mm256_cmp_ps(y, x0, _CMP_GT_OQ)));
+      c1 = _mm256_sub_epi32(c1, _mm256_castps_si256(_mm256_cmp_ps(y, x1, _CMP_GT_OQ)));
+    }
+    _mm256_store_si256(reinterpret_cast<__m256i*>(r + i), c0);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(r + i + 8), c1);
+  }
+  // distinct values give distinct places 0..c-1; a tie leaves a place empty
+  int32_t at[kCountMax];
+  uint64_t seen[kCountMax / 64] = {};
+  for (int64_t i = 0; i < c; ++i) {
+    at[r[i]] = int32_t(i);
+    seen[r[i] >> 6] |= uint64_t(1) << (r[i] & 63);
+  }
+  for (int64_t w = 0; w * 64 < c; ++w) {
+    const int64_t bits = c - w * 64 < 64 ? c - w * 64 : 64;
+    if (seen[w] != (bits == 64 ? ~uint64_t(0) : (uint64_t(1) << bits) - 1)) return -1;
+  }
+  const int64_t take = c < k ? c : k;
+  for (int64_t j = 0; j < take; ++j) {
+    bs[j] = cv[at[j]];
+    bi[j] = ci[at[j]];
+  }
+  return take;
+}
+
+// Left-packing: kPack[m] lists the set lanes of the 8-bit mask m, in order (one byte each).
+struct PackTable {
+  uint64_t lanes[256];
+  constexpr PackTable() : lanes() {
+    for (int m = 0; m < 256; ++m) {
+      uint64_t v = 0;
+      int o = 0;
+      for (int b = 0; b < 8; ++b)
+        if (m >> b & 1) v |= uint64_t(b) << (8 * o++);
+      lanes[m] = v;
+    }
+  }
+};
+constexpr PackTable kPack{};
+// Stores the lanes of (x, idx) selected by the mask m at cv + c, ci + c (8 lanes written).
+inline int64_t pack_lanes(__m256 x, __m256i idx, unsigned m, float* cv, int32_t* ci, int64_t c) {
+  const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(kPack.lanes[m])));
+  _mm256_storeu_ps(cv + c, _mm256_permutevar8x32_ps(x, perm));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(ci + c), _mm256_permutevar8x32_epi32(idx, perm));
+  return c + __builtin_popcount(m);
+}
+
+// The k x k merge of topk_select by counting (k a multiple of 8, finite half scores): the sums
+// of a's row and b's column fall (weakly, also when rounded or overflowed) as a and b grow, so
+// the corner a' <= a, b' < m_a with m_a = ceil(k / (a + 1)) holds >= k sums at or above its last
+// one; the best of those corners bounds the k-th sum from below, and the sums at or above the
+// bound (~2-3 k) are ranked by counting. The sums are the scalar merge's (one rounding each).
+// Returns false where that path must run: a non-finite half score, too many candidates, a tie.
+inline bool merge_by_count(const float* hsc, const int64_t* hidx, int64_t k, int64_t n, float* os,
+                           int64_t* oi, TopkScratch<float>& w) {
+  if (k % 8 || k * k > int64_t(1) << 30) return false;
+  for (int64_t j = 0; j < 2 * k; ++j)
+    if (!(hsc[j] - hsc[j] == 0.0f)) return false;  // inf or NaN
+  const float* hb = hsc + k;
+  float t = -__builtin_huge_valf();
+  for (int64_t a = 0; a < k; ++a) {
+    const float s = hsc[a] + hb[(k + a) / (a + 1) - 1];
+    t = s > t ? s : t;
+  }
+  float* cv = w.cv.data();
+  int32_t* ci = w.ci.data();
+  const __m256 tv = _mm256_set1_ps(t);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t c = 0;
+  for (int64_t a = 0; a < k && !(hsc[a] + hb[0] < t); ++a) {
+    const __m256 ha = _mm256_set1_ps(hsc[a]);
+    for (int64_t b = 0; b < k; b += 8) {
+      const __m256 x = _mm256_add_ps(ha, _mm256_loadu_ps(hb + b));
+      const unsigned m = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(x, tv, _CMP_GE_OQ)));
+      if (!m) break;  // this block is below the bound, and so is the rest of the row
+      if (c + 8 > kCountMax) return false;
+      c = pack_lanes(x, _mm256_add_epi32(lane, _mm256_set1_epi32(int(a * k + b))), m, cv, ci, c);
+    }
+  }
+  int64_t* pos = oi;  // rank_by_count's indices are places a * k + b in the k x k square
+  if (rank_by_count(cv, ci, c, k, os, pos) != k) return false;
+  for (int64_t j = 0; j < k; ++j) pos[j] = hidx[pos[j] / k] * n + hidx[k + pos[j] % k];
+  return true;
+}
+
+// The candidates of select_topk (v[i] >= t0 or NaN, in index order) left-packed into w.cv and
+// w.ci, then ranked: by counting, or (NaN, ties, many candidates) as packed keys. Returns the
+// count, as rank_candidates does.
+inline int64_t collect_rank(const float* v, int64_t n, float t0, int64_t k, float* bs, int64_t* bi,
+                            TopkScratch<float>& w) {
+  if (n > int64_t(1) << 31) return -1;
+  float* cv = w.cv.data();
+  int32_t* ci = w.ci.data();
+  const __m256 t = _mm256_set1_ps(t0);
+  __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i eight = _mm256_set1_epi32(8);
+  __m256 nan = _mm256_setzero_ps();
+  int64_t c = 0, i = 0;
+  for (; i + 8 <= n; i += 8, idx = _mm256_add_epi32(idx, eight)) {
+    const __m256 x = _mm256_loadu_ps(v + i);
+    const unsigned m = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(x, t, _CMP_NLT_UQ)));
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    if (m) c = pack_lanes(x, idx, m, cv, ci, c);
+  }
+  bool any_nan = _mm256_movemask_ps(nan) != 0;
+  for (; i < n; ++i) {
+    if (v[i] < t0) continue;
+    any_nan |= v[i] != v[i];
+    cv[c] = v[i];
+    ci[c++] = int32_t(i);
+  }
+  if (!any_nan) {
+    const int64_t r = rank_by_count(cv, ci, c, k, bs, bi);
+    if (r >= 0) return r;
+  }
+  const int64_t take = c < k ? c : k;
+  uint64_t* key = w.keys.data();
+  for (int64_t j = 0; j < c; ++j) key[j] = rank_key(cv[j], ci[j]);
+  if (c > take) std::nth_element(key, key + (take - 1), key + c, Greater());
+  std::sort(key, key + take, Greater());
+  for (int64_t j = 0; j < take; ++j) {
+    bi[j] = int64_t(0xffffffffu - uint32_t(key[j]));
+    bs[j] = v[bi[j]];
+  }
+  return take;
+}
+#endif
+
 // How many blocks: more blocks give a tighter threshold (fewer candidates), but ranking their
 // maxima costs more (branchy, ~40 % of the selection). Measured per (token, head) on one core of
 // the development VM: k = 32, n = 512: 2k blocks 6.9 us, 4k 7.8 us; k = 8: 32 blocks (4k) 3.4 us,
@@ -262,6 +459,7 @@ inline int64_t select_topk(const T* v, int64_t n, int64_t k, T* bs, int64_t* bi,
   for (int64_t b = 0; b < nb; ++b) any_nan |= mx[b] != mx[b];
   T t0;
   if (!any_nan && k <= 8 && kth_largest8(mx, nb, k, &t0)) {
+  } else if (!any_nan && kth_largest_count(mx, nb, k, &t0)) {
   } else if (!any_nan && k <= kSmallK) {
     // small k: the k best maxima kept sorted while they stream by; most fail the first test.
     // A fifth of FwPKM's k = 8 selection went to nth_element's setup on 32 maxima.
@@ -285,6 +483,7 @@ inline int64_t select_topk(const T* v, int64_t n, int64_t k, T* bs, int64_t* bi,
   }
   if (t0 != t0) return scan_topk(v, n, k, bs, bi);
   w.blocks = nb;
+  if (const int64_t r = collect_rank(v, n, t0, k, bs, bi, w); r >= 0) return r;
   auto* cand = w.cand.data();
   const int64_t c = collect_candidates(v, n, t0, mx, nb, cand);
   return rank_candidates(v, cand, c, k, bs, bi, w.keys);
@@ -546,6 +745,8 @@ void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t
   scratch.maxima.resize(size_t(2 * topk_blocks(k)));
   scratch.cand.resize(size_t(n));
   scratch.keys.resize(size_t(n));
+  scratch.cv.resize(size_t(n + 144));  // collect_rank and merge_by_count: see there
+  scratch.ci.resize(size_t(n + 144));
   if (kind == kIDW) scratch.nd.resize(size_t(n));
 #pragma omp for schedule(static)
   for (int64_t mh = 0; mh < M * H; ++mh) {
@@ -572,6 +773,7 @@ void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t
     // The scan visits O(k log k) candidates instead of k * k (k = 32: ~6x fewer).
     int64_t* oi = idx + mh * k;
     T* os = score + mh * k;
+    if (merge_by_count(hsc, hidx, k, n, os, oi, scratch)) continue;
     int64_t count = 0;
     for (int64_t a = 0; a < k; ++a) {
       if (count == k && hsc[a] + hsc[k] < os[k - 1]) break;
