@@ -152,14 +152,14 @@ void scatter_rows(const std::string& device, int dtype, std::uintptr_t table, in
 // CPU only: scatter_rows into a whole dense table, every row written once (see kernels.h).
 void scatter_rows_dense(int dtype, std::uintptr_t table, int64_t R, int64_t D, std::uintptr_t urows,
                         std::uintptr_t offsets, int64_t U, std::uintptr_t order, std::uintptr_t coef,
-                        std::uintptr_t x, int64_t L) {
+                        std::uintptr_t x, int64_t L, std::uintptr_t src, std::uintptr_t gw) {
   check_dtype(dtype, "scatter_rows_dense");
   if (R == 0 || D == 0) return;
   py::gil_scoped_release nogil;
   FWPKM_DISPATCH(dtype, "scatter_rows_dense", {
     fwpkm::scatter_rows_dense_cpu<T>(P<T>(table), R, D, P<const int64_t>(urows),
                                      P<const int64_t>(offsets), U, P<const int64_t>(order),
-                                     P<const T>(coef), P<const T>(x), L);
+                                     P<const T>(coef), P<const T>(x), L, P<const T>(src), P<T>(gw));
   })
 }
 

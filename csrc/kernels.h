@@ -93,10 +93,14 @@ void scatter_pairs_cpu(T* table, int64_t R, int64_t D, const int64_t* rows, int6
 // segment, 0 for a row without one. Every row is written exactly once (no zero pass before the
 // scatter: one sequential write of the table). urows strictly increasing, within [0, R) (as
 // segment_rows gives them); segments may be empty.
+// With src [R, D] and gw [Q] (both set, or both null): also gw[p] = src[r] . x[p / L] for every
+// pair p of row r's segment, exactly as gather_dot computes it (the same lanes and rounding),
+// from one pass over src's rows in order instead of a read of a random row per pair (the
+// gradient of a gather's weights, next to the gradient of its table: PKM's backward).
 template <typename T>
 void scatter_rows_dense_cpu(T* table, int64_t R, int64_t D, const int64_t* urows,
                             const int64_t* offsets, int64_t U, const int64_t* order, const T* coef,
-                            const T* x, int64_t L);
+                            const T* x, int64_t L, const T* src, T* gw);
 
 // The addressing loss' key step of one window (CPU only; SPEC "Update", keys), for M pair rows
 // of L pairs (query half m against key row rows[m, l]) whose rows are all the memory's rows:

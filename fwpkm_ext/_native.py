@@ -43,6 +43,12 @@ def _check(name: str, t: Optional[torch.Tensor], dtype, device, shape=None) -> N
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous tensors' bytes intersect."""
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
 def _float_code(name: str, t: torch.Tensor) -> int:
     if t.dtype not in _DTYPE_CODE:
         raise TypeError(f"{name}: native kernels take float32 or float64, got {t.dtype}")
@@ -159,15 +165,30 @@ def _scatter_checks(table, urows, offsets, order, coef, x, L):
 
 
 def scatter_rows_dense(table: torch.Tensor, urows: torch.Tensor, offsets: torch.Tensor,
-                       order: torch.Tensor, coef: torch.Tensor, x: torch.Tensor, L: int) -> None:
+                       order: torch.Tensor, coef: torch.Tensor, x: torch.Tensor, L: int,
+                       src: Optional[torch.Tensor] = None, gw: Optional[torch.Tensor] = None) -> None:
     """CPU: table[r] = sum over r's segment of coef[p] * x[p // L], 0 for the rows without one:
     every row of table written once (no zeroing before, any contents overwritten). urows
-    strictly increasing, as `segment_rows` gives them (kernels.h)."""
+    strictly increasing, as `segment_rows` gives them (kernels.h). With src (R, D) and gw (one
+    value per pair): also gw[p] = src[r] . x[p // L] for each pair p of row r (gather_dot's
+    values, from one pass over src in row order); every pair must then lie in a segment."""
     if table.device.type != "cpu":
         raise ValueError(f"table: scatter_rows_dense is CPU only, got device {table.device}")
     code, R, D, U = _scatter_checks(table, urows, offsets, order, coef, x, L)
+    if (src is None) != (gw is None):
+        raise ValueError("gw: give src and gw together, or neither")
+    if src is not None:
+        _check("src", src, table.dtype, table.device, (R, D))
+        _check("gw", gw, table.dtype, table.device)
+        if gw.numel() != coef.numel() or order.numel() != coef.numel():
+            raise ValueError(f"gw: expected {coef.numel()} pair values and every pair in a segment, "
+                             f"got {gw.numel()} values and {order.numel()} ordered pairs")
+        for name, t in (("src", src), ("table", table)):
+            if gw.numel() and t.numel() and _overlap(gw, t):
+                raise ValueError(f"gw: must not share memory with {name}")
     _C.scatter_rows_dense(code, table.data_ptr(), R, D, urows.data_ptr(), offsets.data_ptr(), U,
-                          order.data_ptr(), coef.data_ptr(), x.data_ptr(), L)
+                          order.data_ptr(), coef.data_ptr(), x.data_ptr(), L,
+                          0 if src is None else src.data_ptr(), 0 if gw is None else gw.data_ptr())
 
 
 def scatter_rows(table: torch.Tensor, urows: torch.Tensor, offsets: torch.Tensor, order: torch.Tensor,

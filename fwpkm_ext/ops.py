@@ -116,21 +116,23 @@ def _(table, rows, w):
 def gather_backward(gout: Tensor, table: Tensor, rows: Tensor, w: Tensor, need_table: bool) -> Tuple[Tensor, Tensor]:
     gw = w.new_empty(w.shape)
     gout = gout.contiguous()
-    _native.gather_dot(table, rows, gout, gw)
-    if need_table:
-        urows, offsets, order, _ = recurrence.segments(rows.reshape(-1), R=table.shape[0])
-        coef = w.reshape(-1).contiguous()
-        if table.device.type == "cpu":
-            # one sequential write of every row (zeros where no pair lands) into a buffer a
-            # previous step's gradient left, when free: no zero pass before a random scatter,
-            # and no page faults for a fresh 512 MiB at the paper's PKM
-            gt = _alloc.reusable(table.shape, table.dtype, table.device)
-            _native.scatter_rows_dense(gt, urows, offsets, order, coef, gout, rows.shape[1])
-        else:
-            gt = _alloc.zeros(table.shape, table.dtype, table.device)
-            _native.scatter_rows(gt, urows, offsets, order, coef, gout, rows.shape[1])
+    if not need_table:
+        _native.gather_dot(table, rows, gout, gw)
+        return gw, table.new_empty(0)
+    urows, offsets, order, _ = recurrence.segments(rows.reshape(-1), R=table.shape[0])
+    coef = w.reshape(-1).contiguous()
+    if table.device.type == "cpu":
+        # one sequential write of every row (zeros where no pair lands) into a buffer a previous
+        # step's gradient left, when free: no zero pass before a random scatter, and no page
+        # faults for a fresh 512 MiB at the paper's PKM. The weights' gradient (gather_dot's
+        # values) comes from the same pass over the table in row order: no random row reads
+        gt = _alloc.reusable(table.shape, table.dtype, table.device)
+        _native.scatter_rows_dense(gt, urows, offsets, order, coef, gout, rows.shape[1],
+                                   src=table.contiguous(), gw=gw)
     else:
-        gt = table.new_empty(0)
+        _native.gather_dot(table, rows, gout, gw)
+        gt = _alloc.zeros(table.shape, table.dtype, table.device)
+        _native.scatter_rows(gt, urows, offsets, order, coef, gout, rows.shape[1])
     return gw, gt
 
 

@@ -889,6 +889,27 @@ def test_scatter_rows_dense_equals_zeros_then_scatter(dtype, R, D, M, L):
     assert torch.equal(got, want)
     with pytest.raises(ValueError, match=r"^x"):
         _native.scatter_rows_dense(got, urows, offsets, order, coef, x[:, :D - 1] if D > 1 else x.new_empty(M, 2), L)
+    # with src: the pairs' dots with src's rows too, bit-identical to gather_dot's
+    src = randn(g, R, D, dtype=dtype)
+    gw_want = torch.empty(M, L, dtype=dtype)
+    _native.gather_dot(src, rows, x, gw_want)
+    got2 = torch.full((R, D), float("nan"), dtype=dtype)
+    gw = torch.full((M, L), float("nan"), dtype=dtype)
+    _native.scatter_rows_dense(got2, urows, offsets, order, coef, x, L, src=src, gw=gw)
+    assert torch.equal(got2, want)
+    assert torch.equal(gw, gw_want)
+    if M:
+        torch.testing.assert_close(gw, (src.double()[rows] * x.double()[:, None]).sum(-1).to(dtype), **TOL[dtype])
+    with pytest.raises(ValueError, match=r"^gw: give src"):
+        _native.scatter_rows_dense(got2, urows, offsets, order, coef, x, L, src=src)
+    with pytest.raises(ValueError, match=r"^src"):
+        _native.scatter_rows_dense(got2, urows, offsets, order, coef, x, L, src=src[:, :0], gw=gw)
+    with pytest.raises(ValueError, match=r"^gw: expected"):
+        _native.scatter_rows_dense(got2, urows, offsets, order, coef, x, L, src=src, gw=gw.new_empty(M * L + 1))
+    if M:
+        with pytest.raises(ValueError, match=r"^gw: must not share memory with table"):
+            _native.scatter_rows_dense(got2, urows, offsets, order, coef, x, L, src=src,
+                                       gw=got2.view(-1)[: M * L])
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", [1, 5, 37, 512])
@@ -1010,6 +1031,10 @@ def _every_kernel(g, dtype):
     t = torch.full_like(table, float("nan"))
     _native.scatter_rows_dense(t, urows, offsets, order, w.reshape(-1).contiguous(), x, L)
     out.append(("scatter_rows_dense", t, (want - table).to(dtype), False))
+    t, gwd = torch.full_like(table, float("nan")), torch.full(rows.shape, float("nan"), dtype=dtype)
+    _native.scatter_rows_dense(t, urows, offsets, order, w.reshape(-1).contiguous(), x, L, src=table, gw=gwd)
+    out.append(("scatter_rows_dense with src", t, (want - table).to(dtype), False))
+    out.append(("scatter_rows_dense gw", gwd, (table.double()[rows] * x.double()[:, None]).sum(-1).to(dtype), False))
     K = table * 0.3
     kn, xn = (K * K).sum(-1), (x * x).sum(-1)
     s, inv = _native.idw_pairs(K, rows, x, xn, kn, 1e-3)

@@ -92,8 +92,8 @@ void scatter_pairs_cpu(T* table, int64_t R, int64_t D, const int64_t* rows, int6
 template <typename T>
 void scatter_rows_dense_cpu(T* table, int64_t R, int64_t D, const int64_t* urows,
                             const int64_t* offsets, int64_t U, const int64_t* order, const T* coef,
-                            const T* x, int64_t L) {
-  FWPKM_RUN(scatter_rows_dense_cpu<T>, table, R, D, urows, offsets, U, order, coef, x, L);
+                            const T* x, int64_t L, const T* src, T* gw) {
+  FWPKM_RUN(scatter_rows_dense_cpu<T>, table, R, D, urows, offsets, U, order, coef, x, L, src, gw);
 }
 
 template <typename T>

@@ -35,7 +35,7 @@
   template <typename T>                                                                              \
   void scatter_rows_dense_cpu(T* table, int64_t R, int64_t D, const int64_t* urows,                 \
                               const int64_t* offsets, int64_t U, const int64_t* order,              \
-                              const T* coef, const T* x, int64_t L);                                 \
+                              const T* coef, const T* x, int64_t L, const T* src, T* gw);            \
   template <typename T>                                                                              \
   void idw_pairs_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* x,         \
                      int64_t M, int64_t L, const T* xn, const T* kn, double eps, T* s, T* inv);     \
@@ -65,7 +65,8 @@
   template void idw_pairs_cpu<T>(const T*, int64_t, int64_t, const int64_t*, const T*, int64_t,  \
                                  int64_t, const T*, const T*, double, T*, T*);                   \
   template void scatter_rows_dense_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,  \
-                                          int64_t, const int64_t*, const T*, const T*, int64_t); \
+                                          int64_t, const int64_t*, const T*, const T*, int64_t,  \
+                                          const T*, T*);                                         \
   template int64_t addr_step_cpu<T>(const T*, const T*, const int64_t*, int64_t, int64_t,      \
                                     const T*, const T*, int64_t, int64_t, double, double, double, \
                                     double, T*, T*, T*, T*, T*);                  \

@@ -193,42 +193,12 @@ inline int64_t collect_candidates(const float* v, int64_t n, float t0, const flo
 }
 #endif
 
-// The k-th largest (k <= 8) of nb >= 8 numbers (no NaN) into *t: the generic build has no fast
-// way (returns false: the caller's insertion runs); AVX2 (float) keeps the 8 largest sorted in
-// one register and inserts each number without a branch (the insertion's branches were a
-// quarter of FwPKM's k = 8 selection: most numbers are dropped, but unpredictably).
-template <typename T>
-inline bool kth_largest8(const T*, int64_t, int64_t, T*) {
-  return false;
-}
-#if defined(__AVX2__)
-inline bool kth_largest8(const float* v, int64_t nb, int64_t k, float* t) {
-  if (nb < 8) return false;
-  // lanes 0..7: the largest so far, descending; an insertion at lane p moves lanes p..6 one up
-  const __m256i up = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);
-  const __m256 not_first = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, -1, -1, -1, -1, -1, -1));
-  __m256 best = _mm256_set1_ps(-__builtin_huge_valf());  // (no std:: template: see the top)
-  for (int64_t b = 0; b < nb; ++b) {
-    const __m256 x = _mm256_set1_ps(v[b]);
-    const __m256 below = _mm256_cmp_ps(best, x, _CMP_LT_OQ);  // lanes p..7
-    const __m256 shifted = _mm256_permutevar8x32_ps(best, up);
-    const __m256 prev = _mm256_and_ps(_mm256_permutevar8x32_ps(below, up), not_first);
-    const __m256 at = _mm256_andnot_ps(prev, below);          // lane p only
-    best = _mm256_blendv_ps(best, shifted, below);
-    best = _mm256_blendv_ps(best, x, at);
-  }
-  alignas(32) float out[8];
-  _mm256_store_ps(out, best);
-  *t = out[k - 1];
-  return true;
-}
-#endif
-
 // Selection by counting (AVX2, float). Among distinct numbers, x is the r-th largest (from 0)
 // when exactly r numbers are greater than it: one broadcast compare per pair, no branches, where
 // nth_element and partial sorts on a few dozen numbers branch unpredictably at every step (they
-// were two thirds of PKM's k = 32 selection). Ties are found, not ranked: the callers then take
-// the general path.
+// were two thirds of PKM's k = 32 selection; for FwPKM's k = 8 counting also beats a sorted
+// register of the 8 best, 1.47 -> 1.07 us per (token, head)). Ties are found, not ranked: the
+// callers then take the general path.
 template <typename T>
 inline bool kth_largest_count(const T*, int64_t, int64_t, T*) {
   return false;
@@ -393,7 +363,7 @@ inline int64_t collect_rank(const float* v, int64_t n, float t0, int64_t k, floa
     const __m256 x = _mm256_loadu_ps(v + i);
     const unsigned m = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(x, t, _CMP_NLT_UQ)));
     nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-    if (m) c = pack_lanes(x, idx, m, cv, ci, c);
+    c = pack_lanes(x, idx, m, cv, ci, c);  // no branch: about half the blocks hold a candidate
   }
   bool any_nan = _mm256_movemask_ps(nan) != 0;
   for (; i < n; ++i) {
@@ -458,8 +428,7 @@ inline int64_t select_topk(const T* v, int64_t n, int64_t k, T* bs, int64_t* bi,
   bool any_nan = false;
   for (int64_t b = 0; b < nb; ++b) any_nan |= mx[b] != mx[b];
   T t0;
-  if (!any_nan && k <= 8 && kth_largest8(mx, nb, k, &t0)) {
-  } else if (!any_nan && kth_largest_count(mx, nb, k, &t0)) {
+  if (!any_nan && kth_largest_count(mx, nb, k, &t0)) {
   } else if (!any_nan && k <= kSmallK) {
     // small k: the k best maxima kept sorted while they stream by; most fail the first test.
     // A fifth of FwPKM's k = 8 selection went to nth_element's setup on 32 maxima.
@@ -659,6 +628,19 @@ inline void copy_row_nt(T* dst, const T* src, int64_t D) {
   }
 #endif
   std::memcpy(dst, src, bytes);
+}
+template <typename T>
+inline void zero_row_nt(T* dst, int64_t D) {
+  const size_t bytes = sizeof(T) * size_t(D);
+#if defined(__AVX2__)
+  if ((reinterpret_cast<uintptr_t>(dst) & 31) == 0 && bytes % 32 == 0) {
+    char* d = reinterpret_cast<char*>(dst);
+    const __m256i z = _mm256_setzero_si256();
+    for (size_t b = 0; b < bytes; b += 32) _mm256_stream_si256(reinterpret_cast<__m256i*>(d + b), z);
+    return;
+  }
+#endif
+  std::memset(dst, 0, bytes);
 }
 inline void stream_fence() {
 #if defined(__AVX2__)
@@ -979,27 +961,51 @@ void read_weights_cpu(const T* s, const int64_t* pos, int64_t M, int64_t H, int6
 template <typename T>
 void scatter_rows_dense_cpu(T* table, int64_t R, int64_t D, const int64_t* urows,
                             const int64_t* offsets, int64_t U, const int64_t* order, const T* coef,
-                            const T* x, int64_t L) {
+                            const T* x, int64_t L, const T* src, T* gw) {
   // Rows in fixed chunks (not per thread): each row is zeroed, summed and written by one thread
   // in pair order, whatever the thread count. A chunk finds its first segment by binary search
-  // (urows ascending).
+  // (urows ascending). The table is written once, front to back, with non-temporal stores: a
+  // row is summed in a per-thread buffer and streamed out (zeros where no pair lands), so no
+  // line of the table is read before it is written (read-for-ownership; 512 MiB: 59-63 ->
+  // 51-55 ms on the 2-core VM). With src, each pair's dot with src's row r comes from the same
+  // pass, while x's row is in cache: src is read in row order, once.
   constexpr int64_t kChunk = 256;
   const int64_t chunks = (R + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static) if (R * D > kSerialWork)
+#pragma omp parallel if (R * D > kSerialWork)
+  {
+  Vec<T> buf(static_cast<size_t>(D), T(0));
+#pragma omp for schedule(static)
   for (int64_t ch = 0; ch < chunks; ++ch) {
     const int64_t r0 = ch * kChunk, r1 = r0 + kChunk < R ? r0 + kChunk : R;
     int64_t u = std::lower_bound(urows, urows + U, r0, [](int64_t a, int64_t b) { return a < b; }) - urows;
     for (int64_t r = r0; r < r1; ++r) {
       T* row = table + r * D;
-      std::memset(row, 0, sizeof(T) * size_t(D));
       if (u < U && urows[u] == r) {
-        if (u + kAhead < U && offsets[u + kAhead] < offsets[u + kAhead + 1])
+        if (u + kAhead < U && offsets[u + kAhead] < offsets[u + kAhead + 1]) {
           prefetch_row(x + (order[offsets[u + kAhead]] / L) * D, D);
-        add_segment(row, D, order + offsets[u], offsets[u + 1] - offsets[u], coef, x, L);
+          if (src) prefetch_row(src + urows[u + kAhead] * D, D);
+        }
+        std::memset(buf.data(), 0, sizeof(T) * size_t(D));
+        if (src) {
+          const T* srow = src + r * D;
+          for (int64_t j = offsets[u]; j < offsets[u + 1]; ++j) {
+            const int64_t pair = order[j];
+            const T* xm = x + (pair / L) * D;
+            add_pair(buf.data(), D, coef[pair], xm);
+            gw[pair] = dot_lanes(srow, xm, D);
+          }
+        } else {
+          add_segment(buf.data(), D, order + offsets[u], offsets[u + 1] - offsets[u], coef, x, L);
+        }
+        copy_row_nt(row, buf.data(), D);
         ++u;
+      } else {
+        zero_row_nt(row, D);
       }
     }
   }
+  stream_fence();
+  }  // omp parallel
 }
 
 #define FWPKM_INSTANTIATE(T) FWPKM_CPU_KERNEL_INSTANTIATIONS(T)
