@@ -248,6 +248,18 @@ void row_norms(int dtype, std::uintptr_t x, int64_t R, int64_t D, std::uintptr_t
   FWPKM_DISPATCH(dtype, "row_norms", { fwpkm::row_norms_cpu<T>(P<const T>(x), R, D, P<T>(out)); })
 }
 
+void slot_scores(int dtype, std::uintptr_t q, std::uintptr_t K, std::uintptr_t idx, int64_t M,
+                 int64_t H, int64_t n, int64_t D, int64_t k, int64_t tokens_per_group,
+                 std::uintptr_t s) {
+  check_dtype(dtype, "slot_scores");
+  if (M * H * k == 0) return;
+  py::gil_scoped_release nogil;
+  FWPKM_DISPATCH(dtype, "slot_scores", {
+    fwpkm::slot_scores_cpu<T>(P<const T>(q), P<const T>(K), P<const int64_t>(idx), M, H, n, D, k,
+                              tokens_per_group, P<T>(s));
+  })
+}
+
 // CPU only: one whole window of an in-place streaming call (see kernels.h, WindowStep). The
 // arguments come by name in a dict (fwpkm_ext/_native.py window_step builds and checks it):
 // addresses, sizes and the window's scalars.
@@ -401,6 +413,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("idw_pairs", &idw_pairs);
   m.def("read_weights", &read_weights);
   m.def("row_norms", &row_norms);
+  m.def("slot_scores", &slot_scores);
   m.def("window_step", &window_step);
   m.def("window_step_work", &fwpkm::window_step_work);
   m.def("segment_rows", &segment_rows);

@@ -161,6 +161,17 @@ template <typename T>
 void segment_coefs_cpu(const int64_t* offsets, int64_t U, const int64_t* order, const T* w,
                        double scale, int64_t Q, T* coef);
 
+// Dot sub-scores of selected product-key slots (CPU only; the static PKM's read): for token m,
+// head h and slot j (idx [M, H, k], each in [0, n * n)), with g = m / tokens_per_group,
+//   s[m, h, 0, j] = q[m, h, 0, :] . K[g, h, 0, idx / n, :],  s[m, h, 1, j] = q[m, h, 1, :] . K[g, h, 1, idx % n, :]
+// q [M, H, 2, D], K [G, H, 2, n, D], s [M, H, 2, k]. Each dot is summed as gather_dot sums it, so
+// s is pair_scores' values over read_kid's rows, bit for bit; a half row that several slots of
+// one (token, head) share is dotted once. An index outside [0, n * n) throws
+// std::invalid_argument (naming idx) before anything is written.
+template <typename T>
+void slot_scores_cpu(const T* q, const T* K, const int64_t* idx, int64_t M, int64_t H, int64_t n,
+                     int64_t D, int64_t k, int64_t tokens_per_group, T* s);
+
 // Squared norms of R rows (CPU only): out[r] = x[r, :] . x[r, :], summed as gather_dot sums (in
 // lanes combined by a fixed tree): the IDW distance's ||q||^2 and ||K_r||^2.
 template <typename T>

@@ -304,6 +304,33 @@ def row_norms(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def slot_scores(q: torch.Tensor, K: torch.Tensor, idx: torch.Tensor, tokens_per_group: int) -> torch.Tensor:
+    """CPU, dot score: s (M, H, 2, k), s[m, h, c, j] = q[m, h, c] . K[m // tokens_per_group, h, c,
+    half_c(idx[m, h, j])] with half_0 = idx // n, half_1 = idx % n; q (M, H, 2, D), K (G, H, 2, n, D),
+    idx (M, H, k) int64 (kernels.h: pair_scores' values over read_kid's rows, bit for bit)."""
+    code = _float_code("q", q)
+    if q.dim() != 4 or q.shape[2] != 2:
+        raise ValueError(f"q: expected shape (M, H, 2, D), got {tuple(q.shape)}")
+    M, H, _, D = q.shape
+    dev = torch.device("cpu")
+    _check("q", q, q.dtype, dev)
+    if not isinstance(K, torch.Tensor) or K.dim() != 5 or tuple(K.shape[1:3]) != (H, 2) or K.shape[4] != D:
+        raise ValueError(f"K: expected shape (G, {H}, 2, n, {D}), got {tuple(getattr(K, 'shape', ()))}")
+    _check("K", K, q.dtype, dev)
+    G, n = K.shape[0], K.shape[3]
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 3 or tuple(idx.shape[:2]) != (M, H):
+        raise ValueError(f"idx: expected shape ({M}, {H}, k), got {tuple(getattr(idx, 'shape', ()))}")
+    _check("idx", idx, torch.int64, dev)
+    k = idx.shape[2]
+    tpg = int(tokens_per_group)
+    if tpg < 1 or G < -(-M // tpg):
+        raise ValueError(f"tokens_per_group: {M} tokens in groups of {tpg} need {-(-M // tpg)} "
+                         f"memories, K has {G}")
+    s = torch.empty(M, H, 2, k, dtype=q.dtype)
+    _C.slot_scores(code, q.data_ptr(), K.data_ptr(), idx.data_ptr(), M, H, n, D, k, tpg, s.data_ptr())
+    return s
+
+
 def window_step(dots: torch.Tensor, K: torch.Tensor, x: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                 mask: torch.Tensor, s0: int, L: int, la: int, kind: str, eps: float, lr: float,
                 addr_w: float, ent_eps: float, idx: torch.Tensor, half: torch.Tensor,

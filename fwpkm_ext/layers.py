@@ -294,11 +294,15 @@ class PKM(nn.Module):
         keys5 = self.keys.unsqueeze(0)
         with torch.no_grad():
             idx = ops.topk_indices(q.detach().contiguous(), keys5.detach().contiguous(), k, "dot", 1e-3)
-        grp = torch.zeros(B, dtype=torch.long, device=x.device)
-        kid = recurrence.read_kid(idx, grp, H, n).reshape(-1, k)
         d2 = self.k_dim // 2
-        # exact scores of the selected pairs on the native kernels (no per-pair key copies)
-        s = ops.pair_scores(q.reshape(-1, d2), self.keys.reshape(-1, d2), kid, "dot", 1e-3)
+        # exact scores of the selected pairs on the native kernels (no per-pair key copies); the
+        # same values without a graph from one pass that dots each distinct half row once
+        if torch.is_grad_enabled() and (q.requires_grad or self.keys.requires_grad):
+            grp = torch.zeros(B, dtype=torch.long, device=x.device)
+            kid = recurrence.read_kid(idx, grp, H, n).reshape(-1, k)
+            s = ops.pair_scores(q.reshape(-1, d2), self.keys.reshape(-1, d2), kid, "dot", 1e-3)
+        else:
+            s = ops.slot_scores(q, keys5, idx)
         w = torch.softmax(s.view(B, T, H, 2, k).sum(3), dim=-1)  # per head
         out = ops.gather(self.values, idx.reshape(B * T, H * k).contiguous(),
                          w.reshape(B * T, H * k).contiguous())

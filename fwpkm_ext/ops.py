@@ -293,6 +293,32 @@ def _(x, kflat, rows, score, eps):
     return x.new_empty(rows.shape)
 
 
+@torch.library.custom_op(f"{_NS}::slot_scores", mutates_args=())
+@_exact
+def slot_scores(q: Tensor, keys: Tensor, idx: Tensor) -> Tensor:
+    """Dot sub-scores (B,T,H,2,k) of the selected slots idx (B,T,H,k): each half of q (B,T,H,dk)
+    against its sub-key row of keys (S,H,2,n,dk/2) (S = 1 shared, S = B one memory per
+    sequence), the values pair_scores gives over read_kid's rows, bit for bit. Not
+    differentiable: a caller that needs gradients uses pair_scores. On CPU one native pass that
+    dots each distinct half row of a (token, head) once and builds no row-id tensors."""
+    B, T, H, dk = q.shape
+    k, n = idx.shape[-1], keys.shape[3]
+    per_seq = keys.shape[0] > 1
+    if q.device.type == "cpu":
+        s = _native.slot_scores(q.reshape(B * T, H, 2, dk // 2).contiguous(), keys.contiguous(),
+                                idx.reshape(B * T, H, k).contiguous(), T if per_seq else max(B * T, 1))
+        return s.view(B, T, H, 2, k)
+    kid = recurrence.read_kid(idx, recurrence._group_of_batch(B, keys.shape[0], q.device), H, n)
+    x, kflat = q.reshape(-1, dk // 2).contiguous(), keys.reshape(-1, dk // 2).contiguous()
+    return _pairs(x, kflat, kid.reshape(-1, k), "dot", 0.0).s.reshape(B, T, H, 2, k).contiguous()
+
+
+@slot_scores.register_fake
+def _(q, keys, idx):
+    B, T, H, _ = q.shape
+    return q.new_empty(B, T, H, 2, idx.shape[-1])
+
+
 @torch.library.custom_op(f"{_NS}::pair_scores_backward", mutates_args=())
 @_exact
 def pair_scores_backward(gs: Tensor, x: Tensor, kflat: Tensor, rows: Tensor, score: str,

@@ -531,6 +531,38 @@ def test_opcheck_topk(score):
     torch.library.opcheck(torch.ops.fwpkm_ext.topk.default, (q1, k1.unsqueeze(0), 2, score, 1e-3))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,H,dk,n,k,per_seq", [(2, 5, 3, 8, 5, 4, False), (3, 4, 2, 6, 7, 9, True),
+                                                  (1, 6, 1, 4, 9, 70, False), (2, 3, 2, 10, 3, 1, True)])
+def test_slot_scores_vs_pair_scores_and_float64(dtype, B, T, H, dk, n, k, per_seq):
+    """The static PKM's graph-free read scores: pair_scores over read_kid's rows bit for bit
+    (repeated half rows included, and k beyond the 64 rows the kernel remembers), and the
+    float64 dot of each half with its sub-key row."""
+    g = gen(B * 100 + k)
+    q, keys = make_q_keys(g, B, T, H, dk, n, per_seq, dtype)
+    keys5 = keys if per_seq else keys.unsqueeze(0)
+    idx = randint(g, 0, n * n, B, T, H, k)
+    idx[..., 1::2] = idx[..., :1]  # slots sharing both half rows
+    grp = recurrence._group_of_batch(B, keys5.shape[0], "cpu")
+    kid = recurrence.read_kid(idx, grp, H, n)
+    want = ops.pair_scores(q.reshape(-1, dk // 2), keys5.reshape(-1, dk // 2), kid.reshape(-1, k), "dot",
+                           1e-3).view(B, T, H, 2, k)
+    got = ops.slot_scores(q, keys5, idx)
+    assert torch.equal(got, want)
+    qh = q.double().reshape(B, T, H, 2, 1, dk // 2)
+    rows = keys5.double().reshape(-1, dk // 2)[kid]  # (B, T, H, 2, k, d2)
+    torch.testing.assert_close(got, (qh * rows).sum(-1).to(dtype), **TOL[dtype])
+    torch.library.opcheck(torch.ops.fwpkm_ext.slot_scores.default, (q, keys5, idx))
+    bad = idx.clone()
+    bad[-1, -1, -1, -1] = n * n
+    with pytest.raises(ValueError, match=f"slot_scores: idx holds {n * n}, outside"):
+        ops.slot_scores(q, keys5, bad)
+    with pytest.raises(ValueError, match="^idx"):
+        _native.slot_scores(q.reshape(B * T, H, 2, dk // 2), keys5, idx[..., 0], T)
+    with pytest.raises(ValueError, match="^tokens_per_group"):
+        _native.slot_scores(q.reshape(B * T, H, 2, dk // 2), keys5[:1], idx.reshape(B * T, H, k), 1)
+
+
 def test_opcheck_gather():
     g = gen(41)
     table, rows, w = gather_case(g, 6, 3, 5, 3, F64)
@@ -1018,6 +1050,10 @@ def _every_kernel(g, dtype):
     gw = torch.empty(Mr, L, dtype=dtype)
     _native.gather_dot(table, rows, x, gw)
     out.append(("gather_dot", gw, torch.einsum("mld,md->ml", table.double()[rows], x.double()).to(dtype), False))
+    qs, Ks, ids = randn(g, 30, 2, 2, 37, dtype=dtype), randn(g, 3, 2, 2, 11, 37, dtype=dtype), randint(g, 0, 121, 30, 2, 9)
+    kid = recurrence.read_kid(ids.view(3, 10, 2, 9), torch.arange(3), 2, 11)
+    sw = (qs.double().view(3, 10, 2, 2, 1, 37) * Ks.double().reshape(-1, 37)[kid]).sum(-1)
+    out.append(("slot_scores", _native.slot_scores(qs, Ks, ids, 10), sw.reshape(30, 2, 2, 9).to(dtype), False))
     flat = rows.reshape(-1)
     pairs = torch.arange(flat.numel())
     want = scatter_expected(table, flat, pairs, w.reshape(-1), x, L).to(dtype)

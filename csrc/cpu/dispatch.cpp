@@ -120,6 +120,12 @@ void row_norms_cpu(const T* x, int64_t R, int64_t D, T* out) {
   FWPKM_RUN(row_norms_cpu<T>, x, R, D, out);
 }
 
+template <typename T>
+void slot_scores_cpu(const T* q, const T* K, const int64_t* idx, int64_t M, int64_t H, int64_t n,
+                     int64_t D, int64_t k, int64_t tokens_per_group, T* s) {
+  FWPKM_RUN(slot_scores_cpu<T>, q, K, idx, M, H, n, D, k, tokens_per_group, s);
+}
+
 #undef FWPKM_RUN
 
 #define FWPKM_INSTANTIATE(T) FWPKM_CPU_KERNEL_INSTANTIATIONS(T)

@@ -46,7 +46,10 @@
   template <typename T>                                                                              \
   void read_weights_cpu(const T* s, const int64_t* pos, int64_t M, int64_t H, int64_t k, T* w);     \
   template <typename T>                                                                              \
-  void row_norms_cpu(const T* x, int64_t R, int64_t D, T* out);
+  void row_norms_cpu(const T* x, int64_t R, int64_t D, T* out);                                    \
+  template <typename T>                                                                              \
+  void slot_scores_cpu(const T* q, const T* K, const int64_t* idx, int64_t M, int64_t H, int64_t n, \
+                       int64_t D, int64_t k, int64_t tokens_per_group, T* s);
 
 // The explicit instantiations (T = float, double) of those kernels, in whichever namespace the
 // macro is used: each variant's (kernels.cpp) and the dispatching ones (dispatch.cpp).
@@ -71,7 +74,9 @@
                                     const T*, const T*, int64_t, int64_t, double, double, double, \
                                     double, T*, T*, T*, T*, T*);                  \
   template void read_weights_cpu<T>(const T*, const int64_t*, int64_t, int64_t, int64_t, T*);     \
-  template void row_norms_cpu<T>(const T*, int64_t, int64_t, T*);
+  template void row_norms_cpu<T>(const T*, int64_t, int64_t, T*);                              \
+  template void slot_scores_cpu<T>(const T*, const T*, const int64_t*, int64_t, int64_t, int64_t, \
+                                   int64_t, int64_t, int64_t, T*);
 
 namespace fwpkm {
 namespace isa_base {

@@ -940,6 +940,44 @@ void row_norms_cpu(const T* x, int64_t R, int64_t D, T* out) {
 }
 
 template <typename T>
+void slot_scores_cpu(const T* q, const T* K, const int64_t* idx, int64_t M, int64_t H, int64_t n,
+                     int64_t D, int64_t k, int64_t tokens_per_group, T* s) {
+  check_index("slot_scores", "idx", idx, M * H * k, n * n);
+  // The top-k slots of a (token, head) crowd onto the few best half rows (the k x k merge's
+  // corner): ~k/3 distinct rows per half for k = 32, so remembering the rows dotted already
+  // skips most of the reads (up to kSeen of them; past that every slot is dotted).
+  constexpr int64_t kSeen = 64;
+#pragma omp parallel for schedule(static) if (M * H * k * D > kSerialWork)
+  for (int64_t mh = 0; mh < M * H; ++mh) {
+    const int64_t g = (mh / H) / tokens_per_group, h = mh % H;
+    const int64_t* id = idx + mh * k;
+    for (int64_t c = 0; c < 2; ++c) {
+      const T* qc = q + (mh * 2 + c) * D;
+      const T* Kc = K + ((g * H + h) * 2 + c) * n * D;
+      T* sc = s + (mh * 2 + c) * k;
+      int64_t seen_row[kSeen];
+      T seen_s[kSeen];
+      int64_t nseen = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t r = c ? id[j] % n : id[j] / n;
+        int64_t f = 0;
+        while (f < nseen && seen_row[f] != r) ++f;
+        if (f < nseen) {
+          sc[j] = seen_s[f];
+          continue;
+        }
+        const T v = dot_lanes(Kc + r * D, qc, D);
+        sc[j] = v;
+        if (nseen < kSeen) {
+          seen_row[nseen] = r;
+          seen_s[nseen++] = v;
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
 void read_weights_cpu(const T* s, const int64_t* pos, int64_t M, int64_t H, int64_t k, T* w) {
   const int64_t HK = H * k;
   check_index("read_weights", "pos", pos, M * H * 2 * k, k);
