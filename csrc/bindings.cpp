@@ -248,6 +248,14 @@ void row_norms(int dtype, std::uintptr_t x, int64_t R, int64_t D, std::uintptr_t
   FWPKM_DISPATCH(dtype, "row_norms", { fwpkm::row_norms_cpu<T>(P<const T>(x), R, D, P<T>(out)); })
 }
 
+bool all_within(int dtype, std::uintptr_t x, int64_t n, double lim) {
+  check_dtype(dtype, "all_within");
+  py::gil_scoped_release nogil;
+  bool ok = true;
+  FWPKM_DISPATCH(dtype, "all_within", { ok = fwpkm::all_within_cpu<T>(P<const T>(x), n, static_cast<T>(lim)); })
+  return ok;
+}
+
 void slot_scores(int dtype, std::uintptr_t q, std::uintptr_t K, std::uintptr_t idx, int64_t M,
                  int64_t H, int64_t n, int64_t D, int64_t k, int64_t tokens_per_group,
                  std::uintptr_t s) {
@@ -414,6 +422,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("read_weights", &read_weights);
   m.def("row_norms", &row_norms);
   m.def("slot_scores", &slot_scores);
+  m.def("all_within", &all_within);
   m.def("window_step", &window_step);
   m.def("window_step_work", &fwpkm::window_step_work);
   m.def("segment_rows", &segment_rows);

@@ -172,6 +172,13 @@ template <typename T>
 void slot_scores_cpu(const T* q, const T* K, const int64_t* idx, int64_t M, int64_t H, int64_t n,
                      int64_t D, int64_t k, int64_t tokens_per_group, T* s);
 
+// Whether every element of x [n] is finite with |x| <= lim (CPU only; lim >= 0 finite: the
+// largest number a caller allows, e.g. T's maximum for "finite"): one pass comparing the bits of
+// |x| as unsigned integers (NaN and the infinities have the largest exponent, so they exceed every
+// finite lim), which vectorizes and parallelizes without a floating-point reduction.
+template <typename T>
+bool all_within_cpu(const T* x, int64_t n, T lim);
+
 // Squared norms of R rows (CPU only): out[r] = x[r, :] . x[r, :], summed as gather_dot sums (in
 // lanes combined by a fixed tree): the IDW distance's ||q||^2 and ||K_r||^2.
 template <typename T>

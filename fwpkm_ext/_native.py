@@ -304,6 +304,24 @@ def row_norms(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_within(x: torch.Tensor, lim: Optional[float] = None) -> bool:
+    """CPU: every element of the contiguous float tensor x finite, and |x| <= lim when lim is given
+    (a number >= 0); kernels.h."""
+    code = _float_code("x", x)
+    _check("x", x, x.dtype, torch.device("cpu"))
+    info = torch.finfo(x.dtype)
+    if lim is not None and (_real("lim", lim) != lim or lim < 0):
+        raise ValueError(f"lim: expected a number >= 0, got {lim}")
+    if lim is None or lim >= info.max:
+        top = info.max
+    else:
+        t = torch.tensor(lim, dtype=torch.float64).to(x.dtype)  # rounded to nearest: step down
+        if float(t) > lim:
+            t = torch.nextafter(t, torch.zeros((), dtype=x.dtype))
+        top = float(t)
+    return bool(_C.all_within(code, x.data_ptr(), x.numel(), top))
+
+
 def slot_scores(q: torch.Tensor, K: torch.Tensor, idx: torch.Tensor, tokens_per_group: int) -> torch.Tensor:
     """CPU, dot score: s (M, H, 2, k), s[m, h, c, j] = q[m, h, c] . K[m // tokens_per_group, h, c,
     half_c(idx[m, h, j])] with half_0 = idx // n, half_1 = idx % n; q (M, H, 2, D), K (G, H, 2, n, D),

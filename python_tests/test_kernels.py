@@ -563,6 +563,37 @@ def test_slot_scores_vs_pair_scores_and_float64(dtype, B, T, H, dk, n, k, per_se
         _native.slot_scores(q.reshape(B * T, H, 2, dk // 2), keys5[:1], idx.reshape(B * T, H, k), 1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("numel", [0, 1, 37, 300_001])
+def test_all_within_vs_torch(dtype, numel):
+    """The finite-and-bounded check of the inputs and tables: every kind of bad element, at the
+    first, a middle and the last place (the threaded size too), and limits between floats."""
+    g = gen(numel + (dtype == F64))
+    x = randn(g, numel, dtype=dtype) * 3
+
+    def want(t, lim):
+        ok = torch.isfinite(t).all()
+        return bool(ok & (t.abs() <= lim).all()) if lim is not None else bool(ok)
+
+    for lim in (None, 1e15, 2.5, 0.0, 1.0 + 1e-12, float("inf")):
+        assert _native.all_within(x, lim) == want(x, lim), lim
+    for at in sorted({0, numel // 2, numel - 1}) if numel else []:
+        for bad in (float("nan"), float("inf"), -float("inf"), -2e15, 0.0):
+            y = x.clone()
+            y[at] = bad
+            for lim in (None, 1e15):
+                assert _native.all_within(y, lim) == want(y, lim), (at, bad, lim)
+                assert recurrence.finite_within(y, lim) == want(y, lim)
+    one = torch.ones(3, dtype=dtype)  # a limit just below a float (float32 rounds it up to 1.0)
+    assert not _native.all_within(one, 1.0 - 1e-12) and _native.all_within(one, 1.0)
+    with pytest.raises(ValueError, match="^lim"):
+        _native.all_within(x, float("nan"))
+    with pytest.raises(ValueError, match="^lim"):
+        _native.all_within(x, -1.0)
+    with pytest.raises(TypeError, match="^x"):
+        _native.all_within(x.to(torch.int32))
+
+
 def test_opcheck_gather():
     g = gen(41)
     table, rows, w = gather_case(g, 6, 3, 5, 3, F64)

@@ -121,6 +121,11 @@ void row_norms_cpu(const T* x, int64_t R, int64_t D, T* out) {
 }
 
 template <typename T>
+bool all_within_cpu(const T* x, int64_t n, T lim) {
+  return FWPKM_RUN(all_within_cpu<T>, x, n, lim);
+}
+
+template <typename T>
 void slot_scores_cpu(const T* q, const T* K, const int64_t* idx, int64_t M, int64_t H, int64_t n,
                      int64_t D, int64_t k, int64_t tokens_per_group, T* s) {
   FWPKM_RUN(slot_scores_cpu<T>, q, K, idx, M, H, n, D, k, tokens_per_group, s);

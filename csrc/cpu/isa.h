@@ -48,6 +48,8 @@
   template <typename T>                                                                              \
   void row_norms_cpu(const T* x, int64_t R, int64_t D, T* out);                                    \
   template <typename T>                                                                              \
+  bool all_within_cpu(const T* x, int64_t n, T lim);                                                 \
+  template <typename T>                                                                              \
   void slot_scores_cpu(const T* q, const T* K, const int64_t* idx, int64_t M, int64_t H, int64_t n, \
                        int64_t D, int64_t k, int64_t tokens_per_group, T* s);
 
@@ -75,6 +77,7 @@
                                     double, T*, T*, T*, T*, T*);                  \
   template void read_weights_cpu<T>(const T*, const int64_t*, int64_t, int64_t, int64_t, T*);     \
   template void row_norms_cpu<T>(const T*, int64_t, int64_t, T*);                              \
+  template bool all_within_cpu<T>(const T*, int64_t, T);                                         \
   template void slot_scores_cpu<T>(const T*, const T*, const int64_t*, int64_t, int64_t, int64_t, \
                                    int64_t, int64_t, int64_t, T*);
 

@@ -940,6 +940,23 @@ void row_norms_cpu(const T* x, int64_t R, int64_t D, T* out) {
 }
 
 template <typename T>
+bool all_within_cpu(const T* x, int64_t n, T lim) {
+  using U = typename ExpBits<T>::U;
+  constexpr U kAbs = ~(U(1) << (8 * sizeof(U) - 1));
+  U top, most = 0;
+  std::memcpy(&top, &lim, sizeof top);
+  top &= kAbs;
+#pragma omp parallel for schedule(static) reduction(max : most) if (n > 16 * kSerialWork)
+  for (int64_t i = 0; i < n; ++i) {
+    U b;
+    std::memcpy(&b, x + i, sizeof b);
+    b &= kAbs;
+    most = b > most ? b : most;
+  }
+  return most <= top;
+}
+
+template <typename T>
 void slot_scores_cpu(const T* q, const T* K, const int64_t* idx, int64_t M, int64_t H, int64_t n,
                      int64_t D, int64_t k, int64_t tokens_per_group, T* s) {
   check_index("slot_scores", "idx", idx, M * H * k, n * n);
