@@ -169,29 +169,6 @@ inline int64_t collect_candidates(const T* v, int64_t n, T t0, const T* mx, int6
   }
   return c;
 }
-#if defined(__AVX2__)
-// AVX2, float: one compare of 8 elements and a bit scan over the few that pass, in index order,
-// instead of a strided walk through the passing blocks (for k = 32 that walk visits half the
-// list one element at a time).
-inline int64_t collect_candidates(const float* v, int64_t n, float t0, const float*, int64_t,
-                                  std::pair<float, int64_t>* cand) {
-  const __m256 t = _mm256_set1_ps(t0);
-  int64_t c = 0, i = 0;
-  for (; i + 8 <= n; i += 8) {
-    unsigned m = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v + i), t, _CMP_NLT_UQ)));
-    while (m) {
-      const int j = __builtin_ctz(m);
-      cand[c++] = {v[i + j], i + j};
-      m &= m - 1;
-    }
-  }
-  for (; i < n; ++i) {
-    cand[c] = {v[i], i};
-    c += !(v[i] < t0);
-  }
-  return c;
-}
-#endif
 
 // Selection by counting (AVX2, float). Among distinct numbers, x is the r-th largest (from 0)
 // when exactly r numbers are greater than it: one broadcast compare per pair, no branches, where
