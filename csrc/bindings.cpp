@@ -229,6 +229,21 @@ int64_t addr_step(int dtype, std::uintptr_t s, std::uintptr_t inv, std::uintptr_
   return bad;
 }
 
+// CPU only: the addressing loss' second-order term (see kernels.h).
+void addr_vjp(int dtype, std::uintptr_t prob, std::uintptr_t u, std::uintptr_t gamma,
+              std::uintptr_t dphi, std::uintptr_t inv, std::uintptr_t rows, int64_t M, int64_t L,
+              std::uintptr_t x, std::uintptr_t K, std::uintptr_t lam, int64_t R, int64_t D,
+              double rpg, std::uintptr_t gk, std::uintptr_t gx) {
+  check_dtype(dtype, "addr_vjp");
+  py::gil_scoped_release nogil;
+  FWPKM_DISPATCH(dtype, "addr_vjp", {
+    fwpkm::addr_vjp_cpu<T>(P<const T>(prob), P<const T>(u), P<const T>(gamma), P<const T>(dphi),
+                           inv ? P<const T>(inv) : nullptr, P<const int64_t>(rows), M, L,
+                           P<const T>(x), P<const T>(K), P<const T>(lam), R, D, rpg, P<T>(gk),
+                           P<T>(gx));
+  })
+}
+
 // CPU only: the read weights (see kernels.h).
 void read_weights(int dtype, std::uintptr_t s, std::uintptr_t pos, int64_t M, int64_t H, int64_t k,
                   std::uintptr_t w) {
@@ -417,6 +432,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("scatter_pairs", &scatter_pairs);
   m.def("scatter_rows_logged", &scatter_rows_logged);
   m.def("addr_step", &addr_step);
+  m.def("addr_vjp", &addr_vjp);
   m.def("segment_coefs", &segment_coefs);
   m.def("idw_pairs", &idw_pairs);
   m.def("read_weights", &read_weights);

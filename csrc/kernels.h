@@ -120,6 +120,24 @@ int64_t addr_step_cpu(const T* s, const T* inv, const int64_t* rows, int64_t M, 
                       const T* x, const T* K, int64_t R, int64_t D, double rpg, double w,
                       double lr, double eps, T* P, T* u, T* gamma, T* pbar, T* out);
 
+// The addressing loss' second-order term of one window (CPU only; the backward through
+// addr_step's key step), for F = <lam, dL/dK>: with the window's pairs as addr_step takes them
+// (rows [M, L], x [M, D], K [R, D], inv [M, L] for IDW or null for dot), its P, u, gamma [M, L],
+// dphi [R] = d2L/dpbar2 and rpg,
+//   psi = <lam_r, ds/dK> per pair (IDW: 2 inv (lam_r . x_m - lam_r . K_r); dot: lam_r . x_m),
+//   pdot = P (psi - <P, psi>), dpbar = (sum of pdot over each row's pairs, in double) / rpg,
+//   du = dphi[r] dpbar[r] / rpg, chi = pdot (u - <P, u>) + P (du - <pdot, u> - <P, du>)
+// (<a, b>: the sum over a pair row). IDW: alpha = -2 inv (chi + gamma psi), beta = 2 inv gamma,
+//   gx[m] = (sum_j alpha) x_m - sum_j alpha K_r + sum_j beta lam_r,
+//   gk[r] = -sum alpha x_m + (sum alpha) K_r - (sum beta) lam_r over r's pairs;
+// dot: gx[m] = sum_j chi K_r + sum_j gamma lam_r, gk[r] = sum chi x_m. gk and gx are written
+// (not added). Each row's and each pair row's terms in pair order; dot products summed as
+// gather_dot sums them. A row outside [0, R) throws std::invalid_argument first.
+template <typename T>
+void addr_vjp_cpu(const T* P, const T* u, const T* gamma, const T* dphi, const T* inv,
+                  const int64_t* rows, int64_t M, int64_t L, const T* x, const T* K, const T* lam,
+                  int64_t R, int64_t D, double rpg, T* gk, T* gx);
+
 // Stable bucketing of pairs by row (CPU only; CUDA uses torch's sort), what scatter_rows needs:
 //   the key of pair j (j in [0, Q)) is rows[pairs[j]] (pairs null: rows[j]), 0 <= key < R
 //   order   [Q]        the pair ids (pairs[j], or j) by increasing key, equal keys in input order

@@ -274,6 +274,34 @@ def addr_step(s: torch.Tensor, inv: Optional[torch.Tensor], rows: torch.Tensor, 
     return P, u, gamma, pbar, out, bad
 
 
+def addr_vjp(P: torch.Tensor, u: torch.Tensor, gamma: torch.Tensor, dphi: torch.Tensor,
+             inv: Optional[torch.Tensor], rows: torch.Tensor, x: torch.Tensor, K: torch.Tensor,
+             lam: torch.Tensor, rpg: float):
+    """CPU: the addressing loss' second-order term of one window (kernels.h): (gk (R, D), gx (M, D))
+    for F = <lam, dL/dK>, from addr_step's P, u, gamma (M, L), dphi (R,) = d2L/dpbar2, the pairs'
+    rows (M, L), inv (M, L; None for dot scores), x (M, D), K and lam (R, D), rpg."""
+    if K.device.type != "cpu":
+        raise ValueError(f"K: addr_vjp is CPU only, got device {K.device}")
+    code, R, D, M, L = _table_and_rows(K, rows)
+    dev, dt = K.device, K.dtype
+    for name, t in (("P", P), ("u", u), ("gamma", gamma)):
+        _check(name, t, dt, dev, (M, L))
+    if inv is not None:
+        _check("inv", inv, dt, dev, (M, L))
+    _check("dphi", dphi, dt, dev, (R,))
+    _check("x", x, dt, dev, (M, D))
+    _check("lam", lam, dt, dev, (R, D))
+    rpg = _real("rpg", rpg)
+    gk = torch.empty(R, D, dtype=dt)
+    gx = torch.empty(M, D, dtype=dt)
+    if M * L == 0:
+        return gk.zero_(), gx.zero_()
+    _C.addr_vjp(code, P.data_ptr(), u.data_ptr(), gamma.data_ptr(), dphi.data_ptr(),
+                inv.data_ptr() if inv is not None else 0, rows.data_ptr(), M, L, x.data_ptr(),
+                K.data_ptr(), lam.data_ptr(), R, D, rpg, gk.data_ptr(), gx.data_ptr())
+    return gk, gx
+
+
 def read_weights(s: torch.Tensor, pos: torch.Tensor, M: int, H: int) -> torch.Tensor:
     """CPU: the read weights w (M, H * k) (kernels.h): per token, the softmax over its H * k slots
     of each slot's two sub-scores summed, s[(m * H + h) * 2 + c, pos[(m * H + h) * 2 + c, j]].

@@ -383,6 +383,11 @@ class Window:
         """For F = <lam, dL_addr/dK>: (dF/dK dense, dF/dx (M2, d2))."""
         hp, K, x = self.half, self.kflat, self.half.x
         P, u, gamma, dphi = self.addr()
+        if self._native_addr():  # one native call for the chain below (addr_vjp, kernels.h)
+            inv = hp.inv.contiguous() if self.cfg.score == "idw" else None
+            return _native.addr_vjp(P.contiguous(), u.contiguous(), gamma.contiguous(), dphi.contiguous(),
+                                    inv, hp.rows.contiguous(), x.contiguous(), K.contiguous(),
+                                    lam.contiguous(), self.rows_per_group)
         lx = gather_x(lam, hp.rows, x)
         if self.cfg.score == "idw":
             lk = (lam * K).sum(-1)

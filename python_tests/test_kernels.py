@@ -1295,6 +1295,57 @@ def test_addr_step_vs_autograd(dtype, score, R, D, M, L):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("score", ["idw", "dot"])
+@pytest.mark.parametrize("R,D,M,L", [(3, 2, 4, 2), (64, 9, 50, 5), (1024, 33, 300, 8)])
+def test_addr_vjp_vs_double_autograd(dtype, score, R, D, M, L):
+    """The backward through the key step: for F = <lam, dL_addr/dK>, addr_vjp's dF/dK and dF/dx
+    against autograd of autograd of the addressing loss (float64 oracle, random keys, queries
+    and lam), from addr_step's terms; bit-identical at one and two threads; bad rows refused."""
+    g = gen(R * 5 + M + L)
+    K = randn(g, R, D, dtype=dtype, scale=0.3)
+    x = randn(g, M, D, dtype=dtype)
+    lam = randn(g, R, D, dtype=dtype)
+    rows = randint(g, 0, R, M, L)
+    rpg, w, ent = float(M) / 2, 0.8, 1e-8
+    s, *_ = _addr_by_torch(K, x, rows, score, rpg, w, 0.0)
+    inv = torch.exp(s).to(dtype) if score == "idw" else None
+    P, u, gamma, pbar, _, _ = _native.addr_step(s.to(dtype), inv, rows, x, K, rpg, w, 0.0, ent,
+                                                want_keys=False)
+    pe = pbar + ent
+    dphi = w * (1.0 / pe + ent / (pe * pe))
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            outs.append(_native.addr_vjp(P, u, gamma, dphi, inv, rows, x, K, lam, rpg))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    Kd = K.double().clone().requires_grad_(True)
+    xd = x.double().clone().requires_grad_(True)
+    Kr = Kd[rows]
+    if score == "idw":
+        sd = -torch.log(1e-3 + ((xd.unsqueeze(1) - Kr) ** 2).sum(-1))
+    else:
+        sd = (xd.unsqueeze(1) * Kr).sum(-1)
+    Pd = torch.softmax(sd, -1)
+    pb = torch.zeros(R, dtype=F64).index_add(0, rows.reshape(-1), Pd.reshape(-1)) / rpg
+    gK, = torch.autograd.grad(w * (pb * torch.log(pb + ent)).sum(), Kd, create_graph=True)
+    want_k, want_x = torch.autograd.grad((lam.double() * gK).sum(), (Kd, xd))
+    tol = dict(rtol=1e-8, atol=1e-10) if dtype == F64 else dict(rtol=3e-3, atol=3e-4)
+    gk, gx = outs[0]
+    torch.testing.assert_close(gk.double(), want_k, **tol)
+    torch.testing.assert_close(gx.double(), want_x, **tol)
+    bad = rows.clone()
+    bad[0, 0] = -1
+    with pytest.raises(ValueError, match="rows holds -1"):
+        _native.addr_vjp(P, u, gamma, dphi, inv, bad, x, K, lam, rpg)
+    with pytest.raises(ValueError, match="^lam"):
+        _native.addr_vjp(P, u, gamma, dphi, inv, rows, x, K, lam[:-1], rpg)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("Q,R,keep", [(1, 1, 1.0), (40, 7, 0.5), (4096, 3000, 0.9), (300, 5, 0.0)])
 def test_segment_coefs_equals_the_torch_expression(dtype, Q, R, keep):
     """The value write's coefficients from the segments: bit-identical to scale * w * (1 / N_row)

@@ -121,6 +121,13 @@ void row_norms_cpu(const T* x, int64_t R, int64_t D, T* out) {
 }
 
 template <typename T>
+void addr_vjp_cpu(const T* P, const T* u, const T* gamma, const T* dphi, const T* inv,
+                  const int64_t* rows, int64_t M, int64_t L, const T* x, const T* K, const T* lam,
+                  int64_t R, int64_t D, double rpg, T* gk, T* gx) {
+  FWPKM_RUN(addr_vjp_cpu<T>, P, u, gamma, dphi, inv, rows, M, L, x, K, lam, R, D, rpg, gk, gx);
+}
+
+template <typename T>
 bool all_within_cpu(const T* x, int64_t n, T lim) {
   return FWPKM_RUN(all_within_cpu<T>, x, n, lim);
 }

@@ -46,6 +46,10 @@
   template <typename T>                                                                              \
   void read_weights_cpu(const T* s, const int64_t* pos, int64_t M, int64_t H, int64_t k, T* w);     \
   template <typename T>                                                                              \
+  void addr_vjp_cpu(const T* P, const T* u, const T* gamma, const T* dphi, const T* inv,            \
+                    const int64_t* rows, int64_t M, int64_t L, const T* x, const T* K,              \
+                    const T* lam, int64_t R, int64_t D, double rpg, T* gk, T* gx);                   \
+  template <typename T>                                                                              \
   void row_norms_cpu(const T* x, int64_t R, int64_t D, T* out);                                    \
   template <typename T>                                                                              \
   bool all_within_cpu(const T* x, int64_t n, T lim);                                                 \
@@ -77,6 +81,9 @@
                                     double, T*, T*, T*, T*, T*);                  \
   template void read_weights_cpu<T>(const T*, const int64_t*, int64_t, int64_t, int64_t, T*);     \
   template void row_norms_cpu<T>(const T*, int64_t, int64_t, T*);                              \
+  template void addr_vjp_cpu<T>(const T*, const T*, const T*, const T*, const T*, const int64_t*, \
+                                int64_t, int64_t, const T*, const T*, const T*, int64_t, int64_t, \
+                                double, T*, T*);                                                 \
   template bool all_within_cpu<T>(const T*, int64_t, T);                                         \
   template void slot_scores_cpu<T>(const T*, const T*, const int64_t*, int64_t, int64_t, int64_t, \
                                    int64_t, int64_t, int64_t, T*);

@@ -911,6 +911,106 @@ int64_t addr_step_cpu(const T* s, const T* inv, const int64_t* rows, int64_t M, 
 }
 
 template <typename T>
+void addr_vjp_cpu(const T* P, const T* u, const T* gamma, const T* dphi, const T* inv,
+                  const int64_t* rows, int64_t M, int64_t L, const T* x, const T* K, const T* lam,
+                  int64_t R, int64_t D, double rpg, T* gk, T* gx) {
+  const int64_t Q = M * L;
+  check_rows("addr_vjp", rows, Q, R);
+  const T trpg = static_cast<T>(rpg);
+  const bool idw = inv != nullptr;
+  // The torch chain it replaces was ~60 small ops per window (a third of the recurrence's
+  // backward at the default model's size); here two passes over the pairs and one over the rows.
+  Vec<T> lk(static_cast<size_t>(idw ? R : 0)), psi(static_cast<size_t>(Q)), pdot(static_cast<size_t>(Q));
+  Vec<T> a(static_cast<size_t>(Q)), b(static_cast<size_t>(Q));  // coefficients on K_r / x and on lam_r
+#pragma omp parallel if (Q * D > kSerialWork)
+  {
+    if (idw) {
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < R; ++r) lk[size_t(r)] = dot_lanes(lam + r * D, K + r * D, D);
+    }
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+      T sp = T(0);
+      for (int64_t j = 0; j < L; ++j) {
+        const int64_t p = m * L + j, r = rows[p];
+        const T lx = dot_lanes(lam + r * D, x + m * D, D);
+        psi[size_t(p)] = idw ? (T(2) * inv[p]) * (lx - lk[size_t(r)]) : lx;
+        sp += P[p] * psi[size_t(p)];
+      }
+      for (int64_t j = 0; j < L; ++j) {
+        const int64_t p = m * L + j;
+        pdot[size_t(p)] = P[p] * (psi[size_t(p)] - sp);
+      }
+    }
+  }
+  // dpbar per row: its pairs' pdot in pair order (double), over the rows sharing the memory
+  Vec<double> acc(static_cast<size_t>(R), 0.0);
+  for (int64_t p = 0; p < Q; ++p) acc[size_t(rows[p])] += double(pdot[size_t(p)]);
+  Vec<T> dd(static_cast<size_t>(R));  // dphi * dpbar
+  for (int64_t r = 0; r < R; ++r) dd[size_t(r)] = dphi[r] * (static_cast<T>(acc[size_t(r)]) / trpg);
+#pragma omp parallel for schedule(static) if (Q * 16 > kSerialWork)
+  for (int64_t m = 0; m < M; ++m) {
+    T s_pu = T(0), s_du = T(0), s_pdu = T(0);
+    for (int64_t j = 0; j < L; ++j) {
+      const int64_t p = m * L + j;
+      const T du = dd[size_t(rows[p])] / trpg;
+      s_pu += P[p] * u[p];
+      s_du += pdot[size_t(p)] * u[p];
+      s_pdu += P[p] * du;
+    }
+    for (int64_t j = 0; j < L; ++j) {
+      const int64_t p = m * L + j;
+      const T du = dd[size_t(rows[p])] / trpg;
+      const T chi = pdot[size_t(p)] * (u[p] - s_pu) + P[p] * (((du - s_du) - s_pdu));
+      if (idw) {
+        a[size_t(p)] = (T(-2) * inv[p]) * (chi + gamma[p] * psi[size_t(p)]);
+        b[size_t(p)] = (T(2) * inv[p]) * gamma[p];
+      } else {
+        a[size_t(p)] = chi;
+        b[size_t(p)] = gamma[p];
+      }
+    }
+  }
+  // gx per query half; gk per key row (threads own row ranges and walk the pairs in order)
+  Vec<double> sa(static_cast<size_t>(idw ? R : 0), 0.0), sb(static_cast<size_t>(idw ? R : 0), 0.0);
+  if (idw)
+    for (int64_t p = 0; p < Q; ++p) {
+      sa[size_t(rows[p])] += double(a[size_t(p)]);
+      sb[size_t(rows[p])] += double(b[size_t(p)]);
+    }
+#pragma omp parallel if (Q * D > kSerialWork)
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t m = 0; m < M; ++m) {
+      T* g = gx + m * D;
+      T sum_a = T(0);
+      for (int64_t d = 0; d < D; ++d) g[d] = T(0);
+      for (int64_t j = 0; j < L; ++j) {
+        const int64_t p = m * L + j, r = rows[p];
+        const T ap = idw ? -a[size_t(p)] : a[size_t(p)];
+        add_pair(g, D, ap, K + r * D);
+        add_pair(g, D, b[size_t(p)], lam + r * D);
+        sum_a += a[size_t(p)];
+      }
+      if (idw) add_pair(g, D, sum_a, x + m * D);
+    }
+    int64_t lo, hi;
+    owned_rows(R, &lo, &hi);
+    std::memset(gk + lo * D, 0, sizeof(T) * size_t((hi - lo) * D));
+    for (int64_t p = 0; p < Q; ++p) {
+      const int64_t r = rows[p];
+      if (r < lo || r >= hi) continue;
+      add_pair(gk + r * D, D, idw ? -a[size_t(p)] : a[size_t(p)], x + (p / L) * D);
+    }
+    if (idw)
+      for (int64_t r = lo; r < hi; ++r) {
+        add_pair(gk + r * D, D, static_cast<T>(sa[size_t(r)]), K + r * D);
+        add_pair(gk + r * D, D, -static_cast<T>(sb[size_t(r)]), lam + r * D);
+      }
+  }
+}
+
+template <typename T>
 void row_norms_cpu(const T* x, int64_t R, int64_t D, T* out) {
 #pragma omp parallel for schedule(static) if (R * D > kSerialWork)
   for (int64_t r = 0; r < R; ++r) out[r] = dot_lanes(x + r * D, x + r * D, D);
