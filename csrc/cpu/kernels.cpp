@@ -139,11 +139,10 @@ inline int64_t rank_candidates(const T* v, std::pair<T, int64_t>* cand, int64_t 
   }
   return take;
 }
-inline int64_t rank_candidates(const float* v, std::pair<float, int64_t>* cand, int64_t c,
-                               int64_t k, float* bs, int64_t* bi, Vec<uint64_t>& keys) {
+// The k best of c packed rank keys (key[0, c) filled), sorted, into (bs, bi), bs[j] = v[bi[j]].
+inline int64_t take_ranked(uint64_t* key, int64_t c, int64_t k, const float* v, float* bs,
+                           int64_t* bi) {
   const int64_t take = c < k ? c : k;
-  uint64_t* key = keys.data();
-  for (int64_t j = 0; j < c; ++j) key[j] = rank_key(cand[j].first, cand[j].second);
   if (c > take) std::nth_element(key, key + (take - 1), key + c, Greater());
   std::sort(key, key + take, Greater());
   for (int64_t j = 0; j < take; ++j) {
@@ -151,6 +150,12 @@ inline int64_t rank_candidates(const float* v, std::pair<float, int64_t>* cand, 
     bs[j] = v[bi[j]];
   }
   return take;
+}
+inline int64_t rank_candidates(const float* v, std::pair<float, int64_t>* cand, int64_t c,
+                               int64_t k, float* bs, int64_t* bi, Vec<uint64_t>& keys) {
+  uint64_t* key = keys.data();
+  for (int64_t j = 0; j < c; ++j) key[j] = rank_key(cand[j].first, cand[j].second);
+  return take_ranked(key, c, k, v, bs, bi);
 }
 
 // The candidates of select_topk: the elements not below t0 (NaN included: it ranks last), from
@@ -353,16 +358,9 @@ inline int64_t collect_rank(const float* v, int64_t n, float t0, int64_t k, floa
     const int64_t r = rank_by_count(cv, ci, c, k, bs, bi);
     if (r >= 0) return r;
   }
-  const int64_t take = c < k ? c : k;
   uint64_t* key = w.keys.data();
   for (int64_t j = 0; j < c; ++j) key[j] = rank_key(cv[j], ci[j]);
-  if (c > take) std::nth_element(key, key + (take - 1), key + c, Greater());
-  std::sort(key, key + take, Greater());
-  for (int64_t j = 0; j < take; ++j) {
-    bi[j] = int64_t(0xffffffffu - uint32_t(key[j]));
-    bs[j] = v[bi[j]];
-  }
-  return take;
+  return take_ranked(key, c, k, v, bs, bi);
 }
 #endif
 
