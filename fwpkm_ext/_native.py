@@ -180,12 +180,15 @@ def scatter_rows_dense(table: torch.Tensor, urows: torch.Tensor, offsets: torch.
     if src is not None:
         _check("src", src, table.dtype, table.device, (R, D))
         _check("gw", gw, table.dtype, table.device)
-        if gw.numel() != coef.numel() or order.numel() != coef.numel():
+        if gw.numel() != coef.numel() or order.numel() != coef.numel() or int(offsets[-1]) != order.numel():
             raise ValueError(f"gw: expected {coef.numel()} pair values and every pair in a segment, "
-                             f"got {gw.numel()} values and {order.numel()} ordered pairs")
-        for name, t in (("src", src), ("table", table)):
+                             f"got {gw.numel()} values, {order.numel()} ordered pairs and "
+                             f"{int(offsets[-1])} in segments")
+        for name, t in (("src", src), ("table", table), ("x", x), ("coef", coef)):
             if gw.numel() and t.numel() and _overlap(gw, t):
                 raise ValueError(f"gw: must not share memory with {name}")
+        if D == 0:
+            gw.zero_()  # dots of empty rows (the kernel is not called for D == 0)
     _C.scatter_rows_dense(code, table.data_ptr(), R, D, urows.data_ptr(), offsets.data_ptr(), U,
                           order.data_ptr(), coef.data_ptr(), x.data_ptr(), L,
                           0 if src is None else src.data_ptr(), 0 if gw is None else gw.data_ptr())
@@ -338,7 +341,7 @@ def all_within(x: torch.Tensor, lim: Optional[float] = None) -> bool:
     code = _float_code("x", x)
     _check("x", x, x.dtype, torch.device("cpu"))
     info = torch.finfo(x.dtype)
-    if lim is not None and (_real("lim", lim) != lim or lim < 0):
+    if lim is not None and not _real("lim", lim) >= 0:  # NaN fails too
         raise ValueError(f"lim: expected a number >= 0, got {lim}")
     if lim is None or lim >= info.max:
         top = info.max

@@ -306,7 +306,7 @@ def slot_scores(q: Tensor, keys: Tensor, idx: Tensor) -> Tensor:
     per_seq = keys.shape[0] > 1
     if q.device.type == "cpu":
         s = _native.slot_scores(q.reshape(B * T, H, 2, dk // 2).contiguous(), keys.contiguous(),
-                                idx.reshape(B * T, H, k).contiguous(), T if per_seq else max(B * T, 1))
+                                idx.reshape(B * T, H, k).contiguous(), max(T if per_seq else B * T, 1))
         return s.view(B, T, H, 2, k)
     kid = recurrence.read_kid(idx, recurrence._group_of_batch(B, keys.shape[0], q.device), H, n)
     x, kflat = q.reshape(-1, dk // 2).contiguous(), keys.reshape(-1, dk // 2).contiguous()

@@ -561,6 +561,8 @@ def test_slot_scores_vs_pair_scores_and_float64(dtype, B, T, H, dk, n, k, per_se
         _native.slot_scores(q.reshape(B * T, H, 2, dk // 2), keys5, idx[..., 0], T)
     with pytest.raises(ValueError, match="^tokens_per_group"):
         _native.slot_scores(q.reshape(B * T, H, 2, dk // 2), keys5[:1], idx.reshape(B * T, H, k), 1)
+    empty = ops.slot_scores(q[:, :0].contiguous(), keys5, idx[:, :0].contiguous())  # no tokens
+    assert empty.shape == (B, 0, H, 2, k)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -584,6 +586,7 @@ def test_all_within_vs_torch(dtype, numel):
             for lim in (None, 1e15):
                 assert _native.all_within(y, lim) == want(y, lim), (at, bad, lim)
                 assert recurrence.finite_within(y, lim) == want(y, lim)
+    assert _native.all_within(x, 2 ** 60 + 1)  # an int a double cannot hold exactly
     one = torch.ones(3, dtype=dtype)  # a limit just below a float (float32 rounds it up to 1.0)
     assert not _native.all_within(one, 1.0 - 1e-12) and _native.all_within(one, 1.0)
     with pytest.raises(ValueError, match="^lim"):
@@ -973,6 +976,17 @@ def test_scatter_rows_dense_equals_zeros_then_scatter(dtype, R, D, M, L):
         with pytest.raises(ValueError, match=r"^gw: must not share memory with table"):
             _native.scatter_rows_dense(got2, urows, offsets, order, coef, x, L, src=src,
                                        gw=got2.view(-1)[: M * L])
+        with pytest.raises(ValueError, match=r"^gw: must not share memory with coef"):
+            _native.scatter_rows_dense(got2, urows, offsets, order, coef, x, L, src=src, gw=coef)
+        part = recurrence.segments(rows.reshape(-1), torch.arange(M * L - 1), R=R)
+        with pytest.raises(ValueError, match=r"^gw: expected .* in segments"):  # a pair in no segment
+            _native.scatter_rows_dense(got2, part[0], part[1], torch.cat([part[2], part[2][:1]]), coef,
+                                       x, L, src=src, gw=gw)
+    # rows of width 0: every dot is 0 (the kernel does not run)
+    gw0 = torch.full((M, L), float("nan"), dtype=dtype)
+    _native.scatter_rows_dense(torch.empty(R, 0, dtype=dtype), urows, offsets, order, coef,
+                               x[:, :0].contiguous(), L, src=torch.empty(R, 0, dtype=dtype), gw=gw0)
+    assert (gw0 == 0).all()
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", [1, 5, 37, 512])

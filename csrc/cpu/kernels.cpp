@@ -100,8 +100,8 @@ struct TopkScratch {
   Vec<std::pair<T, int64_t>> cand;     // candidates at or above the threshold
   Vec<T> nd;                           // IDW: the negated distances
   Vec<uint64_t> keys;                  // float candidates as packed rank keys
-  Vec<T> cv;                           // AVX2 float: candidate values, then their indices
-  Vec<int32_t> ci;
+  Vec<T> cv;                           // AVX2 float: the candidates' values (collect_rank, the
+  Vec<int32_t> ci;                     // merge) and their indices
   int64_t blocks = 0;                          // the last select_topk's blocks (0: plain scan)
 };
 
