@@ -308,6 +308,13 @@ def slot_scores(q: Tensor, keys: Tensor, idx: Tensor) -> Tensor:
         s = _native.slot_scores(q.reshape(B * T, H, 2, dk // 2).contiguous(), keys.contiguous(),
                                 idx.reshape(B * T, H, k).contiguous(), max(T if per_seq else B * T, 1))
         return s.view(B, T, H, 2, k)
+    return _slot_scores_torch(q, keys, idx)
+
+
+def _slot_scores_torch(q: Tensor, keys: Tensor, idx: Tensor) -> Tensor:
+    """slot_scores off the CPU: read_kid's rows, then the pair dots (gather_dot)."""
+    B, T, H, dk = q.shape
+    k, n = idx.shape[-1], keys.shape[3]
     kid = recurrence.read_kid(idx, recurrence._group_of_batch(B, keys.shape[0], q.device), H, n)
     x, kflat = q.reshape(-1, dk // 2).contiguous(), keys.reshape(-1, dk // 2).contiguous()
     return _pairs(x, kflat, kid.reshape(-1, k), "dot", 0.0).s.reshape(B, T, H, 2, k).contiguous()

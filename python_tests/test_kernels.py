@@ -549,6 +549,7 @@ def test_slot_scores_vs_pair_scores_and_float64(dtype, B, T, H, dk, n, k, per_se
                            1e-3).view(B, T, H, 2, k)
     got = ops.slot_scores(q, keys5, idx)
     assert torch.equal(got, want)
+    assert torch.equal(ops._slot_scores_torch(q, keys5, idx), want)  # the path off the CPU
     qh = q.double().reshape(B, T, H, 2, 1, dk // 2)
     rows = keys5.double().reshape(-1, dk // 2)[kid]  # (B, T, H, 2, k, d2)
     torch.testing.assert_close(got, (qh * rows).sum(-1).to(dtype), **TOL[dtype])
