@@ -780,6 +780,8 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
         dots = _alloc.reusable((B * cfg.chunk_size * H * 2 * K.shape[3],), dt, dev)  # every window's
         # the new keys of each window, alternately in two buffers (a window reads the other one)
         key_bufs = [_alloc.reusable(K.shape, dt, dev) for _ in range(2)]
+        used = torch.tensor([tr.U], dtype=torch.long)  # the logged rows, kept up to date by the kernel
+        fused_before = False  # a window_step of this call checked the call's arguments
     for wi, (s0, s1) in enumerate(wins):
         L = s1 - s0
         if keep:
@@ -788,7 +790,8 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
         a0 = max(s0, P)
         if fused and a0 == s0 and (L == cfg.chunk_size or cfg.flush):
             K = _window_step(qh_w, K, v, g, mask, s0, L, V, tr, per_seq, cfg, idx_all, half_all,
-                             w_all, vhat, wi, dots, key_bufs[wi % 2])
+                             w_all, vhat, wi, dots, key_bufs[wi % 2], used, fused_before)
+            fused_before = True
             continue
         # key and query-half norms once, for the search and the window
         kn = key_norms(K) if cfg.score == "idw" else None
@@ -845,18 +848,19 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
 
 
 def _window_step(qh_w, K, v, g, mask, s0, L, V, tr, per_seq, cfg, idx_all, half_all, w_all, vhat, wi,
-                 dots_buf, new):
+                 dots_buf, new, used, same_call):
     """One window of _windows by window_step (see there); returns the new keys, raising (as
-    _commit_check) when they are not finite."""
+    _commit_check) when they are not finite. used [1]: tr.U, the logged rows (the kernel adds to
+    it); same_call: an earlier window of this call ran window_step (the call's arguments checked)."""
     d2 = qh_w.shape[-1]
     dots = search_dots(qh_w, K, per_seq, dots_buf)
     new = new.view(-1, d2)
-    used = torch.tensor([tr.U], dtype=torch.long)
+    used[0] = tr.U
     try:
         bad = _native.window_step(
             dots, K.contiguous(), qh_w.reshape(-1, d2), v, g, mask, s0, L, cfg.lookahead, cfg.score,
             cfg.eps, cfg.lr, cfg.addr_loss_weight, ENTROPY_EPS, idx_all, half_all, w_all, vhat, V, new,
-            tr.slot, tr.rows, used, tr.C, tr.bad)
+            tr.slot, tr.rows, used, tr.C, tr.bad, same_call=same_call)
     finally:
         tr.U = int(used[0])  # rows logged so far, put back by forward if anything failed
     new = new.view_as(K)

@@ -1520,6 +1520,12 @@ def test_window_step_refuses_bad_arguments():
         _native.window_step(**dict(t, new_keys=t["K"].view(H * 2 * n, d2)))
     with _raises(ValueError, "idx"):
         _native.window_step(**dict(t, idx=torch.empty(B, T, H, n + 1, dtype=torch.long)))
+    # a later window of the same call: what changes from window to window is still checked
+    for name, val in (("dots", randn(g, B * L, H, 2, n + 1)), ("x", randn(g, B * L * H * 2, d2 + 1)),
+                      ("K", t["K"].float()), ("s0", 6), ("new_keys", t["K"].view(H * 2 * n, d2)),
+                      ("used", torch.tensor([10 ** 6]))):
+        with _raises((ValueError, TypeError), name):
+            _native.window_step(**dict(t, **{name: val}), same_call=True)
     assert torch.equal(V, before)
 
 
