@@ -29,10 +29,16 @@ enum ScoreKind : int { kIDW = 0, kDot = 1 };
 //   score      [M, H, k]     s_1[i1] + s_2[i2]
 //   half_idx   [M, H, 2, k]  per-half top-k sub-key indices
 //   half_score [M, H, 2, k]  their sub-scores
+// With x [M * H * 2, D] (the query halves whose dots are `dots`) and K [G * H * 2 * n, D] (the
+// keys; qn and kn their squared norms), CPU only: also the exact scores of the half lists,
+// pair_s / pair_inv [M * H * 2, k], as idw_pairs (IDW; pair_inv = 1 / (eps + distance)) or
+// gather_dot (dot; pair_inv unused) compute them for the rows of half_idx: bit for bit, from the
+// same expressions, while the query half is in cache (window_step's pair scores).
 template <typename T>
 void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t H, int64_t n,
                      int64_t k, int64_t tokens_per_group, int kind, double eps, int64_t* idx,
-                     T* score, int64_t* half_idx, T* half_score);
+                     T* score, int64_t* half_idx, T* half_score, const T* x = nullptr,
+                     const T* K = nullptr, int64_t D = 0, T* pair_s = nullptr, T* pair_inv = nullptr);
 
 // Weighted gather: out[m, :] = sum_l w[m, l] * table[rows[m, l], :]  (accumulated in T).
 //   table [R, D], rows [M, L], w [M, L], out [M, D]; saved [M, L, D] or null: the gathered rows.

@@ -514,6 +514,18 @@ inline int64_t idw_topk(const T* d, T q2, const T* k2, int64_t n, int64_t k, T t
   return out;
 }
 
+// One IDW pair score from the pair's dot product and the two squared norms: s = log(1 / (eps +
+// max(xn + kn - 2 dot, 0))) and that inverse, in the order of Pairs' torch expression. The one
+// expression of idw_pairs and topk_select's pair scores (the same roundings, hence the same bits).
+template <typename T>
+inline void idw_pair(T xn, T kn, T dot, T teps, T* s, T* inv) {
+  T d = (xn + kn) - T(2) * dot;
+  d = d < T(0) ? T(0) : d;
+  const T iv = T(1) / (teps + d);
+  *inv = iv;
+  *s = std::log(iv);
+}
+
 // Below this many multiply-adds (or candidate visits) a kernel runs on the calling thread: an
 // OpenMP parallel region costs a few microseconds on a quiet machine and a whole scheduler time
 // slice when another process holds a core, and the FwPKM windows of a small model call the
@@ -694,7 +706,8 @@ inline void add_owned_pairs(T* table, int64_t D, const int64_t* rows, int64_t Q,
 template <typename T>
 void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t H, int64_t n,
                      int64_t k, int64_t tokens_per_group, int kind, double eps, int64_t* idx,
-                     T* score, int64_t* half_idx, T* half_score) {
+                     T* score, int64_t* half_idx, T* half_score, const T* x, const T* K, int64_t D,
+                     T* pair_s, T* pair_inv) {
   const T teps = static_cast<T>(eps);
 #pragma omp parallel if (M * H * 2 * n > kSerialWork)
   {
@@ -720,6 +733,17 @@ void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t
         count = idw_topk(d, q2, k2, n, k, teps, hsc + c * k, hidx + c * k, scratch);
       } else {
         count = select_topk(d, n, k, hsc + c * k, hidx + c * k, scratch);
+      }
+      if (x != nullptr) {  // the exact scores of the list's pairs, while the query half is in cache
+        const int64_t g = mh * 2 + c, base = ((grp * H + h) * 2 + c) * n;
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t r = base + hidx[c * k + j];
+          const T dot = dot_lanes(K + r * D, x + g * D, D);
+          if (kind == kIDW)
+            idw_pair(qn[g], kn[r], dot, teps, pair_s + g * k + j, pair_inv + g * k + j);
+          else
+            pair_s[g * k + j] = dot;
+        }
       }
     }
     // k x k candidate merge: the true top-k has both halves inside the per-half top-k.
@@ -785,12 +809,7 @@ void idw_pairs_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, co
   for (int64_t ml = 0; ml < M * L; ++ml) {
     if (ml + kAhead < M * L) prefetch_row(table + rows[ml + kAhead] * D, D);
     const int64_t r = rows[ml], m = ml / L;
-    const T dot = dot_lanes(table + r * D, x + m * D, D);
-    T d = (xn[m] + kn[r]) - T(2) * dot;  // the order of Pairs' torch expression
-    d = d < T(0) ? T(0) : d;
-    const T iv = T(1) / (teps + d);
-    inv[ml] = iv;
-    s[ml] = std::log(iv);
+    idw_pair(xn[m], kn[r], dot_lanes(table + r * D, x + m * D, D), teps, s + ml, inv + ml);
   }
 }
 

@@ -120,20 +120,18 @@ int64_t window_step_cpu(const WindowStep<T>& a) {
     row_norms_cpu<T>(a.K, R2, d2, kn);
   }
 
-  // the search's epilogue (search): per-half top-k and the slots
+  // the search's epilogue (search): per-half top-k and the slots, and the read's exact pair
+  // scores (Pairs: idw_pairs / gather_dot over key_rows' rows, the same expressions) while each
+  // query half is in cache
   topk_select_cpu<T>(a.dots, qn, kn, M, H, n, k, per_seq ? L : M, a.kind, a.eps, idx, score,
-                     half, half_score);
-  // the read (Window): pair rows into the keys (key_rows), exact pair scores (Pairs), the
-  // slots' places in the half lists (read_positions) and the read weights
+                     half, half_score, a.x, a.K, d2, s, inv);
+  // the read (Window): pair rows into the keys (key_rows, for the key step), the slots' places
+  // in the half lists (read_positions) and the read weights
   for (int64_t gc = 0; gc < M2; ++gc) {
     const int64_t m = gc / (2 * H), h = (gc / 2) % H, c = gc % 2;
     const int64_t base = ((grp(m) * H + h) * 2 + c) * n;
     for (int64_t j = 0; j < k; ++j) kid[gc * k + j] = base + half[gc * k + j];
   }
-  if (idw)
-    idw_pairs_cpu<T>(a.K, R2, d2, kid, a.x, M2, k, qn, kn, a.eps, s, inv);
-  else
-    gather_dot_cpu<T>(a.K, R2, d2, kid, a.x, M2, k, s);
   read_positions_cpu(idx, half, G, k, n, pos);
   read_weights_cpu<T>(s, pos, M, H, k, w);
   // value rows (idx + the memory's first row) and the read, one sequence at a time (its window
