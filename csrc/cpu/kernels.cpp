@@ -200,6 +200,18 @@ inline int64_t collect_rank(const T*, int64_t, T, int64_t, T*, int64_t*, TopkScr
 #if defined(__AVX2__)
 constexpr int64_t kCountMax = 128;  // rank_by_count's most candidates (the work grows as c^2)
 
+// For each of the 16 numbers in x0, x1: how many of v[0, nv) are greater (the lanes of c0, c1).
+inline void count_above(const float* v, int64_t nv, __m256 x0, __m256 x1, __m256i* c0, __m256i* c1) {
+  __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+  for (int64_t j = 0; j < nv; ++j) {
+    const __m256 y = _mm256_set1_ps(v[j]);
+    a0 = _mm256_sub_epi32(a0, _mm256_castps_si256(_mm256_cmp_ps(y, x0, _CMP_GT_OQ)));
+    a1 = _mm256_sub_epi32(a1, _mm256_castps_si256(_mm256_cmp_ps(y, x1, _CMP_GT_OQ)));
+  }
+  *c0 = a0;
+  *c1 = a1;
+}
+
 // The k-th largest of nb numbers (no NaN; nb a multiple of 8, at most kCountMax) into *t: the
 // least number with fewer than k numbers above it. Equal numbers need no care here.
 inline bool kth_largest_count(const float* v, int64_t nb, int64_t k, float* t) {
@@ -210,12 +222,8 @@ inline bool kth_largest_count(const float* v, int64_t nb, int64_t k, float* t) {
   for (int64_t i = 0; i < nb; i += 16) {  // two blocks of 8 per pass over the numbers
     const bool two = i + 8 < nb;
     const __m256 x0 = _mm256_loadu_ps(v + i), x1 = two ? _mm256_loadu_ps(v + i + 8) : inf;
-    __m256i c0 = _mm256_setzero_si256(), c1 = _mm256_setzero_si256();
-    for (int64_t j = 0; j < nb; ++j) {
-      const __m256 y = _mm256_set1_ps(v[j]);
-      c0 = _mm256_sub_epi32(c0, _mm256_castps_si256(_mm256_cmp_ps(y, x0, _CMP_GT_OQ)));
-      c1 = _mm256_sub_epi32(c1, _mm256_castps_si256(_mm256_cmp_ps(y, x1, _CMP_GT_OQ)));
-    }
+    __m256i c0, c1;
+    count_above(v, nb, x0, x1, &c0, &c1);
     low = _mm256_min_ps(low, _mm256_blendv_ps(inf, x0, _mm256_castsi256_ps(_mm256_cmpgt_epi32(kk, c0))));
     if (two)
       low = _mm256_min_ps(low, _mm256_blendv_ps(inf, x1, _mm256_castsi256_ps(_mm256_cmpgt_epi32(kk, c1))));
@@ -239,13 +247,8 @@ inline int64_t rank_by_count(float* cv, const int32_t* ci, int64_t c, int64_t k,
   for (int64_t j = c; j < c + 16; ++j) cv[j] = ninf;  // padding: above no candidate
   alignas(32) int32_t r[kCountMax + 16];
   for (int64_t i = 0; i < c; i += 16) {
-    const __m256 x0 = _mm256_loadu_ps(cv + i), x1 = _mm256_loadu_ps(cv + i + 8);
-    __m256i c0 = _mm256_setzero_si256(), c1 = _mm256_setzero_si256();
-    for (int64_t j = 0; j < c; ++j) {
-      const __m256 y = _mm256_set1_ps(cv[j]);
-      c0 = _mm256_sub_epi32(c0, _mm256_castps_si256(_mm256_cmp_ps(y, x0, _CMP_GT_OQ)));
-      c1 = _mm256_sub_epi32(c1, _mm256_castps_si256(_mm256_cmp_ps(y, x1, _CMP_GT_OQ)));
-    }
+    __m256i c0, c1;
+    count_above(cv, c, _mm256_loadu_ps(cv + i), _mm256_loadu_ps(cv + i + 8), &c0, &c1);
     _mm256_store_si256(reinterpret_cast<__m256i*>(r + i), c0);
     _mm256_store_si256(reinterpret_cast<__m256i*>(r + i + 8), c1);
   }
