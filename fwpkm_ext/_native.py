@@ -7,6 +7,7 @@ topk_select are in range by construction).
 """
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Optional
 
@@ -340,17 +341,22 @@ def all_within(x: torch.Tensor, lim: Optional[float] = None) -> bool:
     (a number >= 0); kernels.h."""
     code = _float_code("x", x)
     _check("x", x, x.dtype, torch.device("cpu"))
-    info = torch.finfo(x.dtype)
     if lim is not None and not _real("lim", lim) >= 0:  # NaN fails too
         raise ValueError(f"lim: expected a number >= 0, got {lim}")
+    return bool(_C.all_within(code, x.data_ptr(), x.numel(), _largest_within(x.dtype, lim)))
+
+
+@functools.lru_cache(maxsize=64)
+def _largest_within(dtype: torch.dtype, lim) -> float:
+    """The largest number of `dtype` not above lim (None: the dtype's largest): all_within's
+    limit, rounded once per (dtype, lim) rather than on every check of a streaming call."""
+    info = torch.finfo(dtype)
     if lim is None or lim >= info.max:
-        top = info.max
-    else:
-        t = torch.tensor(lim, dtype=torch.float64).to(x.dtype)  # rounded to nearest: step down
-        if float(t) > lim:
-            t = torch.nextafter(t, torch.zeros((), dtype=x.dtype))
-        top = float(t)
-    return bool(_C.all_within(code, x.data_ptr(), x.numel(), top))
+        return info.max
+    t = torch.tensor(lim, dtype=torch.float64).to(dtype)  # rounded to nearest: step down
+    if float(t) > lim:
+        t = torch.nextafter(t, torch.zeros((), dtype=dtype))
+    return float(t)
 
 
 def slot_scores(q: torch.Tensor, K: torch.Tensor, idx: torch.Tensor, tokens_per_group: int) -> torch.Tensor:
