@@ -16,3 +16,19 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.fixture
+def window_step_calls(monkeypatch):
+    """Counts the calls of fwpkm_ext._native.window_step (the fused in-place window) during the
+    test: {"n": count}. The real kernel still runs."""
+    from fwpkm_ext import _native
+    calls = {"n": 0}
+    real = _native.window_step
+
+    def counting(*a, **kw):
+        calls["n"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(_native, "window_step", counting)
+    return calls

@@ -569,21 +569,14 @@ def test_inplace_calls_count_reads_like_copying_calls():
 
 @pytest.mark.parametrize("score", ["idw", "dot"])
 @pytest.mark.parametrize("per_seq", [False, True])
-def test_inplace_fused_windows_match_the_reference_float64(monkeypatch, score, per_seq):
+def test_inplace_fused_windows_match_the_reference_float64(window_step_calls, score, per_seq):
     """In-place streaming on CPU runs its writing windows as single window_step calls: in float64
     against fwpkm_ext.reference (the literal SPEC), the read, the final keys and the final values,
     from random tables and tokens (several heads, a lookahead, a mask with zeros, a flushed
     partial window); the fused path was taken."""
-    from fwpkm_ext import _native, recurrence
+    from fwpkm_ext import recurrence
     from fwpkm_ext.reference import fwpkm_memory_reference
-    calls = {"n": 0}
-    real = _native.window_step
-
-    def counting(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(_native, "window_step", counting)
+    calls = window_step_calls
     gen = torch.Generator().manual_seed(17)
     B, T, H, n, dk, dv, k, C, la = 2, 23, 2, 8, 8, 6, 3, 5, 1
     cfg = fwpkm_ext.MemoryConfig(n_subkeys=n, key_dim=dk, value_dim=dv, heads=H, topk=k, chunk_size=C,

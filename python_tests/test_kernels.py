@@ -1444,7 +1444,8 @@ def test_read_weights_vs_oracle(dtype, M, H, k):
 @pytest.mark.parametrize("B,per_seq,H,la,big", [(1, False, 1, 1, False), (3, False, 2, 0, False),
                                               (3, True, 2, 2, False), (2, True, 1, 5, False),
                                               (2, False, 2, 1, True)])
-def test_window_step_equals_the_op_by_op_path(monkeypatch, dtype, score, B, per_seq, H, la, big):
+def test_window_step_equals_the_op_by_op_path(monkeypatch, window_step_calls, dtype, score, B, per_seq, H, la,
+                                              big):
     """An in-place call whose writing windows run as single window_step calls gives the bits of
     the op-by-op window loop: outputs, keys, values and counters, over calls whose first window
     has pending tokens (op by op), partial and flushed windows, several memories and heads, a
@@ -1452,14 +1453,7 @@ def test_window_step_equals_the_op_by_op_path(monkeypatch, dtype, score, B, per_
     at which every kernel of the window runs threaded (the residual, the logged write, the key
     step)."""
     n, dk, dv, k, C = (24, 32, 160, 4, 96) if big else (9, 10, 7, 3, 5)
-    calls = {"n": 0}
-    real = _native.window_step
-
-    def counting(*a, **kw):
-        calls["n"] += 1
-        return real(*a, **kw)
-
-    monkeypatch.setattr(_native, "window_step", counting)
+    calls = window_step_calls
 
     def run(fused):
         monkeypatch.setattr(recurrence, "FUSED_WINDOWS", fused)
