@@ -455,6 +455,8 @@ def test_pkm_matches_manual(dtype, v_dim):
     ref, idx = _manual_pkm(layer, x)
     tol = TIGHT if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out, ref, **tol)
+    with torch.no_grad():  # the graph-free read (slot_scores): the same bits as the read above
+        assert torch.equal(layer(x), out.detach())
     R = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
     params = [x] + list(layer.parameters())
     names = ["x"] + [n for n, _ in layer.named_parameters()]
