@@ -74,6 +74,23 @@ void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, cons
                       int64_t* nonfinite = nullptr, T* log = nullptr,
                       const int64_t* log_id = nullptr);
 
+// A window's read and, for the rows it alone reads, its value write, in one pass (CPU only;
+// window_step). For each token m of M (pairs p = m * L + l):
+//   out[m, :] = sum_l w[p] * table[rows[p], :]      (gather_rows' sum)
+//   r[m, :]   = (out[m, :] - y[m, :]) * wt[m]       (each rounded in T) for m < keep, else 0
+// then for each pair p of m with lid[p] >= -1, in l order: the row table[rows[p]] is copied to
+// log[lid[p], :] when lid[p] >= 0 (the undo log, as scatter_rows' log_id), then
+//   table[rows[p], :] += coef[p] * r[m, :]          (scatter_rows' one-pair segment)
+// and *nonfinite (when not null) counts the rows written that hold a NaN or an infinity after.
+// lid[p] >= -1 promises that no other pair of the call (nor of the window it belongs to) reads
+// or writes rows[p]: the pairs that share a row are the caller's to write afterwards with
+// scatter_rows. y is read only for m < keep. Rows must lie in [0, R) (not checked: window_step's
+// rows come from its own search).
+template <typename T>
+void read_write_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* rows, const T* w,
+                         int64_t M, int64_t L, T* out, const T* y, const T* wt, int64_t keep, T* r,
+                         const T* coef, const int64_t* lid, T* log, int64_t* nonfinite);
+
 // The in-place value write of a streaming call with its undo log (CPU only; window.cpp): the
 // rows of urows not in the log yet join it as map_rows adds them (slot [R], touched [cap], ids
 // *used, *used + 1, ...; *used is updated before any row is written, so a caller that fails
@@ -220,9 +237,10 @@ void read_weights_cpu(const T* s, const int64_t* pos, int64_t M, int64_t H, int6
 // One window of an in-place streaming call, whole (CPU only; csrc/cpu/window.cpp): what the
 // window loop of recurrence.forward does, kernel after kernel, for a window that writes when
 // the call keeps nothing for a backward, writes the value table in place behind an undo log,
-// and every token enters the addressing loss. The same kernels on the same data in the same
-// order as the loop's op-by-op path, so the same results bit for bit, without the ~130 torch
-// operations around them per window. Token (b, l) (b < B, l < L) is m = b * L + l in the
+// and every token enters the addressing loss. The same kernels' arithmetic on the same data, in
+// the same order for every row and token, as the loop's op-by-op path, so the same results bit
+// for bit, without the ~130 torch operations around them per window (and with one random pass
+// over the value rows fewer: read_write_rows). Token (b, l) (b < B, l < L) is m = b * L + l in the
 // window's own arrays and row b * Tt + l of the per-token ones (v, g, mask, the outputs: each
 // points at the window's first token of sequence 0 of a [B, Tt, ...] tensor). Its memory is
 // b with S > 1 (one per sequence, S == B), else 0. G = B * L * H token heads.

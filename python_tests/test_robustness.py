@@ -4,6 +4,7 @@ against the reference in float64, gradients included), a call that fails midway 
 in-place state as it was, an update that overflows is refused, and T = 0 / B = 0 / k = n / one
 slot work everywhere in the public API.
 """
+import dataclasses
 import math
 
 import pytest
@@ -291,6 +292,22 @@ def test_overflowing_update_is_refused(inplace):
     with torch.no_grad(), pytest.raises(ValueError, match=r"^lr: .*overflowed"):
         memory_step(q * 1e6, v * 1e6, g, st, inplace=inplace)
     assert _same_tables(st, before)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_value_overflow_alone_is_refused(window_step_calls, inplace):
+    """Values that overflow while the keys stay finite (no addressing loss: the key step adds
+    zeros) are refused too, the table left as it was. 4,096 slots and 8 pairs a window: nearly
+    every row written is read by one pair alone, so this is the count the in-place windows take
+    while the row is in cache (window_step's read_write_rows), not the shared rows' scatter."""
+    q, v, g = _tokens(18, 1, 16, dtype=torch.float32)
+    st = _state(19, None, n=64, C=4, dtype=torch.float32, lr=1e35)
+    st = st.with_(config=dataclasses.replace(st.config, addr_loss_weight=0.0))
+    before = _tables(st)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"^lr: .*overflowed"):
+        memory_step(q, v * 1e6, g, st, inplace=inplace)
+    assert _same_tables(st, before)
+    assert (window_step_calls["n"] > 0) == inplace
 
 
 # ------------------------------------------------------------------------------------------------

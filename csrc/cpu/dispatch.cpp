@@ -85,6 +85,13 @@ void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, cons
 }
 
 template <typename T>
+void read_write_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* rows, const T* w,
+                         int64_t M, int64_t L, T* out, const T* y, const T* wt, int64_t keep, T* r,
+                         const T* coef, const int64_t* lid, T* log, int64_t* nonfinite) {
+  FWPKM_RUN(read_write_rows_cpu<T>, table, R, D, rows, w, M, L, out, y, wt, keep, r, coef, lid, log,
+            nonfinite);
+}
+template <typename T>
 void scatter_pairs_cpu(T* table, int64_t R, int64_t D, const int64_t* rows, int64_t M, int64_t L,
                        const T* coef, const T* x) {
   FWPKM_RUN(scatter_pairs_cpu<T>, table, R, D, rows, M, L, coef, x);

@@ -31,6 +31,10 @@
                         const int64_t* offsets, int64_t U, const int64_t* order, const T* coef,     \
                         const T* x, int64_t L, int64_t* nonfinite, T* log, const int64_t* log_id);   \
   template <typename T>                                                                              \
+  void read_write_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* rows, const T* w,         \
+                           int64_t M, int64_t L, T* out, const T* y, const T* wt, int64_t keep,     \
+                           T* r, const T* coef, const int64_t* lid, T* log, int64_t* nonfinite);    \
+  template <typename T>                                                                              \
   void scatter_pairs_cpu(T* table, int64_t R, int64_t D, const int64_t* rows, int64_t M, int64_t L, \
                          const T* coef, const T* x);                                                 \
   template <typename T>                                                                              \
@@ -71,6 +75,9 @@
   template void scatter_rows_cpu<T>(T*, int64_t, int64_t, const int64_t*, const int64_t*,        \
                                     int64_t, const int64_t*, const T*, const T*, int64_t,        \
                                     int64_t*, T*, const int64_t*);                               \
+  template void read_write_rows_cpu<T>(T*, int64_t, int64_t, const int64_t*, const T*, int64_t,  \
+                                       int64_t, T*, const T*, const T*, int64_t, T*, const T*,   \
+                                       const int64_t*, T*, int64_t*);                            \
   template void scatter_pairs_cpu<T>(T*, int64_t, int64_t, const int64_t*, int64_t, int64_t,       \
                                      const T*, const T*);                                        \
   template void idw_pairs_cpu<T>(const T*, int64_t, int64_t, const int64_t*, const T*, int64_t,  \

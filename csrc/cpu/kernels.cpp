@@ -704,6 +704,22 @@ inline void add_owned_pairs(T* table, int64_t D, const int64_t* rows, int64_t Q,
   }
 }
 
+// out = sum_l w[m, l] * table[rows[m, l]] for token m of M (pairs m * L + l), in l order: the
+// one sum of gather_rows and read_write_rows. Prefetches the rows kAhead pairs on; saved (or
+// null) gets the rows as read.
+template <typename T>
+inline void gather_token(const T* table, int64_t D, const int64_t* rows, const T* w, int64_t m,
+                         int64_t M, int64_t L, T* out, T* saved) {
+  for (int64_t d = 0; d < D; ++d) out[d] = T(0);
+  for (int64_t l = 0; l < L; ++l) {
+    if (m * L + l + kAhead < M * L) prefetch_row(table + rows[m * L + l + kAhead] * D, D);
+    const T* row = table + rows[m * L + l] * D;
+    const T wl = w[m * L + l];
+    for (int64_t d = 0; d < D; ++d) out[d] += wl * row[d];
+    if (saved) std::memcpy(saved + (m * L + l) * D, row, sizeof(T) * D);
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -777,17 +793,7 @@ void gather_rows_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, 
                      int64_t M, int64_t L, T* out, T* saved) {
   (void)R;
 #pragma omp parallel for schedule(static) if (M * L * D > kSerialWork)
-  for (int64_t m = 0; m < M; ++m) {
-    T* o = out + m * D;
-    for (int64_t d = 0; d < D; ++d) o[d] = T(0);
-    for (int64_t l = 0; l < L; ++l) {
-      if (m * L + l + kAhead < M * L) prefetch_row(table + rows[m * L + l + kAhead] * D, D);
-      const T* row = table + rows[m * L + l] * D;
-      const T wl = w[m * L + l];
-      for (int64_t d = 0; d < D; ++d) o[d] += wl * row[d];
-      if (saved) std::memcpy(saved + (m * L + l) * D, row, sizeof(T) * D);
-    }
-  }
+  for (int64_t m = 0; m < M; ++m) gather_token(table, D, rows, w, m, M, L, out + m * D, saved);
 }
 
 template <typename T>
@@ -843,6 +849,47 @@ void scatter_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* urows, cons
 #pragma omp for schedule(dynamic, 16) nowait
       for (int64_t u = 0; u < U; ++u) bad += one(u);
     }
+  }
+  if (nonfinite) *nonfinite += bad;
+}
+
+template <typename T>
+void read_write_rows_cpu(T* table, int64_t R, int64_t D, const int64_t* rows, const T* w,
+                         int64_t M, int64_t L, T* out, const T* y, const T* wt, int64_t keep, T* r,
+                         const T* coef, const int64_t* lid, T* log, int64_t* nonfinite) {
+  (void)R;
+  int64_t bad = 0;
+  // Each token's rows are in L1 once its read is summed: the rows only this pair reads and
+  // writes are updated then, instead of being fetched again by a scatter after the window's
+  // read (one random pass over the rows fewer). One writer per row (lid marks a pair whose row
+  // no other pair of the window reads), so the schedule changes nothing.
+#pragma omp parallel reduction(+ : bad) if (M * L * D > kSerialWork)
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t m = 0; m < M; ++m) {
+      T* o = out + m * D;
+      gather_token(table, D, rows, w, m, M, L, o, static_cast<T*>(nullptr));
+      T* rm = r + m * D;
+      if (m >= keep) {
+        std::memset(rm, 0, sizeof(T) * size_t(D));
+        continue;
+      }
+      const T* ym = y + m * D;
+      const T wm = wt[m];
+      for (int64_t d = 0; d < D; ++d) {
+        const T diff = o[d] - ym[d];
+        rm[d] = diff * wm;
+      }
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t p = m * L + l;
+        if (lid[p] < -1) continue;
+        T* row = table + rows[p] * D;
+        if (lid[p] >= 0) copy_row_nt(log + lid[p] * D, row, D);
+        add_pair(row, D, coef[p], rm);
+        bad += nonfinite && !row_finite(row, D);
+      }
+    }
+    stream_fence();
   }
   if (nonfinite) *nonfinite += bad;
 }

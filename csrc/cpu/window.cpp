@@ -1,14 +1,18 @@
 // One whole window of an in-place streaming call on the CPU (contract in ../kernels.h,
 // WindowStep): recurrence._windows' op-by-op path for a window that writes, as one call. Every
-// number comes from the same kernel as there (the fwpkm::*_cpu entry points of dispatch.cpp,
-// so the instruction set picked at load applies), on the same inputs, in the same order; the
-// glue between them (row ids, residual, contributing pairs) is integer work or the same two
-// roundings as the torch expressions it replaces. Compiled once, for the default target: the
-// glue is a few passes over a window's few thousand pairs. The logged value write
-// (scatter_rows_logged_cpu, map_rows then scatter_rows) is here too: the op-by-op path's
-// _native.scatter_rows_logged calls the same function.
+// number comes from the same kernel arithmetic as there (the fwpkm::*_cpu entry points of
+// dispatch.cpp, so the instruction set picked at load applies), on the same inputs, in the same
+// order per row; the glue between them (row ids, contributing pairs, which rows one pair alone
+// reads) is integer work or the same two roundings as the torch expressions it replaces.
+// Compiled once, for the default target: the glue is a few passes over a window's few thousand
+// pairs. One change of schedule: the read and the residual are computed token by token in
+// read_write_rows, which also writes the rows no other pair of the window reads while they are in
+// cache; the other rows are written by scatter_rows after the whole read, as in the op-by-op
+// path. The logged value write of that path (scatter_rows_logged_cpu, map_rows then
+// scatter_rows) is here too: _native.scatter_rows_logged calls it.
 #include "../kernels.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -19,7 +23,7 @@ namespace {
 // Byte offsets of the scratch arrays in `work` (each 64-byte aligned).
 struct WorkLayout {
   int64_t qn, kn, score, half_score, idx, half, kid, s, inv, pos, w, rows, r, pid, order, urows, offsets,
-      seg, coef, ids, P, u, gamma, pbar, total;
+      seg, coef, ids, P, u, gamma, pbar, lid, urows2, offsets2, order2, ids2, wt, total;
   WorkLayout(int64_t elem, int64_t B, int64_t L, int64_t H, int64_t k, int64_t S, int64_t n,
              int64_t dv) {
     const int64_t M = B * L, G = M * H, M2 = G * 2, Q = M * H * k, RV = S * n * n, R2 = S * H * 2 * n;
@@ -55,6 +59,12 @@ struct WorkLayout {
     u = take(M2 * k * elem);
     gamma = take(M2 * k * elem);
     pbar = take(R2 * elem);
+    lid = take(Q * i8);
+    urows2 = take(Q * i8);
+    offsets2 = take((Q + 1) * i8);
+    order2 = take(Q * i8);
+    ids2 = take(Q * i8);
+    wt = take(M * elem);
     total = at;
   }
 };
@@ -134,34 +144,18 @@ int64_t window_step_cpu(const WindowStep<T>& a) {
   }
   read_positions_cpu(idx, half, G, k, n, pos);
   read_weights_cpu<T>(s, pos, M, H, k, w);
-  // value rows (idx + the memory's first row) and the read, one sequence at a time (its window
-  // is contiguous in vhat)
+  // value rows (idx + the memory's first row)
   for (int64_t m = 0; m < M; ++m)
     for (int64_t j = 0; j < HK; ++j) rows[m * HK + j] = idx[m * HK + j] + grp(m) * N;
-  for (int64_t b = 0; b < B; ++b)
-    gather_rows_cpu<T>(a.V, RV, dv, rows + b * L * HK, w + b * L * HK, L, HK, a.vhat + b * a.Tt * dv,
-                       nullptr);
-  // the write (contributing, residual, value_coefs): token l of a sequence writes when its
-  // target v[l + la] is in the window and its mask is > 0; r = (vhat - y) * (g * mask * on),
+  // the write (contributing, value_coefs): token l of a sequence writes when its target
+  // v[l + la] is in the window and its mask is > 0; its residual r = (vhat - y) * (g * mask * on),
   // rounded as the torch expressions; the contributing tokens' pairs in increasing order
   const int64_t keep = L - a.la > 0 ? L - a.la : 0;
   auto on = [&](int64_t m) { return m % L < keep && a.mask[(m / L) * a.Tt + m % L] > T(0); };
-#pragma omp parallel for schedule(static) if (M * dv > (int64_t(1) << 15))
+  T* wt = at<T>(wk, lay.wt);
   for (int64_t m = 0; m < M; ++m) {
     const int64_t b = m / L, l = m % L;
-    T* rm = r + m * dv;
-    if (l >= keep) {
-      std::memset(rm, 0, sizeof(T) * size_t(dv));
-      continue;
-    }
-    const T mk = a.mask[b * a.Tt + l];
-    const T wt = (a.g[b * a.Tt + l] * mk) * (on(m) ? T(1) : T(0));
-    const T* o = a.vhat + (b * a.Tt + l) * dv;
-    const T* y = a.v + (b * a.Tt + l + a.la) * dv;
-    for (int64_t d = 0; d < dv; ++d) {
-      const T diff = o[d] - y[d];
-      rm[d] = diff * wt;
-    }
+    wt[m] = l < keep ? (a.g[b * a.Tt + l] * a.mask[b * a.Tt + l]) * (on(m) ? T(1) : T(0)) : T(0);
   }
   int64_t Qc = 0;
   for (int64_t m = 0; m < M; ++m)
@@ -169,9 +163,51 @@ int64_t window_step_cpu(const WindowStep<T>& a) {
       for (int64_t j = 0; j < HK; ++j) pid[Qc++] = m * HK + j;
   const int64_t U = segment_rows_cpu(rows, pid, Qc, RV, order, urows, offsets, seg);
   segment_coefs_cpu<T>(offsets, U, order, w, -a.lr * double(HK), Q, coef);
-  // the logged scatter (scatter_rows_logged; the caller reads *used back at once)
-  scatter_rows_logged_cpu<T>(a.V, RV, dv, urows, offsets, U, order, coef, r, HK, a.nonfinite, a.slot,
-                             a.touched, a.used, a.cap, a.log, ids);
+  // the undo log's new rows (scatter_rows_logged's map_rows): *used says so before any row is
+  // written; map_rows throws before changing anything when they do not fit
+  const int64_t before = *a.used;
+  *a.used = map_rows_cpu<T>(a.slot, RV, urows, U, ids, a.touched, before, a.cap, nullptr, nullptr, dv);
+  for (int64_t q = 0; q < U; ++q) ids[q] = ids[q] >= before ? ids[q] : -1;  // logged already
+  // A row that one pair alone reads in the window is written in the read's pass, while it is in
+  // cache (read_write_rows: lid = its log id, or -1); the rows several pairs read (a segment of
+  // two or more, or a row a non-writing token reads too) after the whole read, by scatter_rows.
+  // Either way each row gets the terms scatter_rows would give it, in the same order.
+  int64_t* lid = at<int64_t>(wk, lay.lid);
+  std::fill(lid, lid + Q, int64_t(-2));
+  for (int64_t q = 0; q < U; ++q)
+    if (offsets[q + 1] - offsets[q] == 1) lid[order[offsets[q]]] = ids[q];
+  for (int64_t m = 0; m < M; ++m) {
+    if (on(m)) continue;
+    for (int64_t j = 0; j < HK; ++j) {  // a row a non-writing token reads is written after the read
+      const int64_t* hit = std::lower_bound(urows, urows + U, rows[m * HK + j]);
+      if (hit != urows + U && *hit == rows[m * HK + j]) {
+        const int64_t q = hit - urows;
+        if (offsets[q + 1] - offsets[q] == 1) lid[order[offsets[q]]] = -2;
+      }
+    }
+  }
+  int64_t* urows2 = at<int64_t>(wk, lay.urows2);
+  int64_t* offsets2 = at<int64_t>(wk, lay.offsets2);
+  int64_t* order2 = at<int64_t>(wk, lay.order2);
+  int64_t* ids2 = at<int64_t>(wk, lay.ids2);
+  int64_t U2 = 0;
+  offsets2[0] = 0;
+  for (int64_t q = 0; q < U; ++q) {
+    if (offsets[q + 1] - offsets[q] == 1 && lid[order[offsets[q]]] >= -1) continue;
+    urows2[U2] = urows[q];
+    ids2[U2] = ids[q];
+    int64_t o2 = offsets2[U2];
+    for (int64_t e = offsets[q]; e < offsets[q + 1]; ++e) order2[o2++] = order[e];
+    offsets2[++U2] = o2;
+  }
+  // the read, one sequence at a time (its window is contiguous in vhat), with the single rows'
+  // write; then the shared rows' write
+  for (int64_t b = 0; b < B; ++b)
+    read_write_rows_cpu<T>(a.V, RV, dv, rows + b * L * HK, w + b * L * HK, L, HK,
+                           a.vhat + b * a.Tt * dv, keep > 0 ? a.v + (b * a.Tt + a.la) * dv : a.v,
+                           wt + b * L, keep, r + b * L * dv, coef + b * L * HK, lid + b * L * HK,
+                           a.log, a.nonfinite);
+  scatter_rows_cpu<T>(a.V, RV, dv, urows2, offsets2, U2, order2, coef, r, HK, a.nonfinite, a.log, ids2);
   // the key step (updated_keys / addr_step); every token row counts (rows per memory: L or B L)
   const int64_t bad = addr_step_cpu<T>(s, inv, kid, M2, k, a.x, a.K, R2, d2,
                                        double(per_seq ? L : M), a.addr_w, a.lr, a.ent_eps,
