@@ -19,7 +19,7 @@ namespace fwpkm {
 
 void read_positions_cpu(const int64_t* idx, const int64_t* half, int64_t G, int64_t k, int64_t n,
                         int64_t* pos) {
-#pragma omp parallel for schedule(static) if (G * k * k > (int64_t(1) << 16))
+#pragma omp parallel for schedule(static) if (G * k * k > (int64_t(1) << 13))
   for (int64_t g = 0; g < G; ++g) {
     const int64_t* sel = idx + g * k;
     for (int64_t c = 0; c < 2; ++c) {
