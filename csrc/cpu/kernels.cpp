@@ -440,6 +440,7 @@ inline int64_t select_topk(const T* v, int64_t n, int64_t k, T* bs, int64_t* bi,
 // select_topk whose maximum is not below lo (every element when nb is 0); f checks again.
 template <typename T, typename F>
 inline void scan_within(const T* v, int64_t n, T lo, T hi, int64_t nb, const T* mx, F&& f) {
+  (void)v;  // f reads the values itself (the AVX2 float overload compares them here)
   (void)hi;
   const int64_t step = nb ? nb : 1;
   for (int64_t b = 0; b < step; ++b) {
@@ -745,13 +746,13 @@ void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t
     T* hsc = half_score + mh * 2 * k;
     for (int64_t c = 0; c < 2; ++c) {
       const T* d = dots + (mh * 2 + c) * n;
-      int64_t count = 0;
+      // (each fills all k entries, k <= n: a NaN score ranks last, it is not dropped)
       if (kind == kIDW) {
         const T q2 = qn[mh * 2 + c];
         const T* k2 = kn + ((grp * H + h) * 2 + c) * n;
-        count = idw_topk(d, q2, k2, n, k, teps, hsc + c * k, hidx + c * k, scratch);
+        idw_topk(d, q2, k2, n, k, teps, hsc + c * k, hidx + c * k, scratch);
       } else {
-        count = select_topk(d, n, k, hsc + c * k, hidx + c * k, scratch);
+        select_topk(d, n, k, hsc + c * k, hidx + c * k, scratch);
       }
       if (x != nullptr) {  // the exact scores of the list's pairs, while the query half is in cache
         const int64_t g = mh * 2 + c, base = ((grp * H + h) * 2 + c) * n;
