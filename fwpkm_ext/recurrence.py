@@ -619,8 +619,8 @@ class TouchedRows:
         if bool(miss.any()):
             new = unique_rows(rows[miss], self.slot.numel())  # sorted: ids are deterministic
             m = new.numel()
+            self.rows[self.U:self.U + m] = new  # before slot: resync trusts slot[rows[u]] == u
             self.slot[new] = torch.arange(self.U, self.U + m, device=rows.device)
-            self.rows[self.U:self.U + m] = new
             torch.index_select(self.V, 0, new, out=self.C[self.U:self.U + m])
             self.U += m
             cid = self.slot[rows]
@@ -634,6 +634,21 @@ class TouchedRows:
         before the scatter read each twice (~1 ms a window at the paper configuration)."""
         self.U = _native.scatter_rows_logged(self.V, urows, offsets, order, coef, x, L, self.bad,
                                              self.slot, self.rows, self.U, self.C)
+
+    def resync(self) -> None:
+        """After a call was interrupted: count the rows mapped beyond self.U. A native map or
+        logged write adds rows (slot, rows) and returns the new count; an exception that lands
+        between its return and the assignment (a KeyboardInterrupt, an injected failure) leaves
+        self.U short, so the undo would miss those rows and release() would leave their map
+        entries set for the next call. Every mapped id u has slot[rows[u]] == u; the entry past
+        the last one does not (it is unset, or a row released by an earlier call, or mapped at
+        another id), so the count grows while the next entry points back at it."""
+        R, cap = self.slot.numel(), self.rows.numel()
+        while self.U < cap:
+            r = int(self.rows[self.U])
+            if not 0 <= r < R or int(self.slot[r]) != self.U:
+                break
+            self.U += 1
 
     def release(self) -> None:
         self.slot[self.touched] = -1
@@ -755,6 +770,8 @@ def forward(q, v, g, mask, keys, values, pend_idx, pend_half, cfg: RecurrenceCon
         else:
             V = values.new_empty(0)
     except BaseException:
+        if tr is not None:
+            tr.resync()  # rows a native call mapped before the failure hit the Python around it
         if undo:  # put back every row the call wrote (keys are only written on success)
             values.view(S * N, dv).index_copy_(0, tr.touched, tr.table)
         raise

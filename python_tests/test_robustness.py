@@ -241,23 +241,27 @@ def test_skip_streams_in_any_split():
 
 
 @pytest.mark.parametrize("inplace", [False, True])
-@pytest.mark.parametrize("where", ["value write", "key update", "fused window"])
+@pytest.mark.parametrize("where", ["value write", "value write returned", "key update", "fused window"])
 def test_failure_inside_a_call_leaves_the_state(monkeypatch, inplace, where):
     """A failure in the third window (its value write, or its key update after its values were
     written), two windows in: the state is as before the call, in place or not, and a call on it
-    afterwards works. The in-place CPU value write is scatter_rows_logged (the undo log) on the
-    op-by-op path; "fused window": an in-place window run as one window_step call fails after it
-    returned (its rows written and logged)."""
+    afterwards gives what the same call gives on an untouched copy. The in-place CPU value write
+    is scatter_rows_logged (the undo log) on the op-by-op path; "value write returned": it fails
+    after the native write returned, before its new row count was assigned (where a
+    KeyboardInterrupt can land); "fused window": an in-place window run as one window_step call
+    fails after it returned (its rows written and logged)."""
     if where == "fused window" and not inplace:
         pytest.skip("window_step runs in-place calls only")
     q, v, g = _tokens(10, 2, 13)
     st = _state(11, 2, C=4)
+    twin = _state(11, 2, C=4)
     before = _tables(st)
     after = False
     if where == "key update":
         owner, name = recurrence.Window, "updated_keys"
-    elif where == "value write":
+    elif where.startswith("value write"):
         owner, name = _native, ("scatter_rows_logged" if inplace else "scatter_rows")
+        after = where == "value write returned"
     else:
         owner, name, after = _native, "window_step", True
     if where != "fused window":
@@ -280,8 +284,10 @@ def test_failure_inside_a_call_leaves_the_state(monkeypatch, inplace, where):
     assert _same_tables(st, before)
     monkeypatch.setattr(owner, name, real)
     with torch.no_grad():
-        _, new = memory_step(q, v, g, st, inplace=inplace)
+        vh, new = memory_step(q, v, g, st, inplace=inplace)
+        vh_twin, new_twin = memory_step(q, v, g, twin, inplace=inplace)
     assert not _same_tables(new, before)
+    assert torch.equal(vh, vh_twin) and _same_tables(new, _tables(new_twin))
 
 
 @pytest.mark.parametrize("inplace", [False, True])
