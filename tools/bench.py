@@ -1343,7 +1343,9 @@ def targets(rows, a):
                                 f"median of the pair ratios {val:.2f} (goal >= 0.5); median times "
                                 f"{st:.1f} ms vs floor {fl['ms']:.1f} ms; the two rows timed apart: "
                                 + (f"{rows_ratio['value']:.2f}" if rows_ratio.get("value") is not None
-                                   else rows_ratio["detail"]))))
+                                   else rows_ratio["detail"])
+                                + (f" [noisy: other processes used up to {fl['bg_cores']:.2f} cores meanwhile]"
+                                   if (fl.get("bg_cores") or 0.0) >= 0.3 else ""))))
     for kind, what in (("pkm_fwd", "forward"), ("pkm_train", "forward + backward")):
         for B in (1, a.big_b):
             ratio_target(f"static PKM {what} >= 1.5x lucidrains, B={B}", f"{kind}/native/B{B}/T{T0}",
