@@ -440,7 +440,7 @@ inline int64_t select_topk(const T* v, int64_t n, int64_t k, T* bs, int64_t* bi,
 // select_topk whose maximum is not below lo (every element when nb is 0); f checks again.
 template <typename T, typename F>
 inline void scan_within(const T* v, int64_t n, T lo, T hi, int64_t nb, const T* mx, F&& f) {
-  (void)v;  // f reads the values itself (the AVX2 float overload compares them here)
+  (void)v;  // this version leaves the comparison to f; the AVX2 float overload below compares v
   (void)hi;
   const int64_t step = nb ? nb : 1;
   for (int64_t b = 0; b < step; ++b) {
