@@ -695,13 +695,14 @@ inline void owned_rows(int64_t R, int64_t* lo, int64_t* hi) {
   *lo = R * t / nt;
   *hi = R * (t + 1) / nt;
 }
+// (negate: the terms -coef[p] x[p / L], exactly: a sign flip rounds nothing)
 template <typename T>
 inline void add_owned_pairs(T* table, int64_t D, const int64_t* rows, int64_t Q, int64_t L,
-                            const T* coef, const T* x, int64_t lo, int64_t hi) {
+                            const T* coef, const T* x, int64_t lo, int64_t hi, bool negate = false) {
   for (int64_t p = 0; p < Q; ++p) {
     const int64_t r = rows[p];
     if (r < lo || r >= hi) continue;
-    add_pair(table + r * D, D, coef[p], x + (p / L) * D);
+    add_pair(table + r * D, D, negate ? -coef[p] : coef[p], x + (p / L) * D);
   }
 }
 
@@ -1065,11 +1066,7 @@ void addr_vjp_cpu(const T* P, const T* u, const T* gamma, const T* dphi, const T
     int64_t lo, hi;
     owned_rows(R, &lo, &hi);
     std::memset(gk + lo * D, 0, sizeof(T) * size_t((hi - lo) * D));
-    for (int64_t p = 0; p < Q; ++p) {
-      const int64_t r = rows[p];
-      if (r < lo || r >= hi) continue;
-      add_pair(gk + r * D, D, idw ? -a[size_t(p)] : a[size_t(p)], x + (p / L) * D);
-    }
+    add_owned_pairs(gk, D, rows, Q, L, a.data(), x, lo, hi, idw);
     if (idw)
       for (int64_t r = lo; r < hi; ++r) {
         add_pair(gk + r * D, D, static_cast<T>(sa[size_t(r)]), K + r * D);

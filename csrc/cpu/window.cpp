@@ -81,16 +81,28 @@ int64_t window_step_work(int64_t elem, int64_t B, int64_t L, int64_t H, int64_t 
   return WorkLayout(elem, B, L, H, k, S, n, dv).total;
 }
 
+namespace {
+
+// The undo log's ids of the U rows about to be written: rows new to the log join it first (ids
+// from *used on; map_rows throws before changing anything when they do not fit) and *used says
+// so before any row is written; ids[q] is the log row to copy urows[q] to, or -1 when it was
+// logged by an earlier write of the call.
+template <typename T>
+void log_ids(const int64_t* urows, int64_t U, int64_t R, int64_t D, int64_t* slot, int64_t* touched,
+             int64_t* used, int64_t cap, int64_t* ids) {
+  const int64_t before = *used;
+  *used = map_rows_cpu<T>(slot, R, urows, U, ids, touched, before, cap, nullptr, nullptr, D);
+  for (int64_t q = 0; q < U; ++q) ids[q] = ids[q] >= before ? ids[q] : -1;
+}
+
+}  // namespace
+
 template <typename T>
 void scatter_rows_logged_cpu(T* table, int64_t R, int64_t D, const int64_t* urows,
                              const int64_t* offsets, int64_t U, const int64_t* order, const T* coef,
                              const T* x, int64_t L, int64_t* nonfinite, int64_t* slot,
                              int64_t* touched, int64_t* used, int64_t cap, T* log, int64_t* ids) {
-  // new rows join the log first (ids from *used on; map_rows throws before changing anything
-  // when they do not fit), and *used says so before any row is written
-  const int64_t before = *used;
-  *used = map_rows_cpu<T>(slot, R, urows, U, ids, touched, before, cap, nullptr, nullptr, D);
-  for (int64_t q = 0; q < U; ++q) ids[q] = ids[q] >= before ? ids[q] : -1;  // logged already
+  log_ids<T>(urows, U, R, D, slot, touched, used, cap, ids);
   scatter_rows_cpu<T>(table, R, D, urows, offsets, U, order, coef, x, L, nonfinite, log, ids);
 }
 
@@ -163,11 +175,8 @@ int64_t window_step_cpu(const WindowStep<T>& a) {
       for (int64_t j = 0; j < HK; ++j) pid[Qc++] = m * HK + j;
   const int64_t U = segment_rows_cpu(rows, pid, Qc, RV, order, urows, offsets, seg);
   segment_coefs_cpu<T>(offsets, U, order, w, -a.lr * double(HK), Q, coef);
-  // the undo log's new rows (scatter_rows_logged's map_rows): *used says so before any row is
-  // written; map_rows throws before changing anything when they do not fit
-  const int64_t before = *a.used;
-  *a.used = map_rows_cpu<T>(a.slot, RV, urows, U, ids, a.touched, before, a.cap, nullptr, nullptr, dv);
-  for (int64_t q = 0; q < U; ++q) ids[q] = ids[q] >= before ? ids[q] : -1;  // logged already
+  // the undo log's ids, before any row is written (as scatter_rows_logged takes them)
+  log_ids<T>(urows, U, RV, dv, a.slot, a.touched, a.used, a.cap, ids);
   // A row that one pair alone reads in the window is written in the read's pass, while it is in
   // cache (read_write_rows: lid = its log id, or -1); the rows several pairs read (a segment of
   // two or more, or a row a non-writing token reads too) after the whole read, by scatter_rows.
