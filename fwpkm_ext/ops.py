@@ -302,7 +302,7 @@ def slot_scores(q: Tensor, keys: Tensor, idx: Tensor) -> Tensor:
     differentiable: a caller that needs gradients uses pair_scores. On CPU one native pass that
     dots each distinct half row of a (token, head) once and builds no row-id tensors."""
     B, T, H, dk = q.shape
-    k, n = idx.shape[-1], keys.shape[3]
+    k = idx.shape[-1]
     per_seq = keys.shape[0] > 1
     if q.device.type == "cpu":
         s = _native.slot_scores(q.reshape(B * T, H, 2, dk // 2).contiguous(), keys.contiguous(),

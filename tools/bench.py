@@ -886,8 +886,9 @@ def _row_plan(row, a):
     if row["kind"] == "lm_train" and not a.quick:
         return 1, max(a.repeat, 9)
     if row["kind"] in ("stream", "floor") and row["B"] == 1 and not a.quick:
-        # the streaming-vs-floor target divides two medians of ~40 ms and ~18 ms calls timed
-        # apart: 9 samples each (a few seconds) instead of 3 keep one slow call from deciding it
+        # ~40 ms and ~18 ms calls whose speed drifts with the host's minutes: 9 samples (the
+        # floor row's 9 pairs decide the streaming-vs-floor target) instead of 3 keep one slow
+        # call from deciding a median
         return 1, max(a.repeat, 9)
     return 1, a.repeat
 
@@ -1261,6 +1262,9 @@ def targets(rows, a):
 
     out = []
 
+    def noisy(bg):
+        return f" [noisy: other processes used up to {bg:.2f} cores meanwhile]" if bg >= 0.3 else ""
+
     def ratio_target(name, num_id, den_id, goal, what, higher=True, mem=False):
         n, d = ok(num_id), ok(den_id)
         if n is None or d is None:
@@ -1283,8 +1287,7 @@ def targets(rows, a):
                       f"{val:.2f}x (goal <= {goal}x)")
             passed = val <= goal
         bg = max((x.get("bg_cores") or 0.0) for x in (n, d))
-        if bg >= 0.3:
-            detail += f" [noisy: other processes used up to {bg:.2f} cores meanwhile]"
+        detail += noisy(bg)
         status = "INFO" if goal == 0 else ("PASS" if passed else "MISS")
         out.append(dict(name=name, status=status, goal=goal, value=val, detail=detail,
                         rows=[num_id, den_id], bg_cores=bg))
@@ -1344,8 +1347,7 @@ def targets(rows, a):
                                 f"{st:.1f} ms vs floor {fl['ms']:.1f} ms; the two rows timed apart: "
                                 + (f"{rows_ratio['value']:.2f}" if rows_ratio.get("value") is not None
                                    else rows_ratio["detail"])
-                                + (f" [noisy: other processes used up to {fl['bg_cores']:.2f} cores meanwhile]"
-                                   if (fl.get("bg_cores") or 0.0) >= 0.3 else ""))))
+                                + noisy(fl.get("bg_cores") or 0.0))))
     for kind, what in (("pkm_fwd", "forward"), ("pkm_train", "forward + backward")):
         for B in (1, a.big_b):
             ratio_target(f"static PKM {what} >= 1.5x lucidrains, B={B}", f"{kind}/native/B{B}/T{T0}",
