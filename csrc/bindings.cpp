@@ -391,12 +391,12 @@ int64_t map_rows(int dtype, std::uintptr_t slot, int64_t R, std::uintptr_t rows,
 }
 
 // The instruction-set variant of the CPU kernels (csrc/cpu/isa.h), by name.
-const char* const kIsaNames[] = {"base", "avx2"};
+const char* const kIsaNames[fwpkm::kIsaCount] = {"base", "avx2", "avx512"};
 
 int isa_code(const std::string& name) {
-  for (int i = 0; i < 2; ++i)
+  for (int i = 0; i < fwpkm::kIsaCount; ++i)
     if (name == kIsaNames[i]) return i;
-  throw std::invalid_argument("fwpkm cpu_isa: expected 'base' or 'avx2', got '" + name + "'");
+  throw std::invalid_argument("fwpkm cpu_isa: expected 'base', 'avx2' or 'avx512', got '" + name + "'");
 }
 
 std::string cpu_isa() { return kIsaNames[fwpkm::cpu_isa()]; }
@@ -407,7 +407,7 @@ std::string set_cpu_isa(const std::string& name) {
 
 py::list cpu_isas_available() {
   py::list out;
-  for (int i = 0; i < 2; ++i)
+  for (int i = 0; i < fwpkm::kIsaCount; ++i)
     if (fwpkm::cpu_isa_available(i)) out.append(kIsaNames[i]);
   return out;
 }

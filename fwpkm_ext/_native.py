@@ -589,17 +589,17 @@ def build_info() -> dict:
 
 
 def cpu_isa() -> str:
-    """The instruction-set variant the CPU kernels run: 'avx2' (AVX2 + FMA, where the build has
-    it and the CPU runs it) or 'base'. FWPKM_CPU_ISA=base in the environment before the import
-    forces 'base'."""
+    """The instruction-set variant the CPU kernels run: the widest this build holds and this CPU
+    runs, of 'avx512' (AVX-512 F/BW/VL/DQ + FMA), 'avx2' (AVX2 + FMA) and 'base'.
+    FWPKM_CPU_ISA=base (or avx2) in the environment before the import picks that one instead."""
     return _C.cpu_isa()
 
 
 def set_cpu_isa(name: str) -> str:
-    """Run the CPU kernels' variant `name` ('base' or 'avx2') from now on; returns the previous
-    one. For comparing the variants (tests, benchmarks): not while a kernel runs."""
-    if name not in ("base", "avx2"):
-        raise ValueError(f"name: expected 'base' or 'avx2', got {name!r}")
+    """Run the CPU kernels' variant `name` ('base', 'avx2' or 'avx512') from now on; returns the
+    previous one. For comparing the variants (tests, benchmarks): not while a kernel runs."""
+    if name not in ("base", "avx2", "avx512"):
+        raise ValueError(f"name: expected 'base', 'avx2' or 'avx512', got {name!r}")
     if name not in _C.cpu_isas_available():
         raise ValueError(f"name: {name!r} is not available here (available: {list(_C.cpu_isas_available())})")
     return _C.set_cpu_isa(name)

@@ -1172,7 +1172,7 @@ def test_every_cpu_isa_matches_the_oracles_and_is_deterministic(dtype):
     assert _native.cpu_isa() == first
 
 
-def test_cpu_isa_environment_variable_forces_base(tmp_path):
+def test_cpu_isa_environment_variable_picks_the_variant(tmp_path):
     import os
     import subprocess
     import sys
@@ -1187,9 +1187,17 @@ def test_cpu_isa_environment_variable_forces_base(tmp_path):
     run = dict(env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
     got = subprocess.run([sys.executable, "-c", code], **run)
     assert got.stdout.strip() == "base"
+    avail = _native.build_info()["cpu_isas"]
+    if "avx2" in avail:  # a narrower variant than the widest, by name
+        env["FWPKM_CPU_ISA"] = "avx2"
+        got = subprocess.run([sys.executable, "-c", code], **run)
+        assert got.stdout.strip() == "avx2"
+    env["FWPKM_CPU_ISA"] = "sse9"  # not a variant: the widest, as without the variable
+    got = subprocess.run([sys.executable, "-c", code], **run)
+    assert got.stdout.strip() == avail[-1]
     env.pop("FWPKM_CPU_ISA")
     got = subprocess.run([sys.executable, "-c", code], **run)
-    assert got.stdout.strip() == _native.build_info()["cpu_isas"][-1]
+    assert got.stdout.strip() == avail[-1]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -20,10 +20,26 @@ bool avx2_runs() {
 #endif
 }
 
+// libgcc's (and compiler-rt's) feature bits for AVX-512 are set only when the OS saves the
+// registers (XCR0), so a kernel that disables AVX-512 for processes is seen as a CPU without it.
+bool avx512_runs() {
+#if defined(FWPKM_HAVE_AVX512) && (defined(__GNUC__) || defined(__clang__))
+  return avx2_runs() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+// The widest variant the CPU runs, or the one FWPKM_CPU_ISA names (base, avx2, avx512) when this
+// build and CPU run it; any other value is ignored (a module that fails to load helps nobody).
 int initial_isa() {
+  const int widest = avx512_runs() ? kIsaAvx512 : avx2_runs() ? kIsaAvx2 : kIsaBase;
   const char* env = std::getenv("FWPKM_CPU_ISA");
-  if (env != nullptr && std::strcmp(env, "base") == 0) return kIsaBase;
-  return avx2_runs() ? kIsaAvx2 : kIsaBase;
+  if (env == nullptr) return widest;
+  if (std::strcmp(env, "base") == 0) return kIsaBase;
+  if (std::strcmp(env, "avx2") == 0 && avx2_runs()) return kIsaAvx2;
+  return widest;
 }
 
 std::atomic<int> g_isa{initial_isa()};
@@ -37,7 +53,9 @@ void bad_index(const char* op, const char* name, int64_t value, int64_t R) {
 
 void bad_row(const char* op, int64_t row, int64_t R) { bad_index(op, "rows", row, R); }
 
-bool cpu_isa_available(int isa) { return isa == kIsaBase || (isa == kIsaAvx2 && avx2_runs()); }
+bool cpu_isa_available(int isa) {
+  return isa == kIsaBase || (isa == kIsaAvx2 && avx2_runs()) || (isa == kIsaAvx512 && avx512_runs());
+}
 
 int cpu_isa() { return g_isa.load(std::memory_order_relaxed); }
 
@@ -48,7 +66,12 @@ int set_cpu_isa(int isa) {
   return g_isa.exchange(isa);
 }
 
-#ifdef FWPKM_HAVE_AVX2
+#if defined(FWPKM_HAVE_AVX512)
+#define FWPKM_RUN(fn, ...)                                                      \
+  (cpu_isa() == kIsaAvx512 ? isa_avx512::fn(__VA_ARGS__)                        \
+   : cpu_isa() == kIsaAvx2 ? isa_avx2::fn(__VA_ARGS__)                          \
+                           : isa_base::fn(__VA_ARGS__))
+#elif defined(FWPKM_HAVE_AVX2)
 #define FWPKM_RUN(fn, ...) \
   (cpu_isa() == kIsaAvx2 ? isa_avx2::fn(__VA_ARGS__) : isa_base::fn(__VA_ARGS__))
 #else

@@ -1,15 +1,17 @@
 // The CPU kernels of ../kernels.h, once per instruction set they are compiled for.
 //
-// kernels.cpp is built twice: as is into fwpkm::isa_base (the compiler's default target, e.g.
-// x86-64 with SSE2 only, which any CPU of the architecture runs), and by kernels_avx2.cpp with
-// -mavx2 -mfma into fwpkm::isa_avx2 (x86-64 builds whose compiler takes the flags). dispatch.cpp
-// defines kernels.h's fwpkm::*_cpu by forwarding to the one picked when the module loads: AVX2
-// when the CPU has AVX2 and FMA, unless FWPKM_CPU_ISA=base is set. A wheel built on one machine
-// so runs everywhere, at the speed of the machine it runs on.
+// kernels.cpp is built up to three times: as is into fwpkm::isa_base (the compiler's default
+// target, e.g. x86-64 with SSE2 only, which any CPU of the architecture runs); by
+// kernels_avx2.cpp with -mavx2 -mfma into fwpkm::isa_avx2; and by kernels_avx512.cpp with AVX-512
+// F/BW/VL/DQ + FMA and 512-bit vectors into fwpkm::isa_avx512 (x86-64 builds whose compiler takes
+// the flags). dispatch.cpp defines kernels.h's fwpkm::*_cpu by forwarding to the one picked when
+// the module loads: the widest the CPU (and its OS) runs, unless FWPKM_CPU_ISA names another. A
+// wheel built on one machine so runs everywhere, at the speed of the machine it runs on.
 //
-// Each variant is deterministic (fixed summation orders, one writer per output). The two round
-// differently where the AVX2 one contracts a * b + c into one FMA (one rounding instead of two);
-// wider registers change no order, since the kernels fix theirs. Results are bit-identical
+// Each variant is deterministic (fixed summation orders, one writer per output). Base and the
+// others round differently where AVX2 and AVX-512 contract a * b + c into one FMA (one rounding
+// instead of two); wider registers change no order, since the kernels fix theirs (AVX2 and
+// AVX-512 have given the same bits so far, which nothing promises). Results are bit-identical
 // across runs and thread counts with one variant, not across variants.
 #pragma once
 #include <cstdint>
@@ -104,8 +106,12 @@ FWPKM_CPU_KERNEL_DECLS
 namespace isa_avx2 {
 FWPKM_CPU_KERNEL_DECLS
 }  // namespace isa_avx2
+namespace isa_avx512 {
+FWPKM_CPU_KERNEL_DECLS
+}  // namespace isa_avx512
 
-enum CpuIsa : int { kIsaBase = 0, kIsaAvx2 = 1 };
+enum CpuIsa : int { kIsaBase = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
+constexpr int kIsaCount = 3;
 
 // Throws std::invalid_argument("fwpkm <op>: rows holds <row>, outside [0, R)"). Defined in
 // dispatch.cpp, so that no variant builds strings itself (see kernels.cpp: no standard template
