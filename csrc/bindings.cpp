@@ -56,7 +56,7 @@ void topk_select(const std::string& device, int dtype, std::uintptr_t dots, std:
                  std::uintptr_t kn, int64_t M, int64_t H, int64_t n, int64_t k,
                  int64_t tokens_per_group, int kind, double eps, std::uintptr_t idx,
                  std::uintptr_t score, std::uintptr_t half_idx, std::uintptr_t half_score,
-                 std::uintptr_t stream) {
+                 std::uintptr_t stream, int64_t block) {
   check_dtype(dtype, "topk_select");
   (void)stream;  // used by CUDA builds only
   if (kind != fwpkm::kIDW && kind != fwpkm::kDot)
@@ -64,6 +64,8 @@ void topk_select(const std::string& device, int dtype, std::uintptr_t dots, std:
   if (k < 1 || k > n) throw std::invalid_argument("fwpkm topk_select: need 1 <= k <= n");
   if (tokens_per_group < 1) throw std::invalid_argument("fwpkm topk_select: tokens_per_group < 1");
   const bool cuda = is_cuda(device, "topk_select");
+  if (block < 0 || (block > 0 && (cuda || M % block != 0)))
+    throw std::invalid_argument("fwpkm topk_select: block must be 0, or (CPU) divide M");
   if (M == 0) return;
   py::gil_scoped_release nogil;
   FWPKM_DISPATCH(dtype, "topk_select", {
@@ -76,7 +78,8 @@ void topk_select(const std::string& device, int dtype, std::uintptr_t dots, std:
     } else {
       fwpkm::topk_select_cpu<T>(P<const T>(dots), P<const T>(qn), P<const T>(kn), M, H, n, k,
                                 tokens_per_group, kind, eps, P<int64_t>(idx), P<T>(score),
-                                P<int64_t>(half_idx), P<T>(half_score));
+                                P<int64_t>(half_idx), P<T>(half_score), nullptr, nullptr, 0,
+                                nullptr, nullptr, block);
     }
   })
 }

@@ -58,12 +58,23 @@ def _float_code(name: str, t: torch.Tensor) -> int:
 
 def topk_select(dots: torch.Tensor, qn: Optional[torch.Tensor], kn: Optional[torch.Tensor], k: int,
                 tokens_per_group: int, kind: str, eps: float, idx: torch.Tensor, score: torch.Tensor,
-                half_idx: torch.Tensor, half_score: torch.Tensor) -> None:
-    """Fill idx/score (M,H,k) and half_idx/half_score (M,H,2,k) from dots (M,H,2,n)."""
+                half_idx: torch.Tensor, half_score: torch.Tensor, *, block: int = 0) -> None:
+    """Fill idx/score (M,H,k) and half_idx/half_score (M,H,2,k) from dots (M,H,2,n), or (CPU,
+    block > 0) from dots (M / block, H, 2, block, n): token b * block + l at [b, :, :, l]."""
     code = _float_code("dots", dots)
-    if dots.dim() != 4 or dots.shape[2] != 2:
-        raise ValueError(f"dots: expected shape (M, H, 2, n), got {tuple(dots.shape)}")
-    M, H, _, n = dots.shape
+    if isinstance(block, bool) or not isinstance(block, int) or block < 0:
+        raise ValueError(f"block: expected an int >= 0, got {block!r}")
+    if block:
+        if dots.is_cuda:
+            raise ValueError("block: the CUDA kernel takes dots (M, H, 2, n) only (block = 0)")
+        if dots.dim() != 5 or dots.shape[2] != 2 or dots.shape[3] != block:
+            raise ValueError(f"dots: expected shape (M / block, H, 2, block = {block}, n), got {tuple(dots.shape)}")
+        G_, H, _, _, n = dots.shape
+        M = G_ * block
+    else:
+        if dots.dim() != 4 or dots.shape[2] != 2:
+            raise ValueError(f"dots: expected shape (M, H, 2, n), got {tuple(dots.shape)}")
+        M, H, _, n = dots.shape
     dev, dt = dots.device, dots.dtype
     _check("dots", dots, dt, dev)
     if kind not in _KIND_CODE:
@@ -85,7 +96,7 @@ def topk_select(dots: torch.Tensor, qn: Optional[torch.Tensor], kn: Optional[tor
     _C.topk_select(_dev(dots), code, dots.data_ptr(), qn.data_ptr() if kind == "idw" else 0,
                    kn.data_ptr() if kind == "idw" else 0, M, H, n, k, tokens_per_group,
                    _KIND_CODE[kind], float(eps), idx.data_ptr(), score.data_ptr(),
-                   half_idx.data_ptr(), half_score.data_ptr(), _stream(dots))
+                   half_idx.data_ptr(), half_score.data_ptr(), _stream(dots), block)
 
 
 def _real(name: str, val) -> float:
@@ -396,7 +407,8 @@ def window_step(dots: torch.Tensor, K: torch.Tensor, x: torch.Tensor, v: torch.T
     the read into vhat/idx/half/w, the value write into V behind the undo log (slot, touched,
     used [1]: the rows in use, updated as soon as rows join, log), new_keys. Returns how many
     rows of new_keys hold a NaN or an infinity.
-    dots (B L, H, 2, n); K (S, H, 2, n, d2); x (B L H 2, d2); v (B, T, dv); g, mask (B, T); idx (B, T, H, k);
+    dots (G, H, 2, L', n) as topk_select takes it with block = L' (G, L' = B, L when S > 1, else
+    1, B L: search_dots(blocked=True)); K (S, H, 2, n, d2); x (B L H 2, d2); v (B, T, dv); g, mask (B, T); idx (B, T, H, k);
     half (B, T, H, 2, k); w (B, T, H k); vhat (B, T, dv); V (S n n, dv).
     same_call (the window loop's later windows): every argument but dots, K, x, s0, L and new_keys
     is the object an earlier window_step of this call checked, unchanged but for what that call
@@ -407,9 +419,9 @@ def window_step(dots: torch.Tensor, K: torch.Tensor, x: torch.Tensor, v: torch.T
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     code = _float_code("V", V)
     dt = V.dtype
-    if K.dim() != 5 or dots.dim() != 4 or v.dim() != 3:
-        raise ValueError(f"K, dots, v: expected 5, 4 and 3 dimensions, got shapes {tuple(K.shape)}, "
-                         f"{tuple(dots.shape)}, {tuple(v.shape)}")
+    for name, t, nd in (("K", K, 5), ("dots", dots, 5), ("v", v, 3)):
+        if t.dim() != nd:
+            raise ValueError(f"{name}: expected {nd} dimensions, got shape {tuple(t.shape)}")
     S, H, _, n, d2 = K.shape
     B, T, dv = v.shape
     k = idx.shape[-1] if idx.dim() == 4 else -1
@@ -426,7 +438,8 @@ def window_step(dots: torch.Tensor, K: torch.Tensor, x: torch.Tensor, v: torch.T
         raise ValueError(f"idx: expected shape (B, T, H, k) with 1 <= k <= n = {n}, got {tuple(idx.shape)}")
     M = B * L
     idw = kind == "idw"
-    checks = [("dots", dots, dt, (M, H, 2, n)), ("K", K, dt, (S, H, 2, n, d2)), ("x", x, dt, (M * H * 2, d2)),
+    blocks = (B, H, 2, L, n) if S > 1 else (1, H, 2, M, n)
+    checks = [("dots", dots, dt, blocks), ("K", K, dt, (S, H, 2, n, d2)), ("x", x, dt, (M * H * 2, d2)),
               ("new_keys", new_keys, dt, (S * H * 2 * n, d2))]
     if not same_call:
         checks += [

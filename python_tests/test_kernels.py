@@ -61,13 +61,23 @@ def topk_oracle(dots, qn, kn, k, tokens_per_group, kind, eps):
 
 
 def run_topk_select(dots, qn, kn, k, tpg, kind, eps=1e-3):
+    """The kernel on dots (M, H, 2, n); on CPU also on the same dots in blocks of tokens
+    (block = 1, M and tpg where it divides M: (M / block, H, 2, block, n), as search_dots(blocked)
+    writes them), which must give the same bits."""
     M, H, _, n = dots.shape
-    idx = torch.full((M, H, k), -7, dtype=torch.long)
-    score = torch.full((M, H, k), float("nan"), dtype=dots.dtype)
-    half_idx = torch.full((M, H, 2, k), -7, dtype=torch.long)
-    half_score = torch.full((M, H, 2, k), float("nan"), dtype=dots.dtype)
-    _native.topk_select(dots, qn, kn, k, tpg, kind, eps, idx, score, half_idx, half_score)
-    return idx, score, half_idx, half_score
+    runs = []
+    for block in [0] + (sorted({1, M} | ({tpg} if M % tpg == 0 else set())) if not dots.is_cuda and M else []):
+        idx = torch.full((M, H, k), -7, dtype=torch.long)
+        score = torch.full((M, H, k), float("nan"), dtype=dots.dtype)
+        half_idx = torch.full((M, H, 2, k), -7, dtype=torch.long)
+        half_score = torch.full((M, H, 2, k), float("nan"), dtype=dots.dtype)
+        d = dots if block == 0 else dots.view(M // block, block, H, 2, n).permute(0, 2, 3, 1, 4).contiguous()
+        _native.topk_select(d, qn, kn, k, tpg, kind, eps, idx, score, half_idx, half_score, block=block)
+        runs.append((idx, score, half_idx, half_score))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
+    return runs[0]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -700,6 +710,15 @@ def test_topk_select_bad_inputs():
         _call_topk(_topk_buffers(M, H, n, 0), k=0)
     with _raises(ValueError, "score"):
         _call_topk(_topk_buffers(M, H, n, k), kind="cosine")
+    # blocks of tokens (CPU): the block must match dots' blocks and divide M
+    b = _topk_buffers(M, H, n, k)
+    blocked = b["dots"].view(1, M, H, 2, n).permute(0, 2, 3, 1, 4).contiguous()
+    args = (b["qn"], b["kn"], k, M, "idw", 1e-3, b["idx"], b["score"], b["half_idx"], b["half_score"])
+    _native.topk_select(blocked, *args, block=M)  # the good call works
+    for dots, block in ((blocked, 2), (b["dots"], M), (blocked, -1), (blocked, True)):
+        with _raises(ValueError, "dots" if isinstance(block, int) and not isinstance(block, bool)
+                     and block > 0 else "block"):
+            _native.topk_select(dots, *args, block=block)
 
 
 def test_gather_scatter_bad_inputs():
@@ -1498,7 +1517,7 @@ def test_window_step_refuses_bad_arguments():
     g = gen(5)
     B, T, L, H, n, k, d2, dv = 2, 9, 4, 1, 6, 2, 3, 5
     V = randn(g, n * n, dv)
-    t = dict(dots=randn(g, B * L, H, 2, n), K=randn(g, 1, H, 2, n, d2), x=randn(g, B * L * H * 2, d2), v=randn(g, B, T, dv),
+    t = dict(dots=randn(g, 1, H, 2, B * L, n), K=randn(g, 1, H, 2, n, d2), x=randn(g, B * L * H * 2, d2), v=randn(g, B, T, dv),
              g=rand(g, B, T), mask=torch.ones(B, T, dtype=F64), s0=0, L=L, la=1, kind="idw", eps=1e-3,
              lr=0.5, addr_w=0.1, ent_eps=1e-8, idx=torch.empty(B, T, H, k, dtype=torch.long),
              half=torch.empty(B, T, H, 2, k, dtype=torch.long), w=torch.empty(B, T, H * k, dtype=F64),
@@ -1523,7 +1542,8 @@ def test_window_step_refuses_bad_arguments():
     with _raises(ValueError, "idx"):
         _native.window_step(**dict(t, idx=torch.empty(B, T, H, n + 1, dtype=torch.long)))
     # a later window of the same call: what changes from window to window is still checked
-    for name, val in (("dots", randn(g, B * L, H, 2, n + 1)), ("x", randn(g, B * L * H * 2, d2 + 1)),
+    for name, val in (("dots", randn(g, 1, H, 2, B * L, n + 1)), ("dots", randn(g, B * L, H, 2, n)),
+                      ("dots", randn(g, B, H, 2, L, n)), ("x", randn(g, B * L * H * 2, d2 + 1)),
                       ("K", t["K"].float()), ("s0", 6), ("new_keys", t["K"].view(H * 2 * n, d2)),
                       ("used", torch.tensor([10 ** 6]))):
         with _raises((ValueError, TypeError), name):

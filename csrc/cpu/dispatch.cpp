@@ -82,9 +82,9 @@ template <typename T>
 void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t H, int64_t n,
                      int64_t k, int64_t tokens_per_group, int kind, double eps, int64_t* idx,
                      T* score, int64_t* half_idx, T* half_score, const T* x, const T* K, int64_t D,
-                     T* pair_s, T* pair_inv) {
+                     T* pair_s, T* pair_inv, int64_t block) {
   FWPKM_RUN(topk_select_cpu<T>, dots, qn, kn, M, H, n, k, tokens_per_group, kind, eps, idx, score,
-            half_idx, half_score, x, K, D, pair_s, pair_inv);
+            half_idx, half_score, x, K, D, pair_s, pair_inv, block);
 }
 
 template <typename T>

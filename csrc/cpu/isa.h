@@ -21,7 +21,7 @@
   void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t H, int64_t n,     \
                        int64_t k, int64_t tokens_per_group, int kind, double eps, int64_t* idx,     \
                        T* score, int64_t* half_idx, T* half_score, const T* x, const T* K,         \
-                       int64_t D, T* pair_s, T* pair_inv);                                          \
+                       int64_t D, T* pair_s, T* pair_inv, int64_t block);                           \
   template <typename T>                                                                              \
   void gather_rows_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* w,       \
                        int64_t M, int64_t L, T* out, T* saved);                                      \
@@ -69,7 +69,7 @@
 #define FWPKM_CPU_KERNEL_INSTANTIATIONS(T)                                                                    \
   template void topk_select_cpu<T>(const T*, const T*, const T*, int64_t, int64_t, int64_t,      \
                                    int64_t, int64_t, int, double, int64_t*, T*, int64_t*, T*,    \
-                                   const T*, const T*, int64_t, T*, T*);                         \
+                                   const T*, const T*, int64_t, T*, T*, int64_t);                \
   template void gather_rows_cpu<T>(const T*, int64_t, int64_t, const int64_t*, const T*,         \
                                    int64_t, int64_t, T*, T*);                                    \
   template void gather_dot_cpu<T>(const T*, int64_t, int64_t, const int64_t*, const T*, int64_t, \

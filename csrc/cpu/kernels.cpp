@@ -728,7 +728,7 @@ template <typename T>
 void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t H, int64_t n,
                      int64_t k, int64_t tokens_per_group, int kind, double eps, int64_t* idx,
                      T* score, int64_t* half_idx, T* half_score, const T* x, const T* K, int64_t D,
-                     T* pair_s, T* pair_inv) {
+                     T* pair_s, T* pair_inv, int64_t block) {
   const T teps = static_cast<T>(eps);
 #pragma omp parallel if (M * H * 2 * n > kSerialWork)
   {
@@ -745,8 +745,11 @@ void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t
     const int64_t grp = m / tokens_per_group;
     int64_t* hidx = half_idx + mh * 2 * k;
     T* hsc = half_score + mh * 2 * k;
+    // token m's half c: row (m, h, c) of [M, H, 2, n], or (m / block, h, c, m % block) of blocks
+    const T* dm = block > 0 ? dots + (((m / block) * H + h) * 2 * block + m % block) * n : dots + mh * 2 * n;
+    const int64_t dstep = block > 0 ? block * n : n;  // from half 0 to half 1
     for (int64_t c = 0; c < 2; ++c) {
-      const T* d = dots + (mh * 2 + c) * n;
+      const T* d = dm + c * dstep;
       // (each fills all k entries, k <= n: a NaN score ranks last, it is not dropped)
       if (kind == kIDW) {
         const T q2 = qn[mh * 2 + c];

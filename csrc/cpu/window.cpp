@@ -146,7 +146,7 @@ int64_t window_step_cpu(const WindowStep<T>& a) {
   // scores (Pairs: idw_pairs / gather_dot over key_rows' rows, the same expressions) while each
   // query half is in cache
   topk_select_cpu<T>(a.dots, qn, kn, M, H, n, k, per_seq ? L : M, a.kind, a.eps, idx, score,
-                     half, half_score, a.x, a.K, d2, s, inv);
+                     half, half_score, a.x, a.K, d2, s, inv, per_seq ? L : M);
   // the read (Window): pair rows into the keys (key_rows, for the key step), the slots' places
   // in the half lists (read_positions) and the read weights
   for (int64_t gc = 0; gc < M2; ++gc) {
