@@ -660,7 +660,13 @@ class TouchedRows:
             self.U += 1
 
     def release(self) -> None:
-        self.slot[self.touched] = -1
+        # every map entry but the touched rows' is -1 already. With many touched rows (a 4096-token
+        # call at the paper configuration: 30K of 262K), one sequential fill costs less than the
+        # random writes (0.16-0.20 against 0.40-0.66 ms, the map out of cache)
+        if self.U * 16 >= self.slot.numel():
+            self.slot.fill_(-1)
+        else:
+            self.slot[self.touched] = -1
         self.ws["busy"] = False
 
     @staticmethod

@@ -240,6 +240,41 @@ def test_skip_streams_in_any_split():
 # all or nothing
 
 
+@pytest.mark.parametrize("n,T", [(8, 96), (64, 40)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_calls_leave_the_row_map_unset(monkeypatch, n, T, inplace):
+    """TouchedRows.release resets the per-thread row map after every call, also after a failure:
+    by one fill when the call touched many of the table's rows (n = 8: most of 64), by the touched
+    entries otherwise (n = 64: a few hundred of 4096). A map entry left set would make the next
+    call on the thread read a row from a stale compact id."""
+    g = torch.Generator().manual_seed(n + T)
+    H, k, dk, dv = 1, 4, 8, 6
+    cfg = fwpkm_ext.MemoryConfig(n_subkeys=n, key_dim=dk, value_dim=dv, heads=H, topk=k, chunk_size=16)
+    keys = torch.rand(1, H, 2, n, dk // 2, generator=g) - 0.5
+    values = torch.randn(1, n * n, dv, generator=g)
+    st = MemoryState(config=cfg, keys=keys, values=values, per_sequence=True)
+    q, v, gate = torch.randn(1, T, H, dk, generator=g), torch.randn(1, T, dv, generator=g), torch.rand(1, T, generator=g)
+    seen = []
+    real = recurrence.TouchedRows.release
+
+    def release(self):
+        seen.append(self.U * 16 >= self.slot.numel())
+        real(self)
+        assert bool((self.slot == -1).all()), "map entries left set"
+    monkeypatch.setattr(recurrence.TouchedRows, "release", release)
+    with torch.no_grad():
+        memory_step(q, v, gate, MemoryState(config=cfg, keys=keys.clone(), values=values.clone(),
+                                            per_sequence=True), inplace=inplace)
+        bad = q.clone()
+        bad[0, T - 3] = float("nan")
+        with pytest.raises(ValueError):  # the checks raise before the map is used, or after it
+            memory_step(bad, v, gate, st, inplace=inplace)
+        monkeypatch.setattr(recurrence, "_commit_check", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("late")))
+        with pytest.raises(RuntimeError, match="late"):
+            memory_step(q, v, gate, st, inplace=inplace)
+    assert len(seen) == 2 and all(s == (n == 8) for s in seen), seen  # both paths of release
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("where", ["value write", "value write returned", "key update", "fused window"])
 def test_failure_inside_a_call_leaves_the_state(monkeypatch, inplace, where):
