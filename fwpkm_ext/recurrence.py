@@ -521,6 +521,37 @@ def search_dots(qh_w: Tensor, K: Tensor, per_seq: bool, buf: Optional[Tensor] = 
     return dots if blocked else dots.view(M, H, 2, n)
 
 
+class _WindowGemms:
+    """search_dots(blocked=True) for the full windows of one call, with every view made once: the
+    query halves of each (memory, head, half) over the call's tokens, the outputs in the scores
+    buffer and, per key buffer, the transposed sub-key tables. A window then costs its 2 S H
+    GEMMs and as many slices, where search_dots took ~20 indexing ops per window (~0.4 ms of a
+    4096-token call at the paper configuration). The same GEMMs on the same views: the same bits.
+    Only for one memory per sequence or one sequence (per_seq or B = 1), where a window's tokens
+    of a (memory, head, half) are one strided slice of the call's."""
+
+    def __init__(self, qh: Tensor, dots: Tensor, C: int, n: int, per_seq: bool):
+        B, T, H, _, _ = qh.shape
+        G, Lg = (B, C) if per_seq else (1, B * C)
+        self.C, self.shape = C, (G, H, 2, Lg, n)
+        self.dots = dots[: G * H * 2 * Lg * n].view(self.shape)
+        self.jobs = [(b, h, c) for b in range(G) for h in range(H) for c in range(2)]
+        self.q = [qh[b, :, h, c, :] for b, h, c in self.jobs]
+        self.out = [self.dots[b, h, c] for b, h, c in self.jobs]
+        self.kt = {}
+
+    def __call__(self, K: Tensor, s0: int) -> Tensor:
+        # the keys alternate between a few buffers (each window's new keys are a view of one);
+        # the entry holds its tensor, so no other memory can take its address during the call
+        kt = self.kt.get(K.data_ptr())
+        if kt is None or kt[0].shape != K.shape or kt[0].stride() != K.stride():
+            kt = self.kt[K.data_ptr()] = (K, [K[b, h, c].t() for b, h, c in self.jobs])
+        s1 = s0 + self.C
+        for q, k, out in zip(self.q, kt[1], self.out):
+            torch.mm(q[s0:s1], k, out=out)
+        return self.dots
+
+
 def search(qh_w: Tensor, K: Tensor, per_seq: bool, cfg: RecurrenceConfig, kn: Optional[Tensor] = None,
            qn: Optional[Tensor] = None):
     """Native product-key top-k for the tokens of qh_w (B, L, H, 2, d2); `kn`: key_norms(K) and
@@ -814,6 +845,7 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
         key_bufs = [_alloc.reusable(K.shape, dt, dev) for _ in range(2)]
         used = torch.tensor([tr.U], dtype=torch.long)  # the logged rows, kept up to date by the kernel
         fused_before = False  # a window_step of this call checked the call's arguments
+        gemms = _WindowGemms(qh, dots, cfg.chunk_size, K.shape[3], per_seq) if per_seq or B == 1 else None
     for wi, (s0, s1) in enumerate(wins):
         L = s1 - s0
         if keep:
@@ -822,7 +854,8 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
         a0 = max(s0, P)
         if fused and a0 == s0 and (L == cfg.chunk_size or cfg.flush):
             K = _window_step(qh_w, K, v, g, mask, s0, L, V, tr, per_seq, cfg, idx_all, half_all,
-                             w_all, vhat, wi, dots, key_bufs[wi % 2], used, fused_before)
+                             w_all, vhat, wi, dots, key_bufs[wi % 2], used, fused_before,
+                             gemms if gemms is not None and L == cfg.chunk_size else None)
             fused_before = True
             continue
         # key and query-half norms once, for the search and the window
@@ -880,12 +913,12 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
 
 
 def _window_step(qh_w, K, v, g, mask, s0, L, V, tr, per_seq, cfg, idx_all, half_all, w_all, vhat, wi,
-                 dots_buf, new, used, same_call):
+                 dots_buf, new, used, same_call, gemms=None):
     """One window of _windows by window_step (see there); returns the new keys, raising (as
     _commit_check) when they are not finite. used [1]: tr.U, the logged rows (the kernel adds to
     it); same_call: an earlier window of this call ran window_step (the call's arguments checked)."""
     d2 = qh_w.shape[-1]
-    dots = search_dots(qh_w, K, per_seq, dots_buf, blocked=True)
+    dots = gemms(K, s0) if gemms is not None else search_dots(qh_w, K, per_seq, dots_buf, blocked=True)
     new = new.view(-1, d2)
     used[0] = tr.U
     try:
