@@ -544,15 +544,48 @@ constexpr int64_t kExpWork = 16;
 // by a fixed tree: bit-identical from run to run and across thread counts.
 constexpr int64_t kLanes = 16;
 template <typename T>
+inline T sum_lanes(T* part) {  // dot_lanes' fixed tree over its kLanes partial sums
+  for (int64_t width = kLanes / 2; width > 0; width /= 2)
+    for (int64_t j = 0; j < width; ++j) part[j] += part[j + width];
+  return part[0];
+}
+template <typename T>
 inline T dot_lanes(const T* row, const T* x, int64_t D) {
   T part[kLanes] = {};
   int64_t d = 0;
   for (; d + kLanes <= D; d += kLanes)
     for (int64_t j = 0; j < kLanes; ++j) part[j] += row[d + j] * x[d + j];
   for (int64_t j = 0; d < D; ++d, ++j) part[j] += row[d] * x[d];
-  for (int64_t width = kLanes / 2; width > 0; width /= 2)
-    for (int64_t j = 0; j < width; ++j) part[j] += part[j + width];
-  return part[0];
+  return sum_lanes(part);
+}
+// out[i] = r[i] . x for four rows, each summed exactly as dot_lanes sums it (the same lanes, the
+// same tree: the same bits). One dot_lanes is a chain of D / kLanes dependent multiply-adds (one
+// register of 16 lanes with AVX-512), so it waits on the add latency; four at once are four
+// independent chains (the top-k's pair scores: 2 k dots per token).
+template <typename T>
+inline void dot_lanes_4(const T* const* r, const T* x, int64_t D, T* out) {
+  const T *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3];  // (named: the loop then vectorizes)
+  T p0[kLanes] = {}, p1[kLanes] = {}, p2[kLanes] = {}, p3[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const T xv = x[d + j];
+      p0[j] += r0[d + j] * xv;
+      p1[j] += r1[d + j] * xv;
+      p2[j] += r2[d + j] * xv;
+      p3[j] += r3[d + j] * xv;
+    }
+  }
+  for (int64_t j = 0; d < D; ++d, ++j) {
+    p0[j] += r0[d] * x[d];
+    p1[j] += r1[d] * x[d];
+    p2[j] += r2[d] * x[d];
+    p3[j] += r3[d] * x[d];
+  }
+  out[0] = sum_lanes(p0);
+  out[1] = sum_lanes(p1);
+  out[2] = sum_lanes(p2);
+  out[3] = sum_lanes(p3);
 }
 
 // Non-finite test through the exponent bits (all ones: infinity or NaN): an integer OR over the
@@ -760,13 +793,23 @@ void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t
       }
       if (x != nullptr) {  // the exact scores of the list's pairs, while the query half is in cache
         const int64_t g = mh * 2 + c, base = ((grp * H + h) * 2 + c) * n;
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t r = base + hidx[c * k + j];
-          const T dot = dot_lanes(K + r * D, x + g * D, D);
-          if (kind == kIDW)
-            idw_pair(qn[g], kn[r], dot, teps, pair_s + g * k + j, pair_inv + g * k + j);
-          else
-            pair_s[g * k + j] = dot;
+        for (int64_t j0 = 0; j0 < k; j0 += 4) {  // four rows at once (dot_lanes_4: the same bits)
+          const int64_t m4 = k - j0 < 4 ? k - j0 : 4;
+          const T* rows4[4];
+          T dot[4];
+          for (int64_t i = 0; i < m4; ++i) rows4[i] = K + (base + hidx[c * k + j0 + i]) * D;
+          if (m4 == 4) {
+            dot_lanes_4(rows4, x + g * D, D, dot);
+          } else {
+            for (int64_t i = 0; i < m4; ++i) dot[i] = dot_lanes(rows4[i], x + g * D, D);
+          }
+          for (int64_t i = 0; i < m4; ++i) {
+            const int64_t j = j0 + i, r = base + hidx[c * k + j];
+            if (kind == kIDW)
+              idw_pair(qn[g], kn[r], dot[i], teps, pair_s + g * k + j, pair_inv + g * k + j);
+            else
+              pair_s[g * k + j] = dot[i];
+          }
         }
       }
     }
