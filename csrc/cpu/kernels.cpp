@@ -587,6 +587,15 @@ inline void dot_lanes_4(const T* const* r, const T* x, int64_t D, T* out) {
   out[2] = sum_lanes(p2);
   out[3] = sum_lanes(p3);
 }
+// out[i] = r[i] . x for count <= 4 rows: dot_lanes_4 for four, dot_lanes each otherwise.
+template <typename T>
+inline void dot_lanes_upto4(const T* const* r, int64_t count, const T* x, int64_t D, T* out) {
+  if (count == 4) {
+    dot_lanes_4(r, x, D, out);
+  } else {
+    for (int64_t i = 0; i < count; ++i) out[i] = dot_lanes(r[i], x, D);
+  }
+}
 
 // Non-finite test through the exponent bits (all ones: infinity or NaN): an integer OR over the
 // row, which vectorizes without reassociating floating-point adds.
@@ -798,11 +807,7 @@ void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t
           const T* rows4[4];
           T dot[4];
           for (int64_t i = 0; i < m4; ++i) rows4[i] = K + (base + hidx[c * k + j0 + i]) * D;
-          if (m4 == 4) {
-            dot_lanes_4(rows4, x + g * D, D, dot);
-          } else {
-            for (int64_t i = 0; i < m4; ++i) dot[i] = dot_lanes(rows4[i], x + g * D, D);
-          }
+          dot_lanes_upto4(rows4, m4, x + g * D, D, dot);
           for (int64_t i = 0; i < m4; ++i) {
             const int64_t j = j0 + i, r = base + hidx[c * k + j];
             if (kind == kIDW)
@@ -844,17 +849,33 @@ void gather_rows_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, 
   for (int64_t m = 0; m < M; ++m) gather_token(table, D, rows, w, m, M, L, out + m * D, saved);
 }
 
+// f(pair, row, table[row] . x[m]) for every pair m * L + l of M tokens (rows [M, L]), each dot
+// as dot_lanes sums it; a token's pairs four at a time (dot_lanes_4: they share x[m]), the rows
+// prefetched kAhead pairs on. The one walk of gather_dot and idw_pairs.
+template <typename T, typename F>
+inline void token_row_dots(const T* table, int64_t D, const int64_t* rows, const T* x, int64_t M,
+                           int64_t L, F&& f) {
+#pragma omp parallel for schedule(static) if (M * L * D > kSerialWork)
+  for (int64_t m = 0; m < M; ++m) {
+    const T* xm = x + m * D;
+    for (int64_t l0 = 0; l0 < L; l0 += 4) {
+      const int64_t n4 = L - l0 < 4 ? L - l0 : 4, p0 = m * L + l0;
+      for (int64_t i = 0; i < n4; ++i)
+        if (p0 + i + kAhead < M * L) prefetch_row(table + rows[p0 + i + kAhead] * D, D);
+      const T* r4[4];
+      T dot[4];
+      for (int64_t i = 0; i < n4; ++i) r4[i] = table + rows[p0 + i] * D;
+      dot_lanes_upto4(r4, n4, xm, D, dot);
+      for (int64_t i = 0; i < n4; ++i) f(p0 + i, rows[p0 + i], dot[i]);
+    }
+  }
+}
+
 template <typename T>
 void gather_dot_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, const T* x,
                     int64_t M, int64_t L, T* gw) {
   (void)R;
-#pragma omp parallel for schedule(static) if (M * L * D > kSerialWork)
-  for (int64_t ml = 0; ml < M * L; ++ml) {
-    if (ml + kAhead < M * L) prefetch_row(table + rows[ml + kAhead] * D, D);
-    const T* row = table + rows[ml] * D;
-    const T* xm = x + (ml / L) * D;
-    gw[ml] = dot_lanes(row, xm, D);
-  }
+  token_row_dots(table, D, rows, x, M, L, [&](int64_t ml, int64_t, T dot) { gw[ml] = dot; });
 }
 
 template <typename T>
@@ -862,12 +883,9 @@ void idw_pairs_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, co
                    int64_t M, int64_t L, const T* xn, const T* kn, double eps, T* s, T* inv) {
   check_rows("idw_pairs", rows, M * L, R);
   const T teps = static_cast<T>(eps);
-#pragma omp parallel for schedule(static) if (M * L * D > kSerialWork)
-  for (int64_t ml = 0; ml < M * L; ++ml) {
-    if (ml + kAhead < M * L) prefetch_row(table + rows[ml + kAhead] * D, D);
-    const int64_t r = rows[ml], m = ml / L;
-    idw_pair(xn[m], kn[r], dot_lanes(table + r * D, x + m * D, D), teps, s + ml, inv + ml);
-  }
+  token_row_dots(table, D, rows, x, M, L, [&](int64_t ml, int64_t r, T dot) {
+    idw_pair(xn[ml / L], kn[r], dot, teps, s + ml, inv + ml);
+  });
 }
 
 template <typename T>
@@ -1046,11 +1064,18 @@ void addr_vjp_cpu(const T* P, const T* u, const T* gamma, const T* dphi, const T
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; ++m) {
       T sp = T(0);
-      for (int64_t j = 0; j < L; ++j) {
-        const int64_t p = m * L + j, r = rows[p];
-        const T lx = dot_lanes(lam + r * D, x + m * D, D);
-        psi[size_t(p)] = idw ? (T(2) * inv[p]) * (lx - lk[size_t(r)]) : lx;
-        sp += P[p] * psi[size_t(p)];
+      const T* xm = x + m * D;
+      for (int64_t j0 = 0; j0 < L; j0 += 4) {  // the token's lam rows . x four at a time
+        const int64_t n4 = L - j0 < 4 ? L - j0 : 4;
+        const T* r4[4];
+        T lx[4];
+        for (int64_t i = 0; i < n4; ++i) r4[i] = lam + rows[m * L + j0 + i] * D;
+        dot_lanes_upto4(r4, n4, xm, D, lx);
+        for (int64_t i = 0; i < n4; ++i) {
+          const int64_t p = m * L + j0 + i, r = rows[p];
+          psi[size_t(p)] = idw ? (T(2) * inv[p]) * (lx[i] - lk[size_t(r)]) : lx[i];
+          sp += P[p] * psi[size_t(p)];
+        }
       }
       for (int64_t j = 0; j < L; ++j) {
         const int64_t p = m * L + j;
