@@ -86,7 +86,8 @@ def topk_select(dots: torch.Tensor, qn: Optional[torch.Tensor], kn: Optional[tor
     G = max(1, -(-M // tokens_per_group))
     if kind == "idw":
         _check("qn", qn, dt, dev, (M, H, 2))
-        _check("kn", kn, dt, dev, (G, H, 2, n))
+        # (no tokens: no group is read, and the caller's memories may be any number of them)
+        _check("kn", kn, dt, dev, (G, H, 2, n) if M else None)
     _check("idx", idx, torch.int64, dev, (M, H, k))
     _check("score", score, dt, dev, (M, H, k))
     _check("half_idx", half_idx, torch.int64, dev, (M, H, 2, k))

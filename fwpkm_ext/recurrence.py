@@ -526,9 +526,10 @@ class _WindowGemms:
     query halves of each (memory, head, half) over the call's tokens, the outputs in the scores
     buffer and, per key buffer, the transposed sub-key tables. A window then costs its 2 S H
     GEMMs and as many slices, where search_dots took ~20 indexing ops per window (~0.4 ms of a
-    4096-token call at the paper configuration). The same GEMMs on the same views: the same bits.
-    Only for one memory per sequence or one sequence (per_seq or B = 1), where a window's tokens
-    of a (memory, head, half) are one strided slice of the call's."""
+    4096-token call at the paper configuration). The same GEMMs on the same memory: the same bits.
+    Only for one contiguous sequence (the caller checks), where a window's tokens of a (memory,
+    head, half) are a slice of the call's at the address search_dots would use (BLAS results may
+    depend on alignment)."""
 
     def __init__(self, qh: Tensor, dots: Tensor, C: int, n: int, per_seq: bool):
         B, T, H, _, _ = qh.shape
@@ -560,7 +561,8 @@ def search(qh_w: Tensor, K: Tensor, per_seq: bool, cfg: RecurrenceConfig, kn: Op
     M = B * L
     k = cfg.topk
     n = K.shape[3]
-    blocked = qh_w.device.type == "cpu"  # (the CUDA kernel takes the interleaved layout)
+    # (the CUDA kernel takes the interleaved layout; no tokens: nothing to block)
+    blocked = qh_w.device.type == "cpu" and M > 0
     dots = search_dots(qh_w, K, per_seq, blocked=blocked)
     opts = dict(dtype=qh_w.dtype, device=qh_w.device)
     idx = torch.empty(M, H, k, dtype=torch.long, device=qh_w.device)
@@ -845,7 +847,9 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
         key_bufs = [_alloc.reusable(K.shape, dt, dev) for _ in range(2)]
         used = torch.tensor([tr.U], dtype=torch.long)  # the logged rows, kept up to date by the kernel
         fused_before = False  # a window_step of this call checked the call's arguments
-        gemms = _WindowGemms(qh, dots, cfg.chunk_size, K.shape[3], per_seq) if per_seq or B == 1 else None
+        # (one sequence whose queries are contiguous: a window's slice of them is the very tensor
+        # search_dots would be given, qh[:, s0:s1].contiguous(), so BLAS sees the same memory)
+        gemms = _WindowGemms(qh, dots, cfg.chunk_size, K.shape[3], per_seq) if B == 1 and qh.is_contiguous() else None
     for wi, (s0, s1) in enumerate(wins):
         L = s1 - s0
         if keep:

@@ -469,6 +469,17 @@ def test_product_key_topk_bad_inputs():
         fwpkm_ext.product_key_topk(q, keys, 2, score="l2")
 
 
+@pytest.mark.parametrize("S", [1, 2])
+def test_topk_op_on_no_tokens(S):
+    """The registered top-k op on zero tokens (the public wrapper returns early; a direct
+    torch.ops call reaches the search): empty outputs, for one memory and one per sequence."""
+    q, _, _, keys, _ = make_inputs(54, B=2, T=3, H=1, dk=4, n=3, dv=2)
+    keys5 = keys.unsqueeze(0).expand(S, *keys.shape).contiguous()
+    idx, score, hidx, hsc = fwpkm_ext.ops.topk(q[:, :0].contiguous(), keys5, 2, "idw", 1e-3)
+    assert idx.shape == (2, 0, 1, 2) and hidx.shape == (2, 0, 1, 2, 2)
+    assert score.numel() == 0 and hsc.numel() == 0
+
+
 # ---------------------------------------------------------------------------- torch.compile
 
 

@@ -342,6 +342,33 @@ def test_gather_dot(dtype, R, D, M, L):
     torch.testing.assert_close(gw, want.to(dtype), **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [1, 5, 16, 37, 256, 300])
+def test_four_dots_at_once_are_the_single_dots_bits(dtype, D):
+    """A token's pairs go four at a time (dot_lanes_4: four accumulator chains side by side) and
+    the rest one by one (dot_lanes); each must be summed exactly as dot_lanes sums it, in every
+    instruction-set variant and for every tail length (D mod 16). gather_dot with 4 + 3 pairs per
+    token against the same pairs one per token (dot_lanes alone)."""
+    g = gen(D * 7 + 1)
+    R, M, L = 40, 9, 7
+    table = randn(g, R, D, dtype=dtype) * 3
+    rows = randint(g, 0, R, M, L)
+    x = randn(g, M, D, dtype=dtype)
+    first = _native.cpu_isa()
+    try:
+        for isa in _native.build_info()["cpu_isas"]:
+            _native.set_cpu_isa(isa)
+            grouped = torch.full((M, L), float("nan"), dtype=dtype)
+            _native.gather_dot(table, rows, x, grouped)
+            single = torch.full((M * L, 1), float("nan"), dtype=dtype)
+            _native.gather_dot(table, rows.reshape(M * L, 1), x.repeat_interleave(L, 0), single)
+            assert torch.equal(grouped, single.view(M, L)), isa
+            torch.testing.assert_close(grouped, torch.einsum("mld,md->ml", table.double()[rows], x.double()).to(dtype),
+                                       **TOL[dtype])
+    finally:
+        _native.set_cpu_isa(first)
+
+
 def scatter_expected(table, rows_flat, pairs, coef, x, L):
     """index_add oracle: table[rows[p]] += coef[p] * x[p // L] for the pairs p given."""
     contrib = coef.double()[pairs].unsqueeze(-1) * x.double()[pairs // L]
@@ -1207,10 +1234,11 @@ def test_cpu_isa_environment_variable_picks_the_variant(tmp_path):
     got = subprocess.run([sys.executable, "-c", code], **run)
     assert got.stdout.strip() == "base"
     avail = _native.build_info()["cpu_isas"]
-    if "avx2" in avail:  # a narrower variant than the widest, by name
-        env["FWPKM_CPU_ISA"] = "avx2"
-        got = subprocess.run([sys.executable, "-c", code], **run)
-        assert got.stdout.strip() == "avx2"
+    for name in ("avx2", "avx512"):  # each variant by name
+        if name in avail:
+            env["FWPKM_CPU_ISA"] = name
+            got = subprocess.run([sys.executable, "-c", code], **run)
+            assert got.stdout.strip() == name
     env["FWPKM_CPU_ISA"] = "sse9"  # not a variant: the widest, as without the variable
     got = subprocess.run([sys.executable, "-c", code], **run)
     assert got.stdout.strip() == avail[-1]
