@@ -522,23 +522,22 @@ def search_dots(qh_w: Tensor, K: Tensor, per_seq: bool, buf: Optional[Tensor] = 
 
 
 class _WindowGemms:
-    """search_dots(blocked=True) for the full windows of one call, with every view made once: the
-    query halves of each (memory, head, half) over the call's tokens, the outputs in the scores
-    buffer and, per key buffer, the transposed sub-key tables. A window then costs its 2 S H
-    GEMMs and as many slices, where search_dots took ~20 indexing ops per window (~0.4 ms of a
-    4096-token call at the paper configuration). The same GEMMs on the same memory: the same bits.
-    Only for one contiguous sequence (the caller checks), where a window's tokens of a (memory,
-    head, half) are a slice of the call's at the address search_dots would use (BLAS results may
-    depend on alignment)."""
+    """search_dots(blocked=True) for the full windows of a one-sequence call (qh (1, T, H, 2, d2),
+    contiguous: the caller checks), with every view made once: the query halves of each (head,
+    half) over the call's tokens, the outputs in the scores buffer and, per key buffer, the
+    transposed sub-key tables. A window then costs its 2 H GEMMs and as many slices, where
+    search_dots took ~20 indexing ops per window (~0.4 ms of a 4096-token call at the paper
+    configuration). A window's slice of the queries is the very tensor search_dots would be given
+    (qh[:, s0:s1].contiguous() is qh[:, s0:s1]), so BLAS sees the same memory (its results may
+    depend on alignment) and gives the same bits."""
 
-    def __init__(self, qh: Tensor, dots: Tensor, C: int, n: int, per_seq: bool):
-        B, T, H, _, _ = qh.shape
-        G, Lg = (B, C) if per_seq else (1, B * C)
-        self.C, self.shape = C, (G, H, 2, Lg, n)
-        self.dots = dots[: G * H * 2 * Lg * n].view(self.shape)
-        self.jobs = [(b, h, c) for b in range(G) for h in range(H) for c in range(2)]
-        self.q = [qh[b, :, h, c, :] for b, h, c in self.jobs]
-        self.out = [self.dots[b, h, c] for b, h, c in self.jobs]
+    def __init__(self, qh: Tensor, dots: Tensor, C: int, n: int):
+        H = qh.shape[2]
+        self.C = C
+        self.dots = dots[: H * 2 * C * n].view(1, H, 2, C, n)
+        self.jobs = [(h, c) for h in range(H) for c in range(2)]
+        self.q = [qh[0, :, h, c, :] for h, c in self.jobs]
+        self.out = [self.dots[0, h, c] for h, c in self.jobs]
         self.kt = {}
 
     def __call__(self, K: Tensor, s0: int) -> Tensor:
@@ -546,7 +545,7 @@ class _WindowGemms:
         # the entry holds its tensor, so no other memory can take its address during the call
         kt = self.kt.get(K.data_ptr())
         if kt is None or kt[0].shape != K.shape or kt[0].stride() != K.stride():
-            kt = self.kt[K.data_ptr()] = (K, [K[b, h, c].t() for b, h, c in self.jobs])
+            kt = self.kt[K.data_ptr()] = (K, [K[0, h, c].t() for h, c in self.jobs])
         s1 = s0 + self.C
         for q, k, out in zip(self.q, kt[1], self.out):
             torch.mm(q[s0:s1], k, out=out)
@@ -849,7 +848,7 @@ def _windows(qh, v, g, mask, K, V, tr, grp, row_base, amask, wins, P, per_seq, c
         fused_before = False  # a window_step of this call checked the call's arguments
         # (one sequence whose queries are contiguous: a window's slice of them is the very tensor
         # search_dots would be given, qh[:, s0:s1].contiguous(), so BLAS sees the same memory)
-        gemms = _WindowGemms(qh, dots, cfg.chunk_size, K.shape[3], per_seq) if B == 1 and qh.is_contiguous() else None
+        gemms = _WindowGemms(qh, dots, cfg.chunk_size, K.shape[3]) if B == 1 and qh.is_contiguous() else None
     for wi, (s0, s1) in enumerate(wins):
         L = s1 - s0
         if keep:
