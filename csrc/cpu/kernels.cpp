@@ -587,15 +587,6 @@ inline void dot_lanes_4(const T* const* r, const T* x, int64_t D, T* out) {
   out[2] = sum_lanes(p2);
   out[3] = sum_lanes(p3);
 }
-// out[i] = r[i] . x for count <= 4 rows: dot_lanes_4 for four, dot_lanes each otherwise.
-template <typename T>
-inline void dot_lanes_upto4(const T* const* r, int64_t count, const T* x, int64_t D, T* out) {
-  if (count == 4) {
-    dot_lanes_4(r, x, D, out);
-  } else {
-    for (int64_t i = 0; i < count; ++i) out[i] = dot_lanes(r[i], x, D);
-  }
-}
 
 // Non-finite test through the exponent bits (all ones: infinity or NaN): an integer OR over the
 // row, which vectorizes without reassociating floating-point adds.
@@ -748,6 +739,28 @@ inline void add_owned_pairs(T* table, int64_t D, const int64_t* rows, int64_t Q,
   }
 }
 
+// f(l, rows[l], table[rows[l]] . x) for the L rows of one token (they share x), in l order, the
+// dots four at a time (dot_lanes_4; the rest by dot_lanes: each as dot_lanes sums it). ahead (or
+// null): the row ids kAhead pairs on, of which the first n_ahead exist; each group prefetches
+// its own rows' successors there.
+template <typename T, typename F>
+inline void row_dots(const T* table, int64_t D, const int64_t* rows, int64_t L, const T* x,
+                     const int64_t* ahead, int64_t n_ahead, F&& f) {
+  for (int64_t l0 = 0; l0 < L; l0 += 4) {
+    const int64_t n4 = L - l0 < 4 ? L - l0 : 4;
+    for (int64_t i = 0; i < n4 && l0 + i < n_ahead; ++i) prefetch_row(table + ahead[l0 + i] * D, D);
+    const T* r4[4];
+    T dot[4];
+    for (int64_t i = 0; i < n4; ++i) r4[i] = table + rows[l0 + i] * D;
+    if (n4 == 4) {
+      dot_lanes_4(r4, x, D, dot);
+    } else {
+      for (int64_t i = 0; i < n4; ++i) dot[i] = dot_lanes(r4[i], x, D);
+    }
+    for (int64_t i = 0; i < n4; ++i) f(l0 + i, rows[l0 + i], dot[i]);
+  }
+}
+
 // out = sum_l w[m, l] * table[rows[m, l]] for token m of M (pairs m * L + l), in l order: the
 // one sum of gather_rows and read_write_rows. Prefetches the rows kAhead pairs on; saved (or
 // null) gets the rows as read.
@@ -802,20 +815,13 @@ void topk_select_cpu(const T* dots, const T* qn, const T* kn, int64_t M, int64_t
       }
       if (x != nullptr) {  // the exact scores of the list's pairs, while the query half is in cache
         const int64_t g = mh * 2 + c, base = ((grp * H + h) * 2 + c) * n;
-        for (int64_t j0 = 0; j0 < k; j0 += 4) {  // four rows at once (dot_lanes_4: the same bits)
-          const int64_t m4 = k - j0 < 4 ? k - j0 : 4;
-          const T* rows4[4];
-          T dot[4];
-          for (int64_t i = 0; i < m4; ++i) rows4[i] = K + (base + hidx[c * k + j0 + i]) * D;
-          dot_lanes_upto4(rows4, m4, x + g * D, D, dot);
-          for (int64_t i = 0; i < m4; ++i) {
-            const int64_t j = j0 + i, r = base + hidx[c * k + j];
-            if (kind == kIDW)
-              idw_pair(qn[g], kn[r], dot[i], teps, pair_s + g * k + j, pair_inv + g * k + j);
-            else
-              pair_s[g * k + j] = dot[i];
-          }
-        }
+        row_dots(K + base * D, D, hidx + c * k, k, x + g * D, static_cast<const int64_t*>(nullptr), 0,
+                 [&](int64_t j, int64_t sub, T dot) {
+                   if (kind == kIDW)
+                     idw_pair(qn[g], kn[base + sub], dot, teps, pair_s + g * k + j, pair_inv + g * k + j);
+                   else
+                     pair_s[g * k + j] = dot;
+                 });
       }
     }
     // k x k candidate merge: the true top-k has both halves inside the per-half top-k.
@@ -849,25 +855,16 @@ void gather_rows_cpu(const T* table, int64_t R, int64_t D, const int64_t* rows, 
   for (int64_t m = 0; m < M; ++m) gather_token(table, D, rows, w, m, M, L, out + m * D, saved);
 }
 
-// f(pair, row, table[row] . x[m]) for every pair m * L + l of M tokens (rows [M, L]), each dot
-// as dot_lanes sums it; a token's pairs four at a time (dot_lanes_4: they share x[m]), the rows
-// prefetched kAhead pairs on. The one walk of gather_dot and idw_pairs.
+// f(pair, row, table[row] . x[m]) for every pair m * L + l of M tokens (rows [M, L]): row_dots
+// per token, the rows prefetched kAhead pairs on. The one walk of gather_dot and idw_pairs.
 template <typename T, typename F>
 inline void token_row_dots(const T* table, int64_t D, const int64_t* rows, const T* x, int64_t M,
                            int64_t L, F&& f) {
 #pragma omp parallel for schedule(static) if (M * L * D > kSerialWork)
   for (int64_t m = 0; m < M; ++m) {
-    const T* xm = x + m * D;
-    for (int64_t l0 = 0; l0 < L; l0 += 4) {
-      const int64_t n4 = L - l0 < 4 ? L - l0 : 4, p0 = m * L + l0;
-      for (int64_t i = 0; i < n4; ++i)
-        if (p0 + i + kAhead < M * L) prefetch_row(table + rows[p0 + i + kAhead] * D, D);
-      const T* r4[4];
-      T dot[4];
-      for (int64_t i = 0; i < n4; ++i) r4[i] = table + rows[p0 + i] * D;
-      dot_lanes_upto4(r4, n4, xm, D, dot);
-      for (int64_t i = 0; i < n4; ++i) f(p0 + i, rows[p0 + i], dot[i]);
-    }
+    const int64_t n_ahead = M * L - m * L - kAhead;  // pairs with a successor kAhead on
+    row_dots(table, D, rows + m * L, L, x + m * D, n_ahead > 0 ? rows + m * L + kAhead : nullptr,
+             n_ahead, [&](int64_t l, int64_t r, T dot) { f(m * L + l, r, dot); });
   }
 }
 
@@ -1064,19 +1061,14 @@ void addr_vjp_cpu(const T* P, const T* u, const T* gamma, const T* dphi, const T
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; ++m) {
       T sp = T(0);
-      const T* xm = x + m * D;
-      for (int64_t j0 = 0; j0 < L; j0 += 4) {  // the token's lam rows . x four at a time
-        const int64_t n4 = L - j0 < 4 ? L - j0 : 4;
-        const T* r4[4];
-        T lx[4];
-        for (int64_t i = 0; i < n4; ++i) r4[i] = lam + rows[m * L + j0 + i] * D;
-        dot_lanes_upto4(r4, n4, xm, D, lx);
-        for (int64_t i = 0; i < n4; ++i) {
-          const int64_t p = m * L + j0 + i, r = rows[p];
-          psi[size_t(p)] = idw ? (T(2) * inv[p]) * (lx[i] - lk[size_t(r)]) : lx[i];
-          sp += P[p] * psi[size_t(p)];
-        }
-      }
+      T* ps = psi.data();
+      const T* lkr = lk.data();
+      row_dots(lam, D, rows + m * L, L, x + m * D, static_cast<const int64_t*>(nullptr), 0,
+               [&](int64_t j, int64_t r, T lx) {  // the token's lam rows . x, in pair order
+                 const int64_t p = m * L + j;
+                 ps[p] = idw ? (T(2) * inv[p]) * (lx - lkr[r]) : lx;
+                 sp += P[p] * ps[p];
+               });
       for (int64_t j = 0; j < L; ++j) {
         const int64_t p = m * L + j;
         pdot[size_t(p)] = P[p] * (psi[size_t(p)] - sp);
